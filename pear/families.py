@@ -29,6 +29,10 @@ class Family:
                True for GPT-2's Conv1D (weight [in, out]: a head is a block of rows).
     position:  "rope", "alibi" or "learned" (inference-time baselines need RoPE).
     rotary:    dotted path from the model root to the shared rotary-embedding module, if any.
+    final:     dotted paths from the model root to the modules applied, in order, between the
+               last block and the LM head (the final norm; OPT's optional project_out). Paths
+               that are missing or None in a given model are skipped. Used by discovery to
+               re-run the top of the model from a cached residual stream.
     """
 
     blocks: str
@@ -36,6 +40,7 @@ class Family:
     weight_in_rows: bool = False
     position: str = "rope"
     rotary: str | None = None
+    final: tuple[str, ...] = ("model.norm",)
 
 
 _LLAMA_LIKE = Family(blocks="model.layers", out_proj="self_attn.o_proj", rotary="model.rotary_emb")
@@ -49,14 +54,21 @@ FAMILIES: dict[str, Family] = {
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "phi": Family(blocks="model.layers", out_proj="self_attn.dense", rotary="model.rotary_emb"),
-    "gpt2": Family(blocks="transformer.h", out_proj="attn.c_proj", weight_in_rows=True, position="learned"),
-    "opt": Family(blocks="model.decoder.layers", out_proj="self_attn.out_proj", position="learned"),
-    "bloom": Family(blocks="transformer.h", out_proj="self_attention.dense", position="alibi"),
-    "mpt": Family(blocks="transformer.blocks", out_proj="attn.out_proj", position="alibi"),
-    "gpt_neox": Family(blocks="gpt_neox.layers", out_proj="attention.dense", rotary="gpt_neox.rotary_emb"),
-    "falcon": Family(blocks="transformer.h", out_proj="self_attention.dense", rotary="transformer.rotary_emb"),
-    "gptj": Family(blocks="transformer.h", out_proj="attn.out_proj"),
+    "phi": Family(blocks="model.layers", out_proj="self_attn.dense", rotary="model.rotary_emb",
+                  final=("model.final_layernorm",)),
+    "gpt2": Family(blocks="transformer.h", out_proj="attn.c_proj", weight_in_rows=True, position="learned",
+                   final=("transformer.ln_f",)),
+    "opt": Family(blocks="model.decoder.layers", out_proj="self_attn.out_proj", position="learned",
+                  final=("model.decoder.final_layer_norm", "model.decoder.project_out")),
+    "bloom": Family(blocks="transformer.h", out_proj="self_attention.dense", position="alibi",
+                    final=("transformer.ln_f",)),
+    "mpt": Family(blocks="transformer.blocks", out_proj="attn.out_proj", position="alibi",
+                  final=("transformer.norm_f",)),
+    "gpt_neox": Family(blocks="gpt_neox.layers", out_proj="attention.dense", rotary="gpt_neox.rotary_emb",
+                       final=("gpt_neox.final_layer_norm",)),
+    "falcon": Family(blocks="transformer.h", out_proj="self_attention.dense", rotary="transformer.rotary_emb",
+                     final=("transformer.ln_f",)),
+    "gptj": Family(blocks="transformer.h", out_proj="attn.out_proj", final=("transformer.ln_f",)),
 }
 
 

@@ -1,0 +1,67 @@
+"""Inference-time variants that a model can be evaluated under, registered by name.
+
+A variant changes how a loaded model computes, without changing its weights: Ms-PoE
+(per-head position rescaling in RoPE), Attention Buckets (parallel runs with different RoPE
+bases). PEAR itself needs no variant: its output is an ordinary checkpoint.
+
+Contract used by the evaluation harness and the overhead benchmark:
+
+    with get_variant(name).wrap(loaded, **options) as lm:
+        out = lm(input_ids=..., attention_mask=..., position_ids=..., past_key_values=..., use_cache=True)
+        out.logits, out.past_key_values          # past_key_values is opaque to the caller
+
+`lm` behaves like the Hugging Face causal-LM forward for a batch of B rows and returns
+logits for those B rows, whatever it does inside (extra batch rows, hooks, another
+attention function). Leaving the context restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+from ..errors import PearError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    wrap: Callable[..., ContextManager]  # wrap(loaded, **options) -> context manager yielding lm
+    needs_rope: bool = True
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+@contextlib.contextmanager
+def _identity(loaded, **options):
+    yield loaded.model
+
+
+register(Variant("none", "the model as it is", _identity, needs_rope=False))
+
+
+def get_variant(name: str) -> Variant:
+    _load_builtin()
+    if name not in VARIANTS:
+        raise PearError(f"unknown variant '{name}'; available: {', '.join(sorted(VARIANTS))}")
+    return VARIANTS[name]
+
+
+def _load_builtin() -> None:
+    """Import the modules that register the built-in variants (kept lazy: they import torch)."""
+    import importlib
+
+    for mod in ("ms_poe", "attention_buckets"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise

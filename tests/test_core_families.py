@@ -1,0 +1,107 @@
+"""Core on every family: hooks == fold, save/reload, zero overhead by construction."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pear
+from pear.checkpoint import fold_and_save
+from pear.families import FAMILIES
+from pear.loading import LoadedModel, ModelSpec
+from pear.scaling import HeadScaling, fold, unfold
+from tiny_models import CONFIGS, VOCAB, tiny_model
+
+COEFS = {(0, 1): 0.25, (1, 0): -0.5, (1, 3): 1.7}
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_family_in_the_table_has_a_tiny_model():
+    assert set(CONFIGS) == set(FAMILIES)
+    assert len(FAMILIES) >= 16
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS, use_cache=False).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_hooked_equals_folded_and_reload(model_type, tmp_path):
+    model = tiny_model(model_type)
+    arch = pear.resolve(model)
+    assert arch.n_heads * arch.head_dim == (arch.out_projs[0].weight.shape[0 if arch.family.weight_in_rows else 1])
+    base = _logits(model)
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    n_params = sum(p.numel() for p in model.parameters())
+    modules = [(n, type(m).__name__) for n, m in model.named_modules()]
+
+    with HeadScaling(model, COEFS, trainable=False):
+        hooked = _logits(model)
+    assert not torch.allclose(hooked, base, atol=1e-4), "scaling heads must change the logits"
+    assert torch.equal(_logits(model), base), "leaving the context must remove the hooks"
+    assert all(len(m._forward_pre_hooks) == 0 for m in arch.out_projs)
+
+    loaded = LoadedModel(model, None, ModelSpec(f"tiny-{model_type}", "folder", str(tmp_path)))
+    out, v = fold_and_save(loaded, COEFS, tmp_path / "out")
+    folded = _logits(model)
+    torch.testing.assert_close(folded, hooked, atol=1e-5, rtol=1e-5)
+    assert v.max_abs_diff < 1e-4
+    for n, p in model.named_parameters():  # bias untouched
+        if n in biases:
+            assert torch.equal(p, biases[n]), n
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(reloaded), hooked, atol=1e-5, rtol=1e-5)
+    # zero overhead by construction: same parameters, same modules
+    assert sum(p.numel() for p in reloaded.parameters()) == n_params
+    assert [(n, type(m).__name__) for n, m in reloaded.named_modules()] == modules
+    meta = json.loads((out / "pear.json").read_text())
+    assert {(h["layer"], h["head"]): h["coefficient"] for h in meta["heads"]} == COEFS
+    assert meta["model_type"] == model_type
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_head_scaling_trains_only_alpha_and_unfold_restores(model_type):
+    model = tiny_model(model_type)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with HeadScaling(model, list(COEFS)) as hs:
+        assert torch.equal(hs.alpha.detach(), torch.ones(3))
+        model(IDS).logits.float().pow(2).mean().backward()
+    assert hs.alpha.grad is not None and hs.alpha.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    fold(model, COEFS)
+    unfold(model, COEFS)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, w0[n], atol=1e-6, rtol=1e-6)
+
+
+def test_only_the_selected_head_slice_is_scaled():
+    model = tiny_model("gpt2")  # Conv1D: weight [in, out], heads are row blocks
+    arch = pear.resolve(model)
+    w0 = arch.out_projs[1].weight.detach().clone()
+    fold(model, {(1, 2): 0.5})
+    w1 = arch.out_projs[1].weight.detach()
+    D = arch.head_dim
+    torch.testing.assert_close(w1[2 * D:3 * D], w0[2 * D:3 * D] * 0.5)
+    assert torch.equal(w1[:2 * D], w0[:2 * D]) and torch.equal(w1[3 * D:], w0[3 * D:])
+    # GPT-2 also has mlp.c_proj (Conv1D): it must not be the module we picked
+    assert arch.out_proj_path(1) == "transformer.h.1.attn.c_proj"
+
+
+def test_gemma_head_dim_from_config():
+    model = tiny_model("gemma3_text")
+    arch = pear.resolve(model)
+    assert arch.head_dim == 24 and arch.n_heads * arch.head_dim != model.config.hidden_size
+    assert arch.n_kv_heads == 2 and arch.n_heads == 4
+
+
+def test_hook_scales_in_low_precision():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with HeadScaling(model, COEFS, trainable=False):
+        hooked = _logits(model)
+    fold(model, COEFS)
+    assert (hooked.float() - _logits(model).float()).abs().max() < 0.1
