@@ -18,6 +18,11 @@ from .errors import PearError
 COMMAND_MODULES = [
     "pear.checkpoint",  # pear fold
     "pear.inspect",  # pear inspect
+    "pear.discover",  # pear discover
+    "pear.fit",  # pear fit
+    "pear.pipeline",  # pear run
+    "pear.evaluate.cli",  # pear eval
+    "pear.bench",  # pear bench overhead
 ]
 
 

@@ -1,0 +1,358 @@
+"""`pear bench overhead`: what each way of helping a model read its context costs at inference.
+
+Four variants in one process and one run: the base model, the PEAR-folded checkpoint (loaded
+as an ordinary model), Ms-PoE and Attention Buckets (pear.baselines, on the base model). Trials
+are interleaved (base, pear, ms-poe, buckets, base, pear, ...) so that drift on a noisy
+machine (thermal, other jobs) hits every variant alike. Each trial: prefill `context` random
+tokens, then `new_tokens` greedy decoding steps with the cache, through the same variant
+contract the evaluation harness uses. Reported per variant: median prefill tokens/s, decode
+tokens/s and peak memory, and the median over trials of the paired ratio to the base model in
+the same round (a ratio of medians would let drift between rounds leak in).
+
+Peak memory is what a process holding only that variant's model would reach: its weights and
+buffers plus the extra memory the trial needed above what was allocated before it.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (exact).
+- CPU: peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``),
+  after returning freed heap pages to the OS (``malloc_trim``). The allocator reuses pages
+  between trials, so small CPU differences are noise; use the CUDA figures for conclusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PearError
+
+VARIANTS = ("base", "pear", "ms-poe", "attention-buckets")
+# variant name -> (registry variant, which model it runs on)
+_RUNS = {"base": ("none", "base"), "pear": ("none", "pear"), "ms-poe": ("ms-poe", "base"),
+         "attention-buckets": ("attention-buckets", "base")}
+METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")
+
+
+# ---------------------------------------------------------------------------- memory
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_method(device: str) -> str:
+    if device.startswith("cuda"):
+        return "cuda_max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _hwm_bytes()
+        return "cpu_peak_rss"
+    except OSError:
+        return "none"
+
+
+class PeakMemory:
+    """Context manager: `.extra` = peak bytes above what was in use when it was entered."""
+
+    def __init__(self, method: str, device: str):
+        self.method, self.device, self.extra = method, device, None
+
+    def __enter__(self):
+        if self.method == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        elif self.method == "cpu_peak_rss":
+            gc.collect()
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.before = _rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        if self.method == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.before
+        elif self.method == "cpu_peak_rss":
+            self.extra = max(0, _hwm_bytes() - self.before)
+
+
+# ---------------------------------------------------------------------------- one trial
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Trial:
+    prefill_s: float
+    decode_s: float
+    extra_bytes: int | None
+
+
+@torch.inference_mode()
+def run_trial(lm, ids: torch.Tensor, new_tokens: int, device: str, mem_method: str) -> Trial:
+    """Prefill `ids` (B, T), then `new_tokens` greedy steps with the cache; as the harness does it."""
+    B, T = ids.shape
+    mask = torch.ones_like(ids)
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    with PeakMemory(mem_method, device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True,
+                 logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
+                     logits_to_keep=1)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t2 = time.perf_counter()
+        del out, past
+    return Trial(t1 - t0, t2 - t1, mem.extra)
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def check_same_architecture(base, folded, pear_dir) -> dict:
+    """The PEAR checkpoint must be the base architecture exactly: same modules, same parameters."""
+    from .loading import count_parameters
+
+    mods_b = [(n, type(m).__name__) for n, m in base.named_modules()]
+    mods_p = [(n, type(m).__name__) for n, m in folded.named_modules()]
+    shapes_b = [(n, tuple(p.shape)) for n, p in base.named_parameters()]
+    shapes_p = [(n, tuple(p.shape)) for n, p in folded.named_parameters()]
+    nb, np_ = count_parameters(base), count_parameters(folded)
+    if mods_b != mods_p or shapes_b != shapes_p or nb != np_:
+        diff = next((f"{a} vs {b}" for a, b in zip(mods_b + shapes_b, mods_p + shapes_p) if a != b),
+                    f"{len(mods_b)} vs {len(mods_p)} modules")
+        raise PearError(f"PEAR checkpoint {pear_dir} is not the base model's architecture ({diff}; "
+                        f"{nb:,} vs {np_:,} parameters)")
+    return {"parameters": nb, "modules": len(mods_b), "same_architecture": True}
+
+
+def _summary(values: list[float]) -> dict:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
+    return {"median": statistics.median(v), "q1": q[0], "q3": q[2], "min": v[0], "max": v[-1], "trials": values}
+
+
+def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_tokens: int = 64, trials: int = 5,
+             warmup: int = 1, batch: int = 1, variants=VARIANTS, dtype: str = "auto", device: str = "auto",
+             seed: int = 0, variant_options: dict | None = None, progress=None) -> dict:
+    """Run the interleaved benchmark; returns the result dict (see module docstring)."""
+    from .baselines import get_variant
+    from .loading import load_model, parse_device
+
+    variants = list(variants)
+    unknown = [v for v in variants if v not in _RUNS]
+    if unknown:
+        raise PearError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if "pear" in variants and pear is None:
+        raise PearError("the 'pear' variant needs --pear DIR (a PEAR-folded checkpoint)")
+    if context < 1 or new_tokens < 1 or trials < 1 or batch < 1 or warmup < 0:
+        raise PearError("--context, --new-tokens, --trials and --batch must be >= 1 (--warmup >= 0)")
+    if pear is not None and not (Path(pear) / "config.json").is_file():
+        raise PearError(f"--pear {pear}: not a model folder (no config.json)")
+    dev = parse_device(device)
+    base = load_model(model, dtype=dtype, device=dev)
+    window = _context_window(base.model)
+    if window is not None and context + new_tokens > window:
+        raise PearError(f"--context {context} + --new-tokens {new_tokens} exceeds this model's context window {window}")
+    models = {"base": base}
+    arch_check = None
+    if "pear" in variants:
+        models["pear"] = load_model(pear, dtype=str(next(base.model.parameters()).dtype).replace("torch.", "")
+                                    if dtype == "auto" else dtype, device=dev)
+        arch_check = check_same_architecture(base.model, models["pear"].model, pear)
+    mem_method = memory_method(dev)
+    vocab = base.model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
+    options = variant_options or {}
+
+    runnable, skipped = [], {}
+    for v in variants:  # refuse early (and record why) variants that do not apply to this family
+        name, which = _RUNS[v]
+        try:
+            with get_variant(name).wrap(models[which], **options.get(v, {})):
+                pass
+            runnable.append(v)
+        except PearError as e:
+            skipped[v] = str(e)
+
+    raw = {v: [] for v in runnable}
+    torch.manual_seed(seed)
+    for r in range(warmup + trials):
+        for v in runnable:
+            name, which = _RUNS[v]
+            with get_variant(name).wrap(models[which], **options.get(v, {})) as lm:
+                t = run_trial(lm, ids, new_tokens, dev, mem_method)
+            if r >= warmup:
+                raw[v].append(t)
+            if progress is not None:
+                progress(r, v, t)
+
+    weights = {k: _model_bytes(m.model) for k, m in models.items()}
+    results = {}
+    for v in runnable:
+        which = _RUNS[v][1]
+        per = {
+            "prefill_tokens_per_s": [batch * context / t.prefill_s for t in raw[v]],
+            "decode_tokens_per_s": [batch * new_tokens / t.decode_s for t in raw[v]],
+        }
+        if mem_method != "none":
+            per["peak_memory_bytes"] = [weights[which] + t.extra_bytes for t in raw[v]]
+        results[v] = {m: _summary(vals) for m, vals in per.items()}
+    if "base" in results:
+        for v in results:
+            ratio = {}
+            for m in results[v]:
+                paired = [a / b for a, b in zip(results[v][m]["trials"], results["base"][m]["trials"])]
+                ratio[m] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+            results[v]["ratio_to_base"] = ratio
+    from . import __version__
+    import transformers
+
+    return {
+        "benchmark": "overhead",
+        "settings": {"model": model, "pear": pear, "context": context, "new_tokens": new_tokens, "trials": trials,
+                     "warmup": warmup, "batch": batch, "variants": variants, "dtype": dtype,
+                     "seed": seed, "variant_options": options, "input": "uniform random token ids"},
+        "device": dev,
+        "hardware": _hardware(dev),
+        "versions": {"pear": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "memory_method": mem_method,
+        "weights_bytes": weights,
+        "pear_checkpoint": arch_check,
+        "not_applicable": skipped,
+        "variants": results,
+    }
+
+
+def _context_window(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _hardware(dev: str) -> dict:
+    hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if dev.startswith("cuda"):
+        hw["gpu"] = torch.cuda.get_device_name(dev)
+    return hw
+
+
+def format_table(res: dict) -> str:
+    head = (f"{'variant':<19}{'prefill tok/s':>14}{'x base':>8}{'decode tok/s':>14}{'x base':>8}"
+            f"{'peak MiB':>11}{'x base':>8}")
+    lines = [head, "-" * len(head)]
+    for v, r in res["variants"].items():
+        cells = [f"{v:<19}"]
+        for m, w in zip(METRICS, (14, 14, 11)):
+            if m not in r:
+                cells.append(f"{'-':>{w}}{'-':>8}")
+                continue
+            val = r[m]["median"] / (2**20 if m == "peak_memory_bytes" else 1)
+            ratio = r.get("ratio_to_base", {}).get(m, {}).get("median")
+            cells.append(f"{val:>{w}.1f}" + (f"{ratio:>8.2f}" if ratio is not None else f"{'-':>8}"))
+        lines.append("".join(cells))
+    for v, why in res.get("not_applicable", {}).items():
+        lines.append(f"{v:<19}not applicable: {why}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("bench", help="benchmarks (overhead of PEAR vs inference-time baselines)",
+                       description="Benchmarks. `pear bench overhead`: speed and memory of base, PEAR-folded, "
+                       "Ms-PoE and Attention Buckets, interleaved in one run.")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bsub.required = True
+    o = bsub.add_parser("overhead", help="prefill/decode tokens/s and peak memory, as ratios to the base model",
+                        description=__doc__.split("\n\n")[1])
+    add_model_args(o)
+    o.add_argument("--pear", required=True, metavar="DIR", help="PEAR-folded checkpoint folder")
+    o.add_argument("--context", type=int, default=2048, help="prompt tokens to prefill (default 2048)")
+    o.add_argument("--new-tokens", type=int, default=64, help="greedy decoding steps (default 64)")
+    o.add_argument("--trials", type=int, default=5, help="timed rounds over all variants (default 5)")
+    o.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    o.add_argument("--batch", type=int, default=1, help="rows per forward (default 1)")
+    o.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)})")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", required=True, metavar="FILE.json")
+    o.set_defaults(func=_cli_overhead)
+
+
+def _cli_overhead(args: argparse.Namespace) -> int:
+    if args.device_map is not None:
+        raise PearError("pear bench overhead runs on one device; --device-map is not supported")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+
+    def progress(r, v, t):
+        tag = "warmup" if r < args.warmup else f"trial {r - args.warmup + 1}/{args.trials}"
+        print(f"  {tag:<12} {v:<18} prefill {t.prefill_s:7.3f} s  decode {t.decode_s:7.3f} s", file=sys.stderr)
+
+    res = overhead(args.model, args.pear, context=args.context, new_tokens=args.new_tokens, trials=args.trials,
+                   warmup=args.warmup, batch=args.batch, variants=variants, dtype=args.dtype, device=args.device,
+                   seed=args.seed, progress=progress)
+    res["cli_args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    print(format_table(res))
+    print(f"memory: {res['memory_method']}; saved {write_json_atomic(args.out, res)}")
+    return 0

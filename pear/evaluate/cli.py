@@ -1,0 +1,140 @@
+r"""`pear eval`: several models on the same examples; results JSON, a table and a U-curve plot.
+
+    pear eval --model smollm2-135m --model smollm2-135m --variant ms-poe --model runs/x/model \
+              --task mdqa-10 --task mdqa-20 --task closedbook --limit 100 --out results/eval.json
+
+`--variant` and `--label` attach to the `--model` just before them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..errors import PearError
+
+
+class _ModelAction(argparse.Action):
+    def __call__(self, parser, ns, value, option_string=None):
+        models = list(getattr(ns, "models", None) or [])
+        models.append({"spec": value, "variant": "none", "label": None})
+        ns.models = models
+
+
+class _AttachAction(argparse.Action):
+    """--variant / --label: set on the most recent --model."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        models = getattr(ns, "models", None)
+        if not models:
+            parser.error(f"{option_string} must follow the --model it applies to")
+        if models[-1][self.dest] not in (None, "none"):
+            parser.error(f"two {option_string} options for --model {models[-1]['spec']}")
+        models[-1][self.dest] = value
+
+
+def add_cli(sub) -> None:
+    from .registry import POSITION_HELP
+
+    p = sub.add_parser("eval", help="evaluate models on long-context tasks (lost in the middle, KV, HotpotQA, MMLU)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", dest="models", action=_ModelAction, metavar="SPEC",
+                   help="model (repeatable): folder, hub id, .gguf file or preset (default: smollm2-135m)")
+    p.add_argument("--variant", dest="variant", action=_AttachAction, metavar="NAME",
+                   help="inference-time variant of the preceding --model (pear.baselines; default none)")
+    p.add_argument("--label", dest="label", action=_AttachAction, metavar="NAME",
+                   help="name of the preceding --model in tables and results (default: SPEC[+VARIANT])")
+    p.add_argument("--task", action="append", metavar="TASK",
+                   help="task (repeatable or comma-separated): mdqa[-K], oracle, kv[-N], hotpotqa, closedbook, "
+                        "mmlu[-5shot]; --list-tasks shows them")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    p.add_argument("--export-lm-eval", metavar="DIR", default=None,
+                   help="write the tasks as lm-evaluation-harness configs + JSONL data into DIR and exit")
+    p.add_argument("--out", metavar="FILE.json", help="results JSON (a .png plot and, with --log-samples, "
+                   "a .samples.jsonl.gz file are written beside it)")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (questions, records; "
+                   "MMLU: N questions round-robin over subjects)")
+    p.add_argument("--positions", default=None, help=POSITION_HELP)
+    p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PEAR_DATA)")
+    p.add_argument("--seed", type=int, default=0, help="distractor tie-breaks, generated KV data, bootstrap")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="max rows per batch (default 8; on an H100: 256 with --max-batch-tokens 524288)")
+    p.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="max rows x (longest prompt + new tokens) per batch (default 32768)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="override every generation task's budget (default per task: 100, kv 128)")
+    p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+                   help="chat template on generation tasks: auto = when the tokenizer has one (default)")
+    p.add_argument("--distractor-pool", default="nq", help="mdqa distractors: nq (default), nq+squad, nq+squad+hotpotqa")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--log-samples", action="store_true", help="save every prompt, output and score")
+    p.add_argument("--resume", action="store_true",
+                   help="keep each (model, task) result in OUT.parts/ and reuse those of an identical earlier run")
+    p.add_argument("--parts-dir", default=None, metavar="DIR",
+                   help="like --resume, with the parts in DIR (share DIR between runs to assemble them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_eval, models=None, variant=None, label=None)
+
+
+def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> str:
+    """The run as one explicit command line (every setting spelled out), for the results file."""
+    parts = ["pear", "eval"]
+    for m in models:
+        parts += ["--model", m["spec"]] + (["--variant", m["variant"]] if m["variant"] not in (None, "none") else []) \
+            + (["--label", m["label"]] if m["label"] else [])
+    parts += ["--task", ",".join(tasks)]
+    for opt in ("limit", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
+                "max_batch_tokens", "max_new_tokens", "chat", "distractor_pool", "bootstrap", "parts_dir", "out"):
+        v = getattr(args, opt)
+        if v is not None:
+            parts += ["--" + opt.replace("_", "-"), str(v)]
+    parts += [f for f, on in (("--log-samples", args.log_samples), ("--resume", args.resume)) if on]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def _cli_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .registry import DESCRIPTIONS, _load_builtin, parse_positions
+    from .report import format_table
+    from .runner import ModelEntry, evaluate, save_results
+
+    if args.list_tasks:
+        _load_builtin()
+        for name in sorted(DESCRIPTIONS):
+            print(f"{name:<12} {DESCRIPTIONS[name]}")
+        return 0
+    if not args.task:
+        raise PearError("no --task given (pear eval --list-tasks shows them)")
+    tasks = [t.strip() for spec in args.task for t in spec.split(",") if t.strip()]
+    if args.export_lm_eval:
+        from .data import resolve_data_dir
+        from .lm_eval_export import export
+        from .registry import BuildContext
+
+        ctx = BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, positions=parse_positions(args.positions),
+                           seed=args.seed, options={"distractor_pool": args.distractor_pool})
+        names = export(tasks, args.export_lm_eval, ctx)
+        print(f"wrote {len(names)} lm-eval tasks (tag: pear) to {args.export_lm_eval}: {', '.join(names)}")
+        return 0
+    if not args.out:
+        raise PearError("no --out FILE.json given")
+    models = args.models or [{"spec": "smollm2-135m", "variant": "none", "label": None}]
+    entries = [ModelEntry(m["spec"], m["variant"] or "none", m["label"]) for m in models]
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise PearError(f"--out must end in .json, got {out}")
+    results = evaluate(
+        entries, tasks, data_dir=args.data_dir, limit=args.limit, positions=parse_positions(args.positions),
+        seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens, chat=args.chat, distractor_pool=args.distractor_pool,
+        n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
+        parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None),
+        max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks))
+    written = save_results(results, out)
+    print(format_table(results))
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0

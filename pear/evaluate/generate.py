@@ -1,0 +1,184 @@
+"""Batched greedy decoding and next-token log-likelihoods, through the variant contract only.
+
+Everything here calls `lm(input_ids=, attention_mask=, position_ids=, past_key_values=,
+use_cache=)` and reads `.logits` and `.past_key_values`; the cache is passed back as it came
+(opaque), so an inference-time variant (pear.baselines) can keep anything in it.
+
+Batches: examples sorted by length (longest first, so an out-of-memory error comes at once)
+and cut so that rows <= batch_size and rows x (longest prompt + new tokens) <= max_batch_tokens.
+Prompts are left-padded; position ids are cumsum(mask) - 1 (clamped at 0 on the padding),
+as `generate` computes them, so a row's result does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int, extra: int = 0) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * (longest + extra) > max_batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (B, T)."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+class Forward:
+    """Calls `lm`, asking for the last position's logits only where the forward accepts
+    `logits_to_keep` (Hugging Face models do): full-vocabulary logits for every prompt token
+    would be B x T x V (64 x 1,400 x 152k in bf16 = 27 GB for Qwen2.5)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.keep_last = True
+
+    def __call__(self, **kw) -> tuple[torch.Tensor, object]:
+        if self.keep_last:
+            try:
+                out = self.lm(**kw, logits_to_keep=1)
+            except TypeError as e:
+                if "logits_to_keep" not in str(e):
+                    raise
+                self.keep_last = False
+                out = self.lm(**kw)
+        else:
+            out = self.lm(**kw)
+        return out.logits[:, -1], out.past_key_values  # (B, V)
+
+
+def _split_on_oom(run, batch: list[int]) -> None:
+    """run(batch); if the GPU runs out of memory, free it and run each half instead."""
+    try:
+        run(batch)
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in torch >= 2.5
+        if len(batch) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(batch) // 2
+        _split_on_oom(run, batch[:half])
+        _split_on_oom(run, batch[half:])
+
+
+@torch.no_grad()
+def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[int], max_new_tokens: int,
+                    device, batch_size: int = 8, max_batch_tokens: int = 32768,
+                    done: Callable[[int, list[int]], bool] | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy continuation of each prompt (token ids, EOS not included).
+
+    A row stops at an EOS token, after `max_new_tokens`, or once `done(index, new_ids)` says
+    that more tokens cannot change its score (e.g. the first line is complete). The batch
+    runs until its last row stops: rows cannot be dropped from an opaque cache.
+    """
+    fwd = Forward(lm)
+    out: list[list[int]] = [[] for _ in prompts]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+
+    def run(batch: list[int]) -> None:
+        for i in batch:
+            out[i] = []
+        ids, mask, pos = left_pad([prompts[i] for i in batch], pad_id, device)
+        logits, past = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True)
+        fin = [False] * len(batch)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)  # (B,)
+            hit_eos = torch.isin(nxt, eos).tolist()
+            toks = nxt.tolist()
+            for r, i in enumerate(batch):
+                if fin[r]:
+                    continue
+                if hit_eos[r]:
+                    fin[r] = True
+                    continue
+                out[i].append(toks[r])
+                if done is not None and done(i, out[i]):
+                    fin[r] = True
+            if all(fin) or step == max_new_tokens - 1:
+                break
+            nxt = nxt.masked_fill(torch.tensor(fin, device=device), pad_id)  # finished rows: padding
+            mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            logits, past = fwd(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                               past_key_values=past, use_cache=True)
+
+    for batch in make_batches([len(p) for p in prompts], batch_size, max_batch_tokens, max_new_tokens):
+        _split_on_oom(run, batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
+
+
+@torch.no_grad()
+def next_token_logprobs(lm, prompts: list[list[int]], token_ids: list[int], *, pad_id: int, device,
+                        batch_size: int = 8, max_batch_tokens: int = 32768,
+                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """(N, len(token_ids)) log-probabilities (full-vocabulary softmax, fp32) of each candidate
+    token right after each prompt: one forward pass per prompt, no cache."""
+    fwd = Forward(lm)
+    out = np.zeros((len(prompts), len(token_ids)), dtype=np.float64)
+    cand = torch.tensor(token_ids, dtype=torch.long, device=device)
+    def run(batch: list[int]) -> None:
+        ids, mask, pos = left_pad([prompts[i] for i in batch], pad_id, device)
+        logits, _ = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=False)
+        lp = torch.log_softmax(logits.float(), dim=-1)[:, cand]  # (B, C)
+        out[batch] = lp.cpu().numpy()
+
+    for batch in make_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
+        _split_on_oom(run, batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """EOS of the tokenizer and of the generation config, plus the end-of-turn tokens of the
+    common chat formats when they are special tokens of this tokenizer."""
+    ids = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    except AttributeError:
+        added = set()
+    for t in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+        if t in special or t in added:
+            i = tokenizer.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i >= 0:
+                ids.add(i)
+    return ids
+
+
+def context_window(model) -> int | None:
+    cfg = model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

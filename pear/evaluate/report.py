@@ -1,0 +1,108 @@
+"""The terminal table and the U-curve plot of a results dict."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .data import replace_atomic
+
+
+def _fmt_acc(m: dict | None) -> str:
+    if not m or m.get("accuracy") is None:
+        return "-"
+    lo, hi = m["ci95"]
+    skip = f" skip {m['skipped']}" if m.get("skipped") else ""
+    return f"{m['accuracy']:.3f} [{lo:.2f},{hi:.2f}] n={m['n']}{skip}"
+
+
+def _fmt_cmp(c: dict | None) -> str:
+    if not c or c.get("n", 0) == 0:
+        return ""
+    return f" {c['diff']:+.3f} p={c['p_mcnemar']:.2g}"
+
+
+def format_table(results: dict) -> str:
+    """One row per task and condition, one column per model. For the second and later models
+    the paired difference to the first and the exact McNemar p-value follow the accuracy."""
+    labels = [m["label"] for m in results["models"]]
+    rows = [["task", "gold pos"] + labels]
+    for name, t in results["tasks"].items():
+        for c in t["conditions"]:
+            row = [name, c]
+            for lab in labels:
+                cell = _fmt_acc(t["models"][lab].get(c))
+                if lab in t["paired"]:
+                    cell += _fmt_cmp(t["paired"][lab]["conditions"].get(c))
+                row.append(cell)
+            rows.append(row)
+        for lab in labels:
+            if "macro_accuracy" in t["models"][lab]:
+                rows.append([name, "macro"] + [f"{t['models'][x].get('macro_accuracy', float('nan')):.3f}" for x in labels])
+                break
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _yerr(ys: list[float], ms: list[dict]) -> list[list[float]]:
+    """Error bar lengths below and above; 0 where there is no interval (nothing scored)."""
+    lo = [max(0.0, y - m["ci95"][0]) if m["ci95"] else 0.0 for y, m in zip(ys, ms)]
+    hi = [max(0.0, m["ci95"][1] - y) if m["ci95"] else 0.0 for y, m in zip(ys, ms)]
+    return [lo, hi]
+
+
+def plot_results(results: dict, path) -> Path | None:
+    """Accuracy vs gold position, one line per model with 95 % CI error bars, one panel per
+    positional task; non-positional tasks as grouped bars in a last panel. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [m["label"] for m in results["models"]]
+    pos = [(n, t) for n, t in results["tasks"].items() if t["positional"]]
+    other = [(n, t) for n, t in results["tasks"].items() if not t["positional"]]
+    n_panels = len(pos) + (1 if other else 0)
+    if n_panels == 0:
+        return None
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, (name, t) in zip(axes, pos):
+        conds = [c for c in t["conditions"] if c != "all"]
+        xs = [int(c) for c in conds]
+        for lab in labels:
+            ms = [t["models"][lab][c] for c in conds]
+            ys = [m["accuracy"] if m["accuracy"] is not None else float("nan") for m in ms]
+            err = _yerr(ys, ms)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=lab)
+        ax.set_title(name)
+        ax.set_xlabel("gold position")
+        ax.set_ylabel(t["metric"])
+        ax.set_xticks(xs)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    if other:
+        ax = axes[-1]
+        width = 0.8 / max(1, len(labels))
+        for j, lab in enumerate(labels):
+            ms = [t["models"][lab][t["conditions"][-1]] for _, t in other]
+            ys = [m["accuracy"] or 0 for m in ms]
+            err = _yerr(ys, ms)
+            ax.bar([i + j * width for i in range(len(other))], ys, width, yerr=err, capsize=3, label=lab)
+        ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(other))])
+        ax.set_xticklabels([n for n, _ in other])
+        ax.set_ylim(0, 1)
+        ax.set_title("no gold position")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    replace_atomic(tmp, path)
+    return path

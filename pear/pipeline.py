@@ -1,0 +1,307 @@
+"""`pear run`: discover -> fit -> fold -> verify -> save, in one command (and `pear.run(...)`).
+
+    pear run [--model SPEC] [--out DIR] [--k auto|K] [--method fast|exact]
+
+DIR receives ``model/`` (an ordinary Hugging Face checkpoint with ``pear.json`` and a model
+card), ``heads.json`` (+ ``heads.png``, the Δπ heatmap), ``coefficients.json``,
+``report.md``, ``coefficients.png`` and ``fit_loss.png``. DIR is written atomically: it
+appears complete or not at all.
+
+Dtypes. Discovery and fitting run in ``--dtype`` (auto = bf16: ~3.5x faster than fp32 on
+CPU and the usual training dtype on GPUs; probabilities, losses and the coefficients stay
+fp32). The saved model is folded in ``--save-dtype`` (auto = the checkpoint's own dtype:
+fp32 for a GGUF file, whose dequantised weights are fp32 — the faithful copy of the base
+model — and usually bf16 for hub checkpoints), so folding adds no rounding beyond what the
+base model already has. When the two differ the model is loaded again in the saved dtype,
+after the compute copy is freed.
+
+Resume: the fit keeps a checkpoint at ``DIR.fit.ckpt`` (beside DIR) while it runs; after
+Ctrl-C, the same command resumes the fit from it (discovery is re-run: it is seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import AtomicDir, check_out_dir, save_checkpoint, verify_fold
+from .errors import PearError
+from .fit import (DEFAULT_BOUNDS, K_AUTO_RANGE, FitSettings, add_fit_args, compute_dtype, fit, heldout_batch, parse_k,
+                  proxy_metrics, select_heads, settings_from_args)
+from .loading import DTYPES, load_model, parse_dtype, resolve_spec
+from .scaling import HeadKey
+
+
+@dataclass
+class RunResult:
+    """What `pear run` made; the same fields as report.md."""
+
+    out: Path
+    model_dir: Path
+    heads_path: Path
+    coefficients_path: Path
+    report_path: Path
+    figures: dict[str, Path]  # heatmap, coefficients, fit_loss
+    model: str  # the base model spec
+    method: str  # discovery method
+    k: int
+    k_selection: dict
+    heads: list[dict]  # rank, layer, head, score (Δπ), coefficient; rank order
+    coefficients: dict[HeadKey, float]
+    before: dict[str, float]  # held-out proxy loss / copy accuracy, base model (compute dtype)
+    after: dict[str, float]  # same batch, learned coefficients through hooks (compute dtype)
+    saved: dict  # the same metrics on the saved weights: {"dtype", "base", "folded"}
+    verification: dict  # fold check (folded vs hooked logits)
+    losses: list[float]  # training loss per step
+    seconds: dict[str, float]  # per stage, and "total"
+    versions: dict[str, str]
+    settings: dict  # fit settings, discovery settings, dtypes, seed
+    command: str = ""
+    discovery: dict = field(default_factory=dict)  # seconds, forward-equivalents, settings
+
+    def summary(self) -> str:
+        b, a = self.before, self.after
+        return (f"{self.k} heads re-weighted; held-out proxy loss {b['proxy_loss']:.3f} -> {a['proxy_loss']:.3f}, "
+                f"copy accuracy {b['copy_accuracy']:.3f} -> {a['copy_accuracy']:.3f}; "
+                f"{self.seconds['total']:.0f} s; saved {self.out}")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"pear": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+
+
+def default_out(spec: str | None) -> Path:
+    """runs/<model name>-pear, e.g. runs/smollm2-135m-pear."""
+    ms = resolve_spec(spec)
+    name = Path(ms.gguf_file).stem if ms.kind == "gguf" else Path(ms.spec.rstrip("/")).name
+    return Path("runs") / f"{name}-pear"
+
+
+def _native_dtype(spec) -> torch.dtype:
+    """The dtype `load_model(dtype="auto")` gives: fp32 for GGUF, else the config's dtype."""
+    ms = resolve_spec(spec)
+    if ms.gguf_file:
+        return torch.float32
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(ms.path)
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, torch.dtype):
+        return d
+    return DTYPES.get(str(d).replace("torch.", ""), torch.float32)
+
+
+class _Stages:
+    """Stage headers on stderr ("[2/5] discover") and wall-clock seconds per stage."""
+
+    def __init__(self, names: list[str], progress: bool):
+        self.names, self.progress, self.seconds = names, progress, {}
+        self.t_start = time.perf_counter()
+
+    def __call__(self, name: str, note: str = ""):
+        stages = self
+
+        class _Ctx:
+            def __enter__(self):
+                if stages.progress:
+                    i = stages.names.index(name) + 1
+                    print(f"pear run [{i}/{len(stages.names)}] {name}{' ' + note if note else ''}", file=sys.stderr)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.seconds[name] = round(stages.seconds.get(name, 0.0) + time.perf_counter() - self.t, 2)
+
+        return _Ctx()
+
+    def bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+
+
+def run(model: str | None = None, out: str | Path | None = None, *, k: int | str = "auto", method: str = "fast",
+        bounds: str = DEFAULT_BOUNDS, settings: FitSettings | None = None, discovery_settings=None,
+        top_m: int | None = None, seed: int = 0, dtype: str = "auto", save_dtype: str = "auto", device: str = "auto",
+        device_map=None, force: bool = False, restart: bool = False, progress: bool = True,
+        command: str | None = None, **fit_overrides) -> RunResult:
+    """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult`.
+
+    model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
+    create (default runs/<model>-pear; must be empty or absent unless force). k: int or
+    "auto". method: discovery "fast" or "exact". settings / fit_overrides: `FitSettings`
+    (e.g. ``steps=60, batch=20, lr=5e-3``); bounds and seed override those in settings.
+    discovery_settings: proxy (N, n) settings for discovery (default: the paper's four);
+    top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); 32 for k="auto",
+    the largest K it can choose).
+    """
+    from .discover import discover
+
+    t_total = time.perf_counter()
+    k = parse_k(str(k))
+    out = Path(out) if out is not None else default_out(model)
+    check_out_dir(out, force)
+    fs = dataclasses.replace(settings or FitSettings(), **fit_overrides, bounds=bounds, seed=seed)
+    cdtype = parse_dtype(compute_dtype(dtype))
+    stages = _Stages(["load", "discover", "fit", "fold + verify", "save"], progress)
+
+    with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
+        loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
+        spec = loaded.spec.spec
+
+    with stages("discover", f"({method})"):
+        m = top_m
+        if m is None and k == "auto":
+            m = K_AUTO_RANGE[1]  # every head --k auto can pick gets an exact score, and no more
+        disc = discover(loaded.model, loaded.tokenizer, settings=discovery_settings, method=method, seed=seed,
+                        k=k if isinstance(k, int) else 10, top_m=m, progress=progress, model_spec=spec)
+        heads, scores, evidence = select_heads(disc, k)
+        disc.k = len(heads)  # heads.json's top_k and the heatmap outline: the heads we fit
+
+    ckpt = Path(str(out) + ".fit.ckpt")
+    with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):
+        fr = fit(loaded.model, loaded.tokenizer, heads, fs, checkpoint=ckpt, restart=restart, progress=progress,
+                 model_spec=spec, scores=scores, k_selection=evidence)
+
+    with stages("fold + verify"):
+        sdtype = _native_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
+        bar = stages.bar(4, "fold + verify")
+        if sdtype != next(loaded.model.parameters()).dtype:
+            del loaded
+            gc.collect()
+            loaded = load_model(model, dtype=sdtype, device=device, device_map=device_map)
+        bar.update(1)
+        heldout = heldout_batch(loaded.model, loaded.tokenizer, fs)
+        saved_base = proxy_metrics(loaded.model, heldout, fs.micro_batch)
+        bar.update(1)
+        verification = verify_fold(loaded.model, fr.coefficients)  # folds in place, or raises
+        bar.update(1)
+        saved_folded = proxy_metrics(loaded.model, heldout, fs.micro_batch)
+        bar.update(1)
+        bar.close()
+
+    rows = [{"rank": i + 1, "layer": l, "head": h, "score": scores.get((l, h)), "coefficient": fr.coefficients[(l, h)]}
+            for i, (l, h) in enumerate(heads)]
+    result = RunResult(
+        out=out, model_dir=out / "model", heads_path=out / "heads.json", coefficients_path=out / "coefficients.json",
+        report_path=out / "report.md",
+        figures={"heatmap": out / "heads.png", "coefficients": out / "coefficients.png", "fit_loss": out / "fit_loss.png"},
+        model=spec, method=method, k=len(heads), k_selection=evidence, heads=rows, coefficients=fr.coefficients,
+        before=fr.before, after=fr.after,
+        saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
+        verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
+        settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
+                  "seed": seed, "k": k, "method": method},
+        command=command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m),
+        discovery={"seconds": round(disc.seconds, 2), "forward_equivalents": round(disc.forward_equivalents, 2),
+                   "settings": [list(s) for s in disc.settings]},
+    )
+
+    from .report import write_report
+
+    with stages("save", str(out)):
+        bar = stages.bar(4, "save")
+        with AtomicDir(out, force) as tmp:
+            save_checkpoint(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
+                "pear_run": {"method": method, "k": len(heads), "k_selection": evidence["method"],
+                             "bounds": fs.bounds, "fit_settings": fs.as_dict(), "compute_dtype": fr.dtype,
+                             "heldout_proxy": {"base": saved_base, "folded": saved_folded}}})
+            bar.update(1)
+            disc.save(tmp / "heads.json")  # + heads.png
+            bar.update(1)
+            fr.save(tmp / "coefficients.json")
+            bar.update(1)
+            result.seconds = {**stages.seconds, "save": round(time.perf_counter() - stages.t_start
+                                                               - sum(stages.seconds.values()), 2)}
+            result.seconds["total"] = round(time.perf_counter() - t_total, 2)
+            write_report(result, tmp)
+            _plain_permissions(tmp)
+            bar.update(1)
+        bar.close()
+    ckpt.unlink(missing_ok=True)
+    result.seconds["total"] = round(time.perf_counter() - t_total, 2)
+    return result
+
+
+def _plain_permissions(folder: Path) -> None:
+    """Temporary folders and files are created private (0700/0600); give the finished run
+    folder the permissions ordinary mkdir/open would (umask applies)."""
+    from .fit import _umask
+
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discovery_settings, top_m) -> str:
+    """The `pear run` command line that reproduces this run (defaults left out)."""
+    d = FitSettings()
+    parts = ["pear run"]
+    if model:
+        parts.append(f"--model {model}")
+    parts += [f"--out {out}", f"--k {k}", f"--method {method}"]
+    if discovery_settings:
+        ds = discovery_settings if isinstance(discovery_settings, str) else ",".join(f"{n}x{l}" for n, l in discovery_settings)
+        parts.append(f"--discovery-settings {ds}")
+    if top_m is not None:
+        parts.append(f"--top-m {top_m}")
+    for name, flag in [("bounds", "--bounds"), ("steps", "--steps"), ("batch", "--batch"), ("length", "--length"),
+                       ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed")]:
+        if getattr(fs, name) != getattr(d, name):
+            parts.append(f"{flag} {getattr(fs, name)}")
+    if dtype != "auto":
+        parts.append(f"--dtype {dtype}")
+    if save_dtype != "auto":
+        parts.append(f"--save-dtype {save_dtype}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("run", help="the whole method: discover -> fit -> fold -> verify -> save (default model "
+                       "if --model is omitted)",
+                       description="Find the heads that suppress copying, learn a coefficient for each, fold "
+                       "them into the weights and save an ordinary checkpoint with heads.json, "
+                       "coefficients.json, report.md and figures.")
+    add_model_args(p)
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<model>-pear)")
+    p.add_argument("--method", default="fast", choices=["fast", "exact"],
+                   help="discovery: fast (attribution patching + exact re-check of the top heads; default) or exact")
+    p.add_argument("--discovery-settings", default=None, metavar="NxLEN,...",
+                   help="proxy settings for discovery (default 20x50,40x25,80x15,100x10)")
+    p.add_argument("--top-m", type=int, default=None,
+                   help="fast discovery: heads re-scored exactly (default max(4k, 32); 32 for --k auto)")
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the saved model (default: the checkpoint's own; fp32 for GGUF)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_fit_args(p)
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else default_out(args.model)
+    check_out_dir(out, args.force)
+    res = run(args.model, out, k=args.k, method=args.method, bounds=args.bounds, settings=settings_from_args(args),
+              discovery_settings=args.discovery_settings, top_m=args.top_m, seed=args.seed, dtype=args.dtype,
+              save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
+              restart=args.restart, progress=not args.no_progress)
+    print(res.summary())
+    print(f"report: {res.report_path}")
+    return 0

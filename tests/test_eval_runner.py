@@ -1,0 +1,170 @@
+"""The decoding loop, the variant contract, the runner and `pear eval`, on a tiny random
+llama that uses the real SmolLM2 tokenizer (fast; the real model is in test_eval_real.py)."""
+
+import contextlib
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pear.errors import PearError
+from pear.evaluate import ModelEntry, evaluate, save_results
+from pear.evaluate import runner as runner_mod
+from pear.evaluate.generate import greedy_generate, make_batches, next_token_logprobs
+from pear.loading import LoadedModel, ModelSpec
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_bf16):
+    """A 2-layer random llama with SmolLM2's tokenizer and a 256-token window."""
+    tok = smollm2_bf16.tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return LoadedModel(model, tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
+
+
+PROMPTS = ["Question: what is the capital of France?\nAnswer:", "Hi", "The quick brown fox jumps over the lazy dog. " * 3]
+
+
+def _ids(tok):
+    return [tok(p).input_ids for p in PROMPTS]
+
+
+class Opaque:
+    """Hides the cache: any indexing or attribute use by the caller fails."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+
+def strict_lm(model, calls):
+    """A variant-like callable: only the contract's keyword arguments, an opaque cache."""
+    allowed = {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache"}
+
+    def lm(*, input_ids, attention_mask, position_ids, past_key_values, use_cache):  # no logits_to_keep
+        calls.append(input_ids.shape)
+        past = past_key_values._inner if isinstance(past_key_values, Opaque) else past_key_values
+        assert past_key_values is None or isinstance(past_key_values, Opaque)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past, use_cache=use_cache)
+        return type("Out", (), {"logits": out.logits, "past_key_values": Opaque(out.past_key_values)})()
+    assert allowed
+    return lm
+
+
+def test_make_batches_respects_limits():
+    lengths = [5, 100, 30, 30, 7, 64, 1]
+    batches = make_batches(lengths, batch_size=3, max_batch_tokens=200, extra=10)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert len(b) <= 3 and len(b) * (max(lengths[i] for i in b) + 10) <= 200 or len(b) == 1
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+def test_batched_left_padded_equals_one_by_one(tiny):
+    ids = _ids(tiny.tokenizer)
+    kw = dict(pad_id=tiny.tokenizer.pad_token_id, eos_ids={2}, max_new_tokens=8, device="cpu")
+    together = greedy_generate(tiny.model, ids, batch_size=3, **kw)
+    alone = greedy_generate(tiny.model, ids, batch_size=1, **kw)
+    assert together == alone and all(len(o) == 8 for o in together)
+    ref = [tiny.model.generate(torch.tensor([x]), do_sample=False, max_new_tokens=8, pad_token_id=0)[0, len(x):].tolist()
+           for x in ids]
+    assert together == ref
+
+
+def test_variant_contract_only(tiny):
+    """Through a callable that accepts only the contract's arguments and hides its cache,
+    generation and log-likelihoods equal those of the bare model."""
+    ids = _ids(tiny.tokenizer)
+    kw = dict(pad_id=tiny.tokenizer.pad_token_id, device="cpu", batch_size=2)
+    calls = []
+    lm = strict_lm(tiny.model, calls)
+    assert greedy_generate(lm, ids, eos_ids={2}, max_new_tokens=5, **kw) == \
+        greedy_generate(tiny.model, ids, eos_ids={2}, max_new_tokens=5, **kw)
+    assert calls and calls[1][1] == 1  # prefill, then one token at a time
+    a = next_token_logprobs(lm, ids, [330, 389], **kw)
+    b = next_token_logprobs(tiny.model, ids, [330, 389], **kw)
+    assert a.shape == (3, 2) and (a < 0).all() and abs(a - b).max() < 1e-5
+
+
+def test_stops_when_done_and_at_eos(tiny):
+    ids = _ids(tiny.tokenizer)[:1]
+    kw = dict(pad_id=0, device="cpu", max_new_tokens=8)
+    full = greedy_generate(tiny.model, ids, eos_ids={2}, **kw)[0]
+    assert greedy_generate(tiny.model, ids, eos_ids={2}, done=lambda i, new: len(new) == 3, **kw)[0] == full[:3]
+    assert greedy_generate(tiny.model, ids, eos_ids={full[2]}, **kw)[0] == full[:2]  # EOS not kept
+
+
+def test_evaluate_two_entries_skips_and_pairs(tiny, data_dir, tmp_path):
+    res = evaluate([tiny, ModelEntry(tiny, label="copy")], ["closedbook", "oracle", "mmlu"], data_dir=data_dir,
+                   limit=6, log_samples=True, progress=False, n_resamples=200, max_new_tokens=40)
+    assert [m["label"] for m in res["models"]] == ["tiny", "copy"]
+    cb, orc, mm = (res["tasks"][t] for t in ("closedbook", "oracle", "mmlu"))
+    assert cb["models"]["tiny"]["all"]["n"] == 6 and cb["models"]["tiny"]["all"]["skipped"] == 0
+    # most oracle prompts (~250 tokens) + 40 new tokens exceed the 256-token window: skipped, counted
+    o = orc["models"]["tiny"]["1"]
+    assert o["skipped"] >= 1 and o["n"] + o["skipped"] == 6
+    for x in res["samples"]:
+        assert x["skipped"] == (x["n_prompt_tokens"] + (40 if x["task"] != "mmlu" else 0) > 256)
+        assert (x["score"] is None) == x["skipped"] and (x["output"] is None) == x["skipped"]
+    p = cb["paired"]["copy"]["conditions"]["all"]
+    assert p["n"] == 6 and p["diff"] == 0 and p["p_mcnemar"] == 1.0
+    assert mm["models"]["tiny"]["all"]["n"] == 6 and len(mm["models"]["tiny"]["subjects"]) == 6
+    s = [x for x in res["samples"] if x["task"] == "closedbook"][0]
+    assert s["prompt"].startswith("<|im_start|>system\n") and s["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    m = [x for x in res["samples"] if x["task"] == "mmlu"][0]
+    assert "<|im_start|>" not in m["prompt"] and m["output"] in "ABCD" and len(m["logprobs"]) == 4
+    written = save_results(res, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["limit"] == 6
+    assert written["plot"].stat().st_size > 1000
+    with gzip.open(written["samples"], "rt") as f:
+        assert len(f.readlines()) == 2 * (6 + 6 + 6)
+
+
+def test_resume_reuses_parts(tiny, data_dir, tmp_path, monkeypatch):
+    kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=100, parts_dir=tmp_path / "parts",
+              max_new_tokens=4)
+    first = evaluate([tiny], ["closedbook"], **kw)
+    assert len(list((tmp_path / "parts").iterdir())) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("should have been reused")
+    monkeypatch.setattr(runner_mod, "run_task", boom)
+    again = evaluate([tiny], ["closedbook"], **kw)
+    assert again["tasks"] == first["tasks"]
+    with pytest.raises(AssertionError, match="reused"):  # other examples: not reused
+        evaluate([tiny], ["closedbook"], **dict(kw, limit=4))
+
+
+def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
+    from pear.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    out = tmp_path / "res" / "eval.json"
+    rc = main(["eval", "--model", str(folder), "--label", "a", "--model", str(folder), "--variant", "none",
+               "--task", "closedbook,kv-4", "--limit", "2", "--positions", "first,last", "--data-dir", str(data_dir),
+               "--device", "cpu", "--out", str(out), "--no-progress", "--bootstrap", "100", "--max-new-tokens", "4"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [m["label"] for m in res["models"]] == ["a", str(folder)]
+    assert res["tasks"]["kv-4"]["conditions"] == ["1", "4", "all"]
+    assert res["settings"]["command"].startswith("pear eval --model")
+    assert out.with_suffix(".png").is_file()
+    table = capsys.readouterr().out
+    assert "kv-4" in table and "closedbook" in table
+    assert main(["eval", "--model", str(folder), "--variant", "no-such", "--task", "closedbook",
+                 "--out", str(out), "--data-dir", str(data_dir)]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--variant", "none", "--model", str(folder), "--task", "kv", "--out", str(out)])
+    with pytest.raises(PearError, match="not found in"):
+        evaluate([tiny], ["kv"], data_dir=tmp_path)

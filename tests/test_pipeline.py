@@ -1,0 +1,130 @@
+"""`pear run` / `pear.run`: discover -> fit -> fold -> verify -> save, and report.md."""
+
+import json
+
+import pytest
+import torch
+
+import pear
+from pear.cli import main
+from pear.errors import PearError
+from pear.proxy import copy_loss, make_batch
+from pear.scaling import read_coefficients
+from tiny_models import tiny_model
+
+FILES = ["model", "heads.json", "heads.png", "coefficients.json", "coefficients.png", "fit_loss.png", "report.md"]
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+def test_run_api_tiny_writes_everything(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    res = pear.run(str(tiny_folder), out, k=3, method="fast", discovery_settings="6x8", top_m=8, steps=4, batch=4,
+                   length=16, eval_batch=4, lr=0.1, progress=False)
+    assert isinstance(res, pear.RunResult)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert not list(tmp_path.glob("*.ckpt")) and not list(tmp_path.glob(".run*"))  # no leftovers
+    assert all(_is_png(res.figures[k]) for k in ("heatmap", "coefficients", "fit_loss"))
+    # the result mirrors the files
+    assert res.k == 3 and len(res.heads) == 3 and [h["rank"] for h in res.heads] == [1, 2, 3]
+    assert read_coefficients(res.coefficients_path) == pytest.approx(res.coefficients)
+    heads = json.loads(res.heads_path.read_text())
+    assert heads["top_k"] == 3 and [(h["layer"], h["head"]) for h in heads["heads"][:3]] == [
+        (h["layer"], h["head"]) for h in res.heads]
+    meta = json.loads((out / "model" / "pear.json").read_text())
+    assert meta["pear_run"]["k"] == 3 and meta["base_model"] == str(tiny_folder)
+    assert set(res.seconds) == {"load", "discover", "fit", "fold + verify", "save", "total"}
+    assert set(res.versions) >= {"pear", "torch", "transformers"}
+    report = res.report_path.read_text()
+    for h in res.heads:  # every coefficient visible at a glance
+        assert f"| {h['rank']} | {h['layer']} | {h['head']} |" in report
+        assert f"{h['coefficient']:.4f}" in report
+    for name in ("heads.png", "coefficients.png", "fit_loss.png"):
+        assert f"]({name})" in report
+    assert "provisional" in report and "--k 3" in report
+
+
+def test_run_refuses_nonempty_out_before_any_work(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", "--model", str(tiny_folder), "--out", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(PearError, match="--k must be"):
+        pear.run(str(tiny_folder), tmp_path / "x", k="many")
+
+
+def test_run_ctrl_c_then_same_command_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
+    import pear.fit as F
+
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_folder), "--out", str(out), "--k", "2", "--discovery-settings", "6x8",
+            "--top-m", "4", "--steps", "4", "--batch", "2", "--length", "8", "--eval-batch", "2", "--no-progress"]
+    real = F._train_step
+
+    def interrupt(model, tok, settings, step, alpha):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(model, tok, settings, step, alpha)
+
+    monkeypatch.setattr(F, "_train_step", interrupt)
+    assert main(argv) == 130
+    ckpt = tmp_path / "run.fit.ckpt"
+    assert ckpt.exists() and not out.exists()
+    assert "run the same command again to resume" in capsys.readouterr().err
+    monkeypatch.setattr(F, "_train_step", real)
+    assert main(argv) == 0
+    assert not ckpt.exists()
+    fit_info = json.loads((out / "coefficients.json").read_text())["fit"]
+    assert fit_info["resumed_from_step"] == 2 and len(fit_info["losses"]) == 4
+
+
+def test_default_out_and_effect_words():
+    from pear.pipeline import default_out
+    from pear.report import effect
+
+    assert str(default_out(None)).endswith("smollm2-135m-pear")
+    assert [effect(a) for a in (-0.3, 0.0, 0.6, 1.0, 1.4)] == ["FLIPPED", "removed", "weakened", "unchanged", "amplified"]
+
+
+@pytest.mark.real
+def test_pear_run_real_model(tmp_path, smollm2, capsys):
+    """Small settings on the real default model: the saved folder reloads with plain
+    transformers, copies better than the base model on a fresh held-out proxy batch, and
+    its coefficients moved away from 1."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    rc = main(["run", "--out", str(out), "--k", "4", "--discovery-settings", "10x20", "--top-m", "8", "--steps", "10",
+               "--batch", "6", "--lr", "0.05", "--eval-batch", "8", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "held-out proxy loss" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+
+    coefs = read_coefficients(out / "coefficients.json")
+    assert len(coefs) == 4 and max(abs(a - 1) for a in coefs.values()) > 0.05
+    assert min(coefs.values()) >= 0  # default bounds: nonneg
+
+    new = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no pear
+    base, tok = smollm2
+    assert next(new.parameters()).dtype == torch.float32  # GGUF base: saved in its fp32 dequantised form
+    batch = make_batch(tok, base.get_input_embeddings().weight.shape[0], 16, 50, seed=20240929)  # unseen
+    with torch.no_grad():
+        base_loss = float(copy_loss(base(batch.input_ids, use_cache=False).logits, batch))
+        new_loss = float(copy_loss(new(batch.input_ids, use_cache=False).logits, batch))
+    assert new_loss < base_loss - 0.02, (base_loss, new_loss)
+
+    data = json.loads((out / "coefficients.json").read_text())
+    assert data["fit"]["after"]["proxy_loss"] < data["fit"]["before"]["proxy_loss"]
+    report = (out / "report.md").read_text()
+    assert "smollm2-135m" in report and "Seconds per stage" in report
