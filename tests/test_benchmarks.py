@@ -1,0 +1,38 @@
+"""The GPU benchmark script itself runs on CPU for a tiny shape (so CI exercises it)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import perf_scale  # noqa: E402
+import shapes  # noqa: E402
+
+
+def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
+    out = tmp_path / "perf.json"
+    rc = perf_scale.main(["--shape", "tiny", "--device", "cpu", "--quiet", "--k", "4", "--fit-steps", "2",
+                          "--context", "64", "--new-tokens", "4", "--trials", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    parts = res["parts"]
+    assert set(parts) == {"discover-fast", "discover-exact", "fit", "overhead"}
+    assert parts["discover-fast"]["heads"] == 8 and len(parts["discover-exact"]["top_k"]) == 4
+    assert parts["discover-fast"]["forward_equivalents"] > 0
+    assert parts["fit"]["steps"] == 2 and parts["fit"]["seconds_per_step"] > 0
+    ov = parts["overhead"]
+    assert ov["base"]["prefill"] > 0 and ov["pear"]["decode"] > 0
+    assert set(ov["ratio_pear_to_base"]) == {"prefill", "decode"}
+    assert res["command"].startswith("python3 ") and "--shape tiny" in res["command"]
+
+
+def test_real_shapes_declare_the_published_sizes():
+    cfg = shapes.config_for("llama2-7b")
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size,
+            cfg.vocab_size) == (32, 32, 4096, 11008, 32000)
+    cfg = shapes.config_for("qwen2.5-32b")
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (64, 40, 8, 5120)
+    model = shapes.build("tiny", device="cpu", dtype=torch.float32)
+    assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
