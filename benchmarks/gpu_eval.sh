@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_eval.sh OUTDIR SPEC [SPEC ...]
 #   e.g. bash benchmarks/gpu_eval.sh results/eval-full /models/smollm2-135m /models/qwen2.5-coder-0.5b
 #
-# SPECs are model folders (or presets where the GGUF packages are installed). Tasks: mdqa
+# SPECs: model folders, .gguf files, or presets where their packages are installed. Tasks: mdqa
 # with 10 and 20 documents at 5 gold positions, kv (75 keys; first/middle/last), hotpotqa
 # (start/middle/end), closedbook, mmlu (0-shot), every example of the development data.
 #
@@ -20,9 +20,13 @@
 # split in two and retried), DTYPE (bf16), DEVICE (cuda), PEAR_DATA (the data folder),
 # EXTRA (more pear eval options, e.g. EXTRA="--limit 3" for a smoke test on the CPU).
 #
-# Estimated time on one H100, bf16 (prefill tokens per model: mdqa-10 12M, mdqa-20 24M,
-# kv 8M, hotpotqa 17M, closedbook 0.1M, mmlu 1.8M; most time is in the decoding steps,
-# ~28k steps per model at ~20 ms): SmolLM2-135M ~12-18 min, Qwen2.5-0.5B ~15-22 min.
+# Estimated time (bf16). Measured on an H200 with pear eval at --batch-size 128
+# --max-batch-tokens 400000 (benchmarks/results/gpu_eval, mdqa-10, 2,500 examples): 26-49
+# examples/s for SmolLM2-135M and Qwen2.5-0.5B alike (decoding steps, not model size,
+# dominate). Examples per model: mdqa-10 8,850, mdqa-20 8,850, hotpotqa 11,022, kv 1,500
+# (~5.4k-token prompts, 128 new tokens), closedbook 1,770, mmlu 14,042 (one forward each).
+# At ~35 examples/s for QA, ~10/s for kv and ~500/s for mmlu: ~15-20 min per model at
+# batch 128, less at the default 256 rows; an H100 is somewhat slower than an H200.
 set -euo pipefail
 OUT=${1:?usage: gpu_eval.sh OUTDIR SPEC [SPEC ...]}
 shift
