@@ -49,7 +49,8 @@ def test_prompts_match_reference_tests():
              "the provided search results (some of which might be irrelevant).")
     gold = (f"{instr}\n\nDocument [1](Title: first doc) first doc text\n"
             "Document [2](Title: second doc) second doc text\n\nQuestion: test question\nAnswer:")
-    assert prompts.qa_prompt("test question", [("first doc", "first doc text"), ("second doc", "second doc text")]) == gold
+    docs = [("first doc", "first doc text"), ("second doc", "second doc text")]
+    assert prompts.qa_prompt("test question", docs) == gold
     assert prompts.closedbook_prompt("test question") == "Question: test question\nAnswer:"
     kv = [("test key1", "test value1"), ("test key2", "test value2"), ("test key3", "test value3")]
     assert prompts.kv_prompt(kv, "test key2") == "\n".join([

@@ -1,7 +1,6 @@
 """The decoding loop, the variant contract, the runner and `pear eval`, on a tiny random
 llama that uses the real SmolLM2 tokenizer (fast; the real model is in test_eval_real.py)."""
 
-import contextlib
 import gzip
 import json
 
@@ -30,7 +29,8 @@ def tiny(smollm2_bf16):
     return LoadedModel(model, tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
 
 
-PROMPTS = ["Question: what is the capital of France?\nAnswer:", "Hi", "The quick brown fox jumps over the lazy dog. " * 3]
+PROMPTS = ["Question: what is the capital of France?\nAnswer:", "Hi",
+           "The quick brown fox jumps over the lazy dog. " * 3]
 
 
 def _ids(tok):
@@ -46,8 +46,6 @@ class Opaque:
 
 def strict_lm(model, calls):
     """A variant-like callable: only the contract's keyword arguments, an opaque cache."""
-    allowed = {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache"}
-
     def lm(*, input_ids, attention_mask, position_ids, past_key_values, use_cache):  # no logits_to_keep
         calls.append(input_ids.shape)
         past = past_key_values._inner if isinstance(past_key_values, Opaque) else past_key_values
@@ -55,7 +53,6 @@ def strict_lm(model, calls):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=past, use_cache=use_cache)
         return type("Out", (), {"logits": out.logits, "past_key_values": Opaque(out.past_key_values)})()
-    assert allowed
     return lm
 
 
@@ -74,8 +71,8 @@ def test_batched_left_padded_equals_one_by_one(tiny):
     together = greedy_generate(tiny.model, ids, batch_size=3, **kw)
     alone = greedy_generate(tiny.model, ids, batch_size=1, **kw)
     assert together == alone and all(len(o) == 8 for o in together)
-    ref = [tiny.model.generate(torch.tensor([x]), do_sample=False, max_new_tokens=8, pad_token_id=0)[0, len(x):].tolist()
-           for x in ids]
+    ref = [tiny.model.generate(torch.tensor([x]), do_sample=False, max_new_tokens=8, pad_token_id=0)[0, len(x):]
+           .tolist() for x in ids]
     assert together == ref
 
 
@@ -118,7 +115,8 @@ def test_evaluate_two_entries_skips_and_pairs(tiny, data_dir, tmp_path):
     assert p["n"] == 6 and p["diff"] == 0 and p["p_mcnemar"] == 1.0
     assert mm["models"]["tiny"]["all"]["n"] == 6 and len(mm["models"]["tiny"]["subjects"]) == 6
     s = [x for x in res["samples"] if x["task"] == "closedbook"][0]
-    assert s["prompt"].startswith("<|im_start|>system\n") and s["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert s["prompt"].startswith("<|im_start|>system\n")
+    assert s["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     m = [x for x in res["samples"] if x["task"] == "mmlu"][0]
     assert "<|im_start|>" not in m["prompt"] and m["output"] in "ABCD" and len(m["logprobs"]) == 4
     written = save_results(res, tmp_path / "r.json")

@@ -131,7 +131,8 @@ def test_closedbook_and_mmlu(data_dir):
 
 
 def test_missing_data_file_and_folder(tmp_path):
-    with pytest.raises(PearError, match=r"'litm/nq-open-oracle.dev.jsonl.gz' not found in .*" + re.escape(tmp_path.name)):
+    where = r"'litm/nq-open-oracle.dev.jsonl.gz' not found in .*" + re.escape(tmp_path.name)
+    with pytest.raises(PearError, match=where):
         build_task("mdqa", BuildContext(tmp_path, limit=2))
     with pytest.raises(PearError, match="does not exist"):
         data.resolve_data_dir(tmp_path / "nope")
@@ -146,8 +147,8 @@ def test_lm_eval_export(data_dir, tmp_path):
 
     ctx = BuildContext(data_dir, limit=2)
     names = export(["mdqa-10", "kv", "mmlu"], tmp_path, ctx)
-    assert names == [f"pear_mdqa-10_pos{p}" for p in (1, 3, 5, 8, 10)] + ["pear_kv_pos1", "pear_kv_pos38", "pear_kv_pos75",
-                                                                         "pear_mmlu"]
+    assert names == ([f"pear_mdqa-10_pos{p}" for p in (1, 3, 5, 8, 10)]
+                     + ["pear_kv_pos1", "pear_kv_pos38", "pear_kv_pos75", "pear_mmlu"])
 
     class Loader(yaml.SafeLoader):
         pass

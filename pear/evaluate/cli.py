@@ -60,14 +60,16 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="max rows per batch (default 8; on an H100: 256 with --max-batch-tokens 524288)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="max rows per batch (default 8; on an H100: 256 with --max-batch-tokens 524288)")
     p.add_argument("--max-batch-tokens", type=int, default=32768,
                    help="max rows x (longest prompt + new tokens) per batch (default 32768)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
                    help="chat template on generation tasks: auto = when the tokenizer has one (default)")
-    p.add_argument("--distractor-pool", default="nq", help="mdqa distractors: nq (default), nq+squad, nq+squad+hotpotqa")
+    p.add_argument("--distractor-pool", default="nq",
+                   help="mdqa distractors: nq (default), nq+squad, nq+squad+hotpotqa")
     p.add_argument("--bootstrap", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
     p.add_argument("--log-samples", action="store_true", help="save every prompt, output and score")
     p.add_argument("--resume", action="store_true",

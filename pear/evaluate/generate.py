@@ -156,7 +156,8 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     """EOS of the tokenizer and of the generation config, plus the end-of-turn tokens of the
     common chat formats when they are special tokens of this tokenizer."""
     ids = set()
-    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    gen_cfg = getattr(model, "generation_config", None)
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(gen_cfg, "eos_token_id", None)):
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):

@@ -39,7 +39,8 @@ def format_table(results: dict) -> str:
             rows.append(row)
         for lab in labels:
             if "macro_accuracy" in t["models"][lab]:
-                rows.append([name, "macro"] + [f"{t['models'][x].get('macro_accuracy', float('nan')):.3f}" for x in labels])
+                macro = [t["models"][x].get("macro_accuracy", float("nan")) for x in labels]
+                rows.append([name, "macro"] + [f"{v:.3f}" for v in macro])
                 break
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]

@@ -36,7 +36,7 @@ from ..loading import LoadedModel, load_model
 from . import data
 from .generate import context_window, eos_token_ids, greedy_generate, next_token_logprobs
 from .prompts import has_chat_template, render
-from .registry import BuildContext, Task, build_task
+from .registry import BuildContext, Task, build_task, parse_positions
 from .stats import compare, wilson
 
 log = logging.getLogger("pear")
@@ -229,7 +229,7 @@ def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
 
 
 # ------------------------------------------------------------------ evaluate
-def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, positions: list[str] | None = None,
+def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, positions=None,
              seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int = 8,
              max_batch_tokens: int = 32768, chat: str = "auto", distractor_pool: str = "nq",
              n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, progress: bool = True,
@@ -250,6 +250,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     entries = as_entries(models)
     labels = assign_labels(entries)
     variants = [get_variant(e.variant) for e in entries]  # unknown names fail before any work
+    if positions is not None:  # "1,5,10" or ["1", "5", "10"]; checked here for API callers too
+        positions = parse_positions(positions if isinstance(positions, str) else ",".join(map(str, positions)))
     ddir = data.resolve_data_dir(data_dir)
     ctx = BuildContext(ddir, limit=limit, positions=positions, seed=seed, options={"distractor_pool": distractor_pool})
     if len(set(tasks)) != len(tasks):

@@ -61,7 +61,8 @@ def kv(param: str | None, ctx: BuildContext) -> Task:
         raise PearError(f"kv: records have different numbers of pairs {sorted(n_pairs)}")
     n = n_pairs.pop()
     positions = resolve_positions(ctx.positions or DEFAULT_POSITIONS, n)
-    examples = [Example(id=f"kv{i}", condition=str(p + 1), prompt=kv_prompt(move_gold(r["ordered_kv_records"], r["key"], p), r["key"]),
+    examples = [Example(id=f"kv{i}", condition=str(p + 1),
+                        prompt=kv_prompt(move_gold(r["ordered_kv_records"], r["key"], p), r["key"]),
                         answers=[r["value"]], meta={"gold_index": p, "key": r["key"]})
                 for i, r in enumerate(records) for p in positions]
     return Task(name="kv", kind="generate", examples=examples, metric="value_in_output",

@@ -164,7 +164,8 @@ def build_mdqa(k: int, ctx: BuildContext) -> Task:
         for p in positions:
             docs = distractors[:p] + [(q["title"], q["text"])] + distractors[p:]
             examples.append(Example(id=f"q{qi}", condition=str(p + 1), prompt=qa_prompt(q["question"], docs),
-                                    answers=q["answers"], meta={"gold_index": p, "whole_word_exclusion": qi in word_level}))
+                                    answers=q["answers"],
+                                    meta={"gold_index": p, "whole_word_exclusion": qi in word_level}))
     return Task(name=f"mdqa-{k}", kind="generate", examples=examples, metric="best_subspan_em",
                 score=lambda out, ex: qa_score(out, ex.answers), done=lambda out, ex: qa_done(out),
                 max_new_tokens=100, positional=k > 1,
