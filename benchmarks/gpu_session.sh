@@ -2,22 +2,30 @@
 # The lead's GPU session: real models on a lent GPU machine (no network, no gguf package there).
 #
 # Here (CPU machine), once: build a bundle of the two GGUF files, the evaluation data and the
-# wheels the GPU image lacks, split into 60 MB chunks under .m/ (ignored by git):
+# wheels the GPU image lacks, split into 50 MB chunks under .m/ (ignored by git; one chunk plus
+# the working tree stays under the tool's 64 MiB per call):
 #     bash benchmarks/gpu_session.sh bundle
 # Then one device call per chunk (carry .m/cNN; command: mkdir -p /root/m && cp .m/c* /root/m/),
 # and on the GPU machine, in order:
-#     bash benchmarks/gpu_session.sh setup      # join, unpack, install wheels, convert models
-#     bash benchmarks/gpu_session.sh pear       # pear run on both models, three coefficient ranges
+#     bash benchmarks/gpu_session.sh setup      # join, unpack, install wheels, convert models,
+#                                               # fold the recorded PEAR coefficients
 #     setsid nohup bash benchmarks/gpu_session.sh queue > /root/queue.log 2>&1 &   # evaluations
+# (or several queues at once, e.g. `queue full` and `MODELS=... queue baselines`: decoding is
+# Python-bound, one process leaves the GPU mostly idle)
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
-# Every pear eval call writes its own results JSON, so whatever finished is kept if the
-# machine's time runs out; the queue runs in priority order.
+# Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
+# so whatever finished is kept if the machine's time runs out, and a later machine given the
+# parts back (PARTS_IN=folder) continues where the last one stopped. The queue runs in priority
+# order: (1) base and PEAR on the full development data, (2) base, PEAR, Ms-PoE and Attention
+# Buckets on the first LIMIT items of each task, (3) a Ms-PoE diagnostic (uniform ratio 1.2).
 set -uo pipefail
 M=/root/m
-MODELS="smollm2-135m qwen2.5-coder-0.5b"
+MODELS=${MODELS:-"smollm2-135m qwen2.5-coder-0.5b"}
 export PYTHONPATH=/tmp/site:$PWD PEAR_CACHE=/root/cache PEAR_DATA=$M/data PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
-LIMIT=${LIMIT:-500}
-EVAL=(--dtype bf16 --device cuda --batch-size 128 --max-batch-tokens 400000 --seed 0 --no-progress --log-samples)
+LIMIT=${LIMIT:-200}
+EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
+BIG=(--batch-size 512 --max-batch-tokens 1500000)
+BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
 
 case "${1:-}" in
 bundle)
@@ -26,43 +34,60 @@ bundle)
   s=$(python3 -c "from pear.loading import resolve_spec as r; s=r('smollm2-135m'); print(s.path+'/'+s.gguf_file)")
   q=$(python3 -c "from pear.loading import resolve_spec as r; s=r('qwen2.5-coder-0.5b'); print(s.path+'/'+s.gguf_file)")
   ln -s "$s" "$d/smollm2-135m.gguf"; ln -s "$q" "$d/qwen2.5-coder-0.5b.gguf"
-  cp -r "${PEAR_DATA:-../shared/data}" "$d/data"
+  mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
   python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
   mkdir -p .m && rm -f .m/c*
-  (cd "$d" && tar ch smollm2-135m.gguf qwen2.5-coder-0.5b.gguf data whl) | split -b 60000000 -d - .m/c
+  (cd "$d" && tar ch smollm2-135m.gguf qwen2.5-coder-0.5b.gguf data whl) | split -b 50000000 -d - .m/c
   ls -la .m ;;
 setup)
   set -e
   cat $M/c?? | tar x -C $M && rm -f $M/c??
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $M/whl/*.whl
   mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -m pear.cli "$@"\n' > /tmp/bin/pear; chmod +x /tmp/bin/pear
-  for m in $MODELS; do pear inspect --model $M/$m.gguf --device cuda; done ;;
+  for m in $MODELS; do
+    pear inspect --model $M/$m.gguf --device cuda
+    # the PEAR checkpoints evaluated: the coefficients `pear run` learned on this GPU (recorded in
+    # benchmarks/results/gpu_eval/runs/), folded into the base weights again
+    pear fold --model $M/$m.gguf --device cuda --coefficients benchmarks/results/gpu_eval/runs/$m-nonneg/coefficients.json \
+      --out /root/runs/$m-nonneg/model --force
+  done
+  # result parts are keyed on model files' name, size and mtime: a fixed mtime lets the next
+  # machine's fold (same bytes) reuse this machine's parts
+  find /root/runs -type f -exec touch -d 2026-01-01T00:00:00 {} +
+  if [ -n "${PARTS_IN:-}" ]; then mkdir -p /root/parts && cp -n $PARTS_IN/* /root/parts/; fi ;;
 pear)
   for m in $MODELS; do
     for b in ${BOUNDS:-nonneg none unit}; do
       ( time pear run --model $M/$m.gguf --device cuda --bounds $b --out /root/runs/$m-$b --force --no-progress ) 2>&1 | tail -25
     done
   done ;;
-queue)
+queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all three, in this order)
   mkdir -p /root/res
-  ev() { name=$1; shift; echo "== $(date +%T) start $name"; ( time pear eval "$@" "${EVAL[@]}" --out /root/res/$name.json ) > /root/res/$name.log 2>&1; echo "== $(date +%T) done $name rc=$?"; tail -3 /root/res/$name.log; }
-  pear_models() {  # base, PEAR with two coefficient ranges (none == nonneg here: no α went < 0), Ms-PoE
-    local m=$1
-    echo --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear-nonneg
-    [ -d /root/runs/$m-unit/model ] && echo --model /root/runs/$m-unit/model --label pear-unit
-    echo --model $M/$m.gguf --variant ms-poe --label ms-poe
-  }
-  if [ -z "${SKIP_MDQA10:-}" ]; then
-    for m in $MODELS; do ev "$m-mdqa10" $(pear_models $m) --task mdqa-10 --limit $LIMIT; done
+  shift; parts=${*:-full baselines diagnostic}
+  ev() { name=$1; shift; echo "== $(date +%T) start $name"; ( time pear eval "$@" "${EVAL[@]}" --out /root/res/$name.json ) > /root/res/$name.log 2>&1; echo "== $(date +%T) done $name rc=$?"; grep -A12 "^task" /root/res/$name.log | tail -8; }
+  if [[ " $parts " == *" full "* ]]; then
+    for t in ${FULL_TASKS:-closedbook mmlu kv mdqa-10 hotpotqa mdqa-20}; do
+      for m in $MODELS; do
+        ev "full-$m-$t" --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear --task $t "${BIG[@]}"
+      done
+    done
   fi
-  for m in $MODELS; do ev "$m-kv-hotpot-closed" $(pear_models $m) --task kv,hotpotqa,closedbook --limit $LIMIT; done
-  for m in $MODELS; do ev "$m-mmlu" $(pear_models $m) --task mmlu --limit 1000; done
-  for m in $MODELS; do ev "$m-mdqa20" $(pear_models $m) --task mdqa-20 --limit $LIMIT; done
-  for m in $MODELS; do
-    ev "$m-buckets" --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear-nonneg \
-       --model $M/$m.gguf --variant attention-buckets --label attention-buckets --task mdqa-10,kv --limit 200
-  done
-  echo "== $(date +%T) queue finished" ;;
+  if [[ " $parts " == *" baselines "* ]]; then
+    for m in $MODELS; do
+      ev "baselines-$m" --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear \
+         --model $M/$m.gguf --variant ms-poe --label ms-poe --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu --limit $LIMIT "${BIG[@]}"
+      ev "buckets-$m" --model $M/$m.gguf --label base \
+         --model $M/$m.gguf --variant attention-buckets --label attention-buckets --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu --limit $LIMIT "${BUCKETS[@]}"
+    done
+  fi
+  if [[ " $parts " == *" diagnostic "* ]]; then
+    for m in $MODELS; do
+      ev "ms-poe-uniform-$m" --model $M/$m.gguf --label base --model $M/$m.gguf --variant ms-poe --label ms-poe \
+         --model $M/$m.gguf --variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 \
+         --task mdqa-10 --limit $LIMIT "${BIG[@]}"
+    done
+  fi
+  echo "== $(date +%T) queue finished: $parts" ;;
 collect)
   mkdir -p /root/res/runs
   for d in /root/runs/*; do
@@ -71,8 +96,8 @@ collect)
     cp $d/*.json $d/*.md $d/*.png /root/res/runs/$(basename $d)/ 2>/dev/null
     cp $d/model/pear.json /root/res/runs/$(basename $d)/model_pear.json 2>/dev/null
   done
-  cp /root/queue.log /root/res/ 2>/dev/null
-  tar czf "$OUT/gpu_results.tgz" -C /root res
+  cp /root/queue*.log /root/res/ 2>/dev/null
+  tar czf "$OUT/gpu_results.tgz" -C /root res parts
   ls -la "$OUT" ;;
 *) echo "usage: gpu_session.sh bundle|setup|pear|queue|collect" >&2; exit 2 ;;
 esac

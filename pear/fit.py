@@ -78,7 +78,7 @@ class FitSettings:
     seed: int = 0
     eval_batch: int = 20  # held-out proxy sequences for before/after metrics
     # below: do not change the result (beyond rounding), may differ between resumed runs
-    micro_batch: int | None = None  # sequences per forward pass; None: the whole batch
+    micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
     checkpoint_every: int = 10
 
@@ -232,7 +232,17 @@ def scored_logits(model, batch: ProxyBatch) -> torch.Tensor:
         # an int (keep the last T - pos[0] positions), not an index tensor: accelerate's
         # device_map hooks move tensor arguments to the first GPU, the hidden states live on the last
         keep = batch.input_ids.shape[1] - int(pos[0])
-        return model(batch.input_ids, use_cache=False, logits_to_keep=keep).logits[:, : len(pos)]
+        # hidden[:, -keep:] is not contiguous; when it requires grad, torch.matmul then does not
+        # fold it into one matrix product but broadcasts the LM head weight over the batch (a
+        # batch x vocab x d copy: ~40 % of a training step on SmolLM2). Make it contiguous first.
+        head = model.get_output_embeddings()
+        handle = None if head is None else head.register_forward_pre_hook(
+            lambda m, args: (args[0].contiguous(), *args[1:]))
+        try:
+            return model(batch.input_ids, use_cache=False, logits_to_keep=keep).logits[:, : len(pos)]
+        finally:
+            if handle is not None:
+                handle.remove()
     return model(batch.input_ids, use_cache=False).logits[:, pos]
 
 
@@ -240,6 +250,19 @@ def _nll(logits: torch.Tensor, batch: ProxyBatch) -> torch.Tensor:
     """Per-position cross-entropy in fp32. (N, n-1, V) -> (N, n-1)"""
     lp = logits.float().log_softmax(-1)
     return -lp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+
+
+CPU_TOKENS_PER_FORWARD = 1024
+
+
+def default_micro_batch(model, length: int) -> int | None:
+    """Sequences per forward pass when none is given: the whole batch on GPUs; on CPU about
+    1,000 tokens (10 sequences at n = 50), which keeps activations in cache: a training step
+    of 20 sequences on SmolLM2-135M (bf16, 2 cores) takes ~15 % less time as 2 x 10 than as
+    1 x 20. Same gradient either way (accumulated, weighted by micro-batch size)."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    return max(1, CPU_TOKENS_PER_FORWARD // (2 * length + 1))
 
 
 def _chunks(batch: ProxyBatch, micro: int | None) -> list[ProxyBatch]:
@@ -251,6 +274,7 @@ def _chunks(batch: ProxyBatch, micro: int | None) -> list[ProxyBatch]:
 @torch.no_grad()
 def proxy_metrics(model, batch: ProxyBatch, micro_batch: int | None = None) -> dict[str, float]:
     """Held-out proxy loss (cross-entropy, second copy) and copy accuracy (argmax)."""
+    micro_batch = micro_batch or default_micro_batch(model, batch.n)
     nll, correct, count = 0.0, 0.0, 0
     for b in _chunks(batch, micro_batch):
         logits = scored_logits(model, b)
@@ -431,6 +455,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     Raises PearError if the loss or a coefficient becomes non-finite.
     """
     settings = dataclasses.replace(settings or FitSettings(), **overrides)
+    if settings.micro_batch is None:
+        settings = dataclasses.replace(settings, micro_batch=default_micro_batch(model, settings.length))
     from transformers import get_linear_schedule_with_warmup
 
     arch = resolve(model)
@@ -562,7 +588,8 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch", type=int, default=d.eval_batch,
                    help=f"held-out proxy sequences for before/after metrics (default {d.eval_batch})")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences per forward pass, gradients accumulated (default: whole batch)")
+                   help="sequences per forward pass, gradients accumulated (default: whole batch on GPU, "
+                   "~1000 tokens on CPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (large models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="discard a checkpoint from an earlier, different fit")

@@ -230,3 +230,26 @@ def test_real_model_bf16(smollm2_bf16):
         one = decode(lm, enc.input_ids, enc.attention_mask, steps=2)
     torch.testing.assert_close(one, base.log_softmax(-1), rtol=0, atol=0)
     assert torch.isfinite(mp).all() and (mp - base).abs().max() > 0.1
+
+
+def test_variant_options_from_the_command_line(tmp_path):
+    """--variant-option KEY=VALUE reaches the variant typed; a wrong name fails in one line."""
+    import argparse
+
+    from pear.evaluate.cli import add_cli, parse_option
+
+    assert parse_option("min_ratio=1.2") == ("min_ratio", 1.2)
+    assert parse_option("bases=10000,17500") == ("bases", [10000, 17500])
+    assert parse_option("combine=logits") == ("combine", "logits")
+    with pytest.raises(PearError, match="KEY=VALUE"):
+        parse_option("oops")
+    ap = argparse.ArgumentParser()
+    add_cli(ap.add_subparsers())
+    ns = ap.parse_args(["eval", "--model", "a", "--variant", "ms-poe", "--variant-option", "min_ratio=1.0",
+                        "--variant-option", "max_ratio=1.0", "--model", "b", "--task", "kv"])
+    assert ns.models[0]["options"] == {"min_ratio": 1.0, "max_ratio": 1.0} and ns.models[1]["options"] == {}
+    from pear.baselines import get_variant
+
+    assert get_variant("ms-poe").options == ["min_ratio", "max_ratio", "layers"]
+    with pytest.raises(PearError, match="has no option ratio .*min_ratio, max_ratio, layers"):
+        get_variant("ms-poe").check_options({"ratio": 2})

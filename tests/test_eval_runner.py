@@ -166,3 +166,27 @@ def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
         main(["eval", "--variant", "none", "--model", str(folder), "--task", "kv", "--out", str(out)])
     with pytest.raises(PearError, match="not found in"):
         evaluate([tiny], ["kv"], data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["none", "ms-poe", "attention-buckets"])
+def test_dropping_finished_rows_changes_nothing(tiny, variant):
+    """Rows that finish early are cut out of the batch and of the cache (the model's own and a
+    variant's extra state); every row's tokens equal those of a run that keeps all rows."""
+    from pear.baselines import get_variant
+    from pear.evaluate import generate as gen
+
+    ids = _ids(tiny.tokenizer) + [tiny.tokenizer("Paris is a city in").input_ids]
+    stop_after = {0: 2, 1: 9, 2: 4, 3: 6}  # rows finish at different steps
+    kw = dict(pad_id=tiny.tokenizer.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
+              done=lambda i, new: len(new) >= stop_after[i])
+    with get_variant(variant).wrap(tiny) as lm:
+        cuts = []
+        orig = gen.select_cache_rows
+        gen.select_cache_rows = lambda *a: cuts.append(len(a[2])) or orig(*a)
+        try:
+            compacted = greedy_generate(lm, ids, **kw)
+        finally:
+            gen.select_cache_rows = orig
+        full = greedy_generate(lm, ids, compact=False, **kw)
+    assert compacted == full and [len(o) for o in full] == [2, 9, 4, 6]
+    assert cuts and cuts[0] == 3  # the first cut keeps the three rows still running

@@ -31,6 +31,20 @@ class Variant:
     wrap: Callable[..., ContextManager]  # wrap(loaded, **options) -> context manager yielding lm
     needs_rope: bool = True
 
+    @property
+    def options(self) -> list[str]:
+        """Names of the keyword options `wrap` takes (e.g. min_ratio, max_ratio for ms-poe)."""
+        import inspect
+
+        ps = list(inspect.signature(self.wrap).parameters.values())[1:]
+        return [p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def check_options(self, options: dict) -> None:
+        bad = sorted(set(options) - set(self.options))
+        if bad:
+            have = ", ".join(self.options) or "none"
+            raise PearError(f"variant '{self.name}' has no option {', '.join(bad)} (its options: {have})")
+
 
 VARIANTS: dict[str, Variant] = {}
 

@@ -140,6 +140,14 @@ class AttentionBuckets:
         logits = combine_runs(z.view(self.n, B, *z.shape[1:]), self.combine)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
+    def select_cache_rows(self, past, keep: torch.Tensor, rows: int) -> bool:
+        """Keep only batch rows `keep` (of `rows`) of a cache filled through this wrapper: the
+        same rows of every bucket's copy (the cache holds N*rows rows, bucket-major)."""
+        if getattr(past, _ATTR, None) != self.n or not hasattr(past, "batch_select_indices"):
+            return False
+        past.batch_select_indices(torch.cat([keep + j * rows for j in range(self.n)]))
+        return True
+
     forward = __call__
 
     def __getattr__(self, name):  # config, device, dtype, ... of the wrapped model

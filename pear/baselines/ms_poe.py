@@ -208,6 +208,19 @@ class MsPoE:
         self.last_session = session
         return out
 
+    def select_cache_rows(self, past, keep: torch.Tensor, rows: int) -> bool:
+        """Keep only batch rows `keep` of a cache filled through this wrapper: the model's
+        cache and, with it, the tracked positions and the per-row head ratios."""
+        sess = getattr(past, _ATTR, None)
+        if sess is None or not hasattr(past, "batch_select_indices"):
+            return False
+        past.batch_select_indices(keep)
+        p = sess.positions
+        sess.positions = Positions(query=p.query[keep], keys=p.keys[keep], key_valid=p.key_valid[keep])
+        sess.ratios = {l: r[keep] for l, r in sess.ratios.items()}
+        sess.scores = {l: r[keep] for l, r in sess.scores.items()}
+        return True
+
     forward = __call__
 
     def __getattr__(self, name):  # config, device, dtype, ... of the wrapped model

@@ -3,7 +3,8 @@ r"""`pear eval`: several models on the same examples; results JSON, a table and 
     pear eval --model smollm2-135m --model smollm2-135m --variant ms-poe --model runs/x/model \
               --task mdqa-10 --task mdqa-20 --task closedbook --limit 100 --out results/eval.json
 
-`--variant` and `--label` attach to the `--model` just before them.
+`--variant`, `--variant-option` and `--label` attach to the `--model` just before them, e.g.
+`--model smollm2-135m --variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,38 @@ from ..errors import PearError
 class _ModelAction(argparse.Action):
     def __call__(self, parser, ns, value, option_string=None):
         models = list(getattr(ns, "models", None) or [])
-        models.append({"spec": value, "variant": "none", "label": None})
+        models.append({"spec": value, "variant": "none", "label": None, "options": {}})
         ns.models = models
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE read as JSON where it parses (1.2, true, [1, 2]), a comma list of such
+    values as a list (10000,20000), else as a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise PearError(f"--variant-option must be KEY=VALUE, got '{text}'")
+
+    def one(v: str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v.strip()
+
+    items = value.split(",") if "," in value and not value.lstrip().startswith("[") else None
+    return key.strip(), [one(v) for v in items] if items is not None else one(value)
+
+
+class _OptionAction(argparse.Action):
+    """--variant-option KEY=VALUE: an option of the preceding --model's variant."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        models = getattr(ns, "models", None)
+        if not models:
+            parser.error(f"{option_string} must follow the --model it applies to")
+        key, val = parse_option(value)
+        models[-1]["options"][key] = val
 
 
 class _AttachAction(argparse.Action):
@@ -42,6 +73,9 @@ def add_cli(sub) -> None:
                    help="model (repeatable): folder, hub id, .gguf file or preset (default: smollm2-135m)")
     p.add_argument("--variant", dest="variant", action=_AttachAction, metavar="NAME",
                    help="inference-time variant of the preceding --model (pear.baselines; default none)")
+    p.add_argument("--variant-option", dest="options", action=_OptionAction, metavar="KEY=VALUE",
+                   help="option of the preceding --model's variant (repeatable), e.g. min_ratio=1.2 or "
+                        "bases=10000,20000")
     p.add_argument("--label", dest="label", action=_AttachAction, metavar="NAME",
                    help="name of the preceding --model in tables and results (default: SPEC[+VARIANT])")
     p.add_argument("--task", action="append", metavar="TASK",
@@ -77,7 +111,7 @@ def add_cli(sub) -> None:
     p.add_argument("--parts-dir", default=None, metavar="DIR",
                    help="like --resume, with the parts in DIR (share DIR between runs to assemble them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli_eval, models=None, variant=None, label=None)
+    p.set_defaults(func=_cli_eval, models=None, variant=None, label=None, options=None)
 
 
 def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> str:
@@ -85,6 +119,7 @@ def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> 
     parts = ["pear", "eval"]
     for m in models:
         parts += ["--model", m["spec"]] + (["--variant", m["variant"]] if m["variant"] not in (None, "none") else []) \
+            + [x for k, v in m.get("options", {}).items() for x in ("--variant-option", f"{k}={_render(v)}")] \
             + (["--label", m["label"]] if m["label"] else [])
     parts += ["--task", ",".join(tasks)]
     for opt in ("limit", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
@@ -94,6 +129,12 @@ def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> 
             parts += ["--" + opt.replace("_", "-"), str(v)]
     parts += [f for f, on in (("--log-samples", args.log_samples), ("--resume", args.resume)) if on]
     return " ".join(shlex.quote(x) for x in parts)
+
+
+def _render(v) -> str:
+    import json
+
+    return ",".join(map(_render, v)) if isinstance(v, list) else v if isinstance(v, str) else json.dumps(v)
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
@@ -123,8 +164,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise PearError("no --out FILE.json given")
-    models = args.models or [{"spec": "smollm2-135m", "variant": "none", "label": None}]
-    entries = [ModelEntry(m["spec"], m["variant"] or "none", m["label"]) for m in models]
+    models = args.models or [{"spec": "smollm2-135m", "variant": "none", "label": None, "options": {}}]
+    entries = [ModelEntry(m["spec"], m["variant"] or "none", m["label"], m["options"]) for m in models]
     out = Path(args.out)
     if out.suffix != ".json":
         raise PearError(f"--out must end in .json, got {out}")

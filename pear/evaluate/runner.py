@@ -250,6 +250,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     entries = as_entries(models)
     labels = assign_labels(entries)
     variants = [get_variant(e.variant) for e in entries]  # unknown names fail before any work
+    for e, v in zip(entries, variants):
+        v.check_options(e.options)
     if positions is not None:  # "1,5,10" or ["1", "5", "10"]; checked here for API callers too
         positions = parse_positions(positions if isinstance(positions, str) else ",".join(map(str, positions)))
     ddir = data.resolve_data_dir(data_dir)

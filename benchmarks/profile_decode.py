@@ -1,0 +1,61 @@
+"""Profile the evaluation harness's greedy decoding (torch profiler): where does a step go?
+
+    python3 benchmarks/profile_decode.py --model smollm2-135m --device cuda --batch 512 --task closedbook
+
+Prints wall seconds per decoding step and the top operators by self CPU and CUDA time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--task", default="closedbook")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=30)
+    ap.add_argument("--variant", default="none")
+    ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
+    args = ap.parse_args()
+
+    from pear.baselines import get_variant
+    from pear.evaluate.generate import eos_token_ids, greedy_generate
+    from pear.evaluate.registry import BuildContext, build_task
+    from pear.evaluate.data import resolve_data_dir
+    from pear.evaluate.runner import render_prompts
+    from pear.loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    task = build_task(args.task, BuildContext(resolve_data_dir(None), limit=args.batch))
+    _, ids = render_prompts(loaded, task, "auto")
+    ids = ids[: args.batch]
+    tok = loaded.tokenizer
+    kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
+              batch_size=args.batch, max_batch_tokens=10**9, compact=False)
+    with get_variant(args.variant).wrap(loaded) as lm:
+        greedy_generate(lm, ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up
+        for n in (1, args.new_tokens):
+            torch.cuda.synchronize() if args.device.startswith("cuda") else None
+            t = time.perf_counter()
+            greedy_generate(lm, ids, **{**kw, "max_new_tokens": n})
+            torch.cuda.synchronize() if args.device.startswith("cuda") else None
+            print(f"{len(ids)} rows, {n} new tokens: {time.perf_counter() - t:.3f} s")
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                        if args.device.startswith("cuda") else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            greedy_generate(lm, ids, **kw)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.device.startswith("cuda"):
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
