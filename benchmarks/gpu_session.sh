@@ -10,8 +10,10 @@
 #     bash benchmarks/gpu_session.sh setup      # join, unpack, install wheels, convert models,
 #                                               # fold the recorded PEAR coefficients
 #     setsid nohup bash benchmarks/gpu_session.sh queue > /root/queue.log 2>&1 &   # evaluations
-# (or several queues at once, e.g. `queue full` and `MODELS=... queue baselines`: decoding is
-# Python-bound, one process leaves the GPU mostly idle)
+# Several queues may share the GPU (decoding is Python-bound: one process leaves the GPU mostly
+# idle), but each process's PyTorch caches what it once used: two at BATCH=384
+# MAX_TOKENS=1100000 peaked at ~120 GB of an H200; three at the default 512/1.5M ran out of
+# memory while loading models. Start a queue only after `setup` has finished.
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
 # Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
 # so whatever finished is kept if the machine's time runs out, and a later machine given the
@@ -64,7 +66,11 @@ pear)
 queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all three, in this order)
   mkdir -p /root/res
   shift; parts=${*:-full baselines diagnostic}
-  ev() { name=$1; shift; echo "== $(date +%T) start $name"; ( time pear eval "$@" "${EVAL[@]}" --out /root/res/$name.json ) > /root/res/$name.log 2>&1; echo "== $(date +%T) done $name rc=$?"; grep -A12 "^task" /root/res/$name.log | tail -8; }
+  ev() {
+    local name=$1 rc; shift; echo "== $(date +%T) start $name"
+    ( time pear eval "$@" "${EVAL[@]}" --out /root/res/$name.json ) > /root/res/$name.log 2>&1; rc=$?
+    echo "== $(date +%T) done $name rc=$rc"; grep -A12 "^task" /root/res/$name.log | tail -8
+  }
   if [[ " $parts " == *" full "* ]]; then
     for t in ${FULL_TASKS:-closedbook mmlu kv mdqa-10 hotpotqa mdqa-20}; do
       for m in $MODELS; do

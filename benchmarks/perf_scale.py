@@ -13,6 +13,10 @@ in bf16: time and memory depend on shapes, not trained values. Parts:
   overhead: base vs PEAR-folded at `--context` tokens: prefill and decode tokens/s, interleaved
       trials (A B A B ...) so drift cancels; the folded ratio must be 1.00 within noise.
 Results: one JSON with hardware, versions, the command line and every figure.
+With `--profile`, each part runs a second time under the torch profiler (CPU and CUDA
+activity); the operator tables are written beside the JSON (OUT.profile.txt) and each part's
+top operators, by self device time (self CPU time on CPU), go into the JSON under "profile".
+The timed run and the profiled run are separate: profiling slows the code it watches.
 """
 
 from __future__ import annotations
@@ -132,6 +136,24 @@ def part_overhead(model, args) -> dict:
     return res
 
 
+def profiled(fn, device, rows: int = 15) -> tuple[str, list[dict]]:
+    """Run fn() under the torch profiler: (printable table, top `rows` operators as dicts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    avg = prof.key_averages()
+    table = avg.table(sort_by=key, row_limit=rows * 2)
+    total = sum(getattr(e, key) for e in avg) or 1.0
+    top = sorted(avg, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return table, [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 2),
+                    "share": round(getattr(e, key) / total, 4)} for e in top]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(shapes.SHAPES))
@@ -148,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile each part (torch profiler), see above")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.device != "cpu" or args.device_map else torch.float32
@@ -167,7 +190,7 @@ def main(argv=None) -> int:
         "build_seconds": round(build_s, 1), "parts": {},
     }
     parts = args.parts.split(",")
-    heads = None
+    heads, tables = None, []
     for part in parts:
         print(f"== {part}", flush=True)
         if part in ("discover-fast", "discover-exact"):
@@ -184,11 +207,24 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown part {part}")
         result["parts"][part] = r
         print(json.dumps(r), flush=True)
+        if args.profile:
+            quiet = argparse.Namespace(**{**vars(args), "quiet": True, "fit_steps": min(args.fit_steps, 3),
+                                          "trials": 1})
+            run_again = {"discover-fast": lambda: part_discover(model, "fast", quiet),
+                         "discover-exact": lambda: part_discover(model, "exact", quiet),
+                         "fit": lambda: part_fit(model, heads, quiet),
+                         "overhead": lambda: part_overhead(model, quiet)}[part]
+            table, top = profiled(run_again, args.device)
+            result.setdefault("profile", {})[part] = top
+            tables.append(f"== {part} ({'fit: 3 steps' if part == 'fit' else 'one run'})\n{table}")
+            print(table, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
+    if tables:
+        out.with_suffix(".profile.txt").write_text(result["command"] + "\n\n" + "\n\n".join(tables) + "\n")
     print(f"saved {out}")
     return 0
 

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -14,7 +15,7 @@ import shapes  # noqa: E402
 def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
     out = tmp_path / "perf.json"
     rc = perf_scale.main(["--shape", "tiny", "--device", "cpu", "--quiet", "--k", "4", "--fit-steps", "2",
-                          "--context", "64", "--new-tokens", "4", "--trials", "2", "--out", str(out)])
+                          "--context", "64", "--new-tokens", "4", "--trials", "2", "--profile", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     parts = res["parts"]
@@ -26,6 +27,11 @@ def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
     assert ov["base"]["prefill"] > 0 and ov["pear"]["decode"] > 0
     assert set(ov["ratio_pear_to_base"]) == {"prefill", "decode"}
     assert res["command"].startswith("python3 ") and "--shape tiny" in res["command"]
+    # --profile: each part's top operators in the JSON and the full tables beside it
+    assert set(res["profile"]) == set(parts)
+    assert all(r and r[0]["self_ms"] > 0 and 0 < r[0]["share"] <= 1 for r in res["profile"].values())
+    assert "aten::mm" in {op["op"] for op in res["profile"]["fit"]}
+    assert "== discover-fast" in out.with_suffix(".profile.txt").read_text()
 
 
 def test_real_shapes_declare_the_published_sizes():
@@ -36,3 +42,27 @@ def test_real_shapes_declare_the_published_sizes():
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (64, 40, 8, 5120)
     model = shapes.build("tiny", device="cpu", dtype=torch.float32)
     assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
+
+
+def test_summarise_parts_reproduces_a_recorded_gpu_run(tmp_path):
+    """benchmarks/summarise_parts.py rebuilds results from per-example parts: on the recorded
+    SmolLM2 mdqa-10 full run it must give the results JSON's numbers exactly."""
+    import subprocess
+    import sys as _sys
+
+    root = Path(__file__).resolve().parent.parent
+    res_dir = root / "benchmarks" / "results" / "gpu_eval_full"
+    out = tmp_path / "partial.json"
+    subprocess.run([_sys.executable, str(root / "benchmarks" / "summarise_parts.py"), str(res_dir / "parts"),
+                    "--task", "mdqa-10", "--labels", "base", "pear", "--first-tokens", "1498", "--out", str(out)],
+                   check=True, capture_output=True, cwd=root)
+    pair = json.loads(out.read_text())["pairs"]
+    assert len(pair) == 1 and pair[0]["examples"] == 8850
+    recorded = json.loads((res_dir / "full-smollm2-135m-mdqa-10.json").read_text())["tasks"]["mdqa-10"]
+    for cond, got in pair[0]["conditions"].items():
+        for label in ("base", "pear"):
+            assert got[label]["correct"] == recorded["models"][label][cond]["correct"]
+            assert got[label]["n"] == recorded["models"][label][cond]["n"]
+        want = recorded["paired"]["pear"]["conditions"][cond]
+        assert got["paired"]["p_mcnemar"] == pytest.approx(want["p_mcnemar"])
+        assert got["paired"]["diff"] == pytest.approx(want["diff"])

@@ -203,3 +203,18 @@ def test_cli_fit_nonfinite_is_one_error_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("pear: error: fit stopped at step 1: training loss is inf")
     assert not (tmp_path / "c.json").exists()
+
+
+def test_cpu_fit_uses_eager_attention_and_restores_sdpa():
+    """The fit switches a CPU model to eager attention (faster on short proxy sequences) and back."""
+    from pear.fit import cpu_attention
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 100, (2, 9))
+    ref = model(ids).logits
+    with cpu_attention(model):
+        assert model.config._attn_implementation == "eager"
+        assert torch.allclose(model(ids).logits, ref, atol=1e-5)
+    assert model.config._attn_implementation == "sdpa"

@@ -128,3 +128,45 @@ def test_pear_run_real_model(tmp_path, smollm2, capsys):
     assert data["fit"]["after"]["proxy_loss"] < data["fit"]["before"]["proxy_loss"]
     report = (out / "report.md").read_text()
     assert "smollm2-135m" in report and "Seconds per stage" in report
+
+
+class _StopAfterDiscovery(Exception):
+    pass
+
+
+@pytest.mark.parametrize("knee_past_16", [False, True])
+def test_cpu_k_auto_rescores_exactly_every_head_it_picks(tiny_folder, tmp_path, monkeypatch, knee_past_16):
+    """On CPU, --k auto re-scores the top 16 exactly first and the top 32 only when the chosen K
+    reaches past them: either way every chosen head has an exact score."""
+    import pear.discover as disc_mod
+    import pear.fit as fit_mod
+    import pear.pipeline as pipe
+
+    calls, chosen = [], {}
+
+    def fake_discover(model, tok, **kw):  # a 6 x 8 model's scores; exact for the top `top_m`
+        calls.append(kw["top_m"])
+        L, H = 6, 8
+        n = 20 if knee_past_16 else 6  # heads that stand out; then 8 barely positive, the rest negative
+        rank = torch.arange(L * H, dtype=torch.float32)
+        flat = torch.where(rank < n, 1.0 - 1e-3 * rank, torch.where(rank < n + 8, 1e-3, -0.5))
+        perm = torch.randperm(L * H, generator=torch.Generator().manual_seed(0))
+        exact = torch.zeros(L * H, dtype=torch.bool)
+        exact[perm[: kw["top_m"]]] = True  # perm[i] holds rank i's score
+        scores = torch.empty(L * H)
+        scores[perm] = flat
+        return disc_mod.DiscoveryResult(scores=scores.reshape(L, H), method="fast", settings=[(4, 6)], seed=0,
+                                        seconds=0.0, forward_equivalents=0.0, exact=exact.reshape(L, H),
+                                        extra={"top_m": kw["top_m"]})
+
+    def stop(model, tok, heads, *a, **kw):
+        chosen["heads"], chosen["exact"] = heads, calls[-1]
+        raise _StopAfterDiscovery
+
+    monkeypatch.setattr(disc_mod, "discover", fake_discover)
+    monkeypatch.setattr(pipe, "fit", stop)
+    monkeypatch.setattr(fit_mod, "K_AUTO_RANGE", (4, 32))
+    with pytest.raises(_StopAfterDiscovery):
+        pear.run(str(tiny_folder), tmp_path / "run", k="auto", method="fast", progress=False)
+    assert calls == ([16, 32] if knee_past_16 else [16])
+    assert len(chosen["heads"]) <= chosen["exact"]
