@@ -15,25 +15,26 @@
 # (OUTDIR/eval.txt), the U-curve plot (OUTDIR/eval.png) and all samples
 # (OUTDIR/eval.samples.jsonl.gz). Per-call logs: OUTDIR/logs/.
 #
-# Environment: TASKS (default below), BATCH (rows per batch, default 256), MAX_BATCH_TOKENS
-# (rows x (prompt + new tokens), default 524288; a batch that runs out of GPU memory is
+# Environment: TASKS (default below), BATCH (rows per batch, default 512), MAX_BATCH_TOKENS
+# (rows x (prompt + new tokens), default 1500000; a batch that runs out of GPU memory is
 # split in two and retried), DTYPE (bf16), DEVICE (cuda), PEAR_DATA (the data folder),
 # EXTRA (more pear eval options, e.g. EXTRA="--limit 3" for a smoke test on the CPU).
 #
-# Estimated time (bf16). Measured on an H200 with pear eval at --batch-size 128
-# --max-batch-tokens 400000 (benchmarks/results/gpu_eval, mdqa-10, 2,500 examples): 26-49
-# examples/s for SmolLM2-135M and Qwen2.5-0.5B alike (decoding steps, not model size,
-# dominate). Examples per model: mdqa-10 8,850, mdqa-20 8,850, hotpotqa 11,022, kv 1,500
-# (~5.4k-token prompts, 128 new tokens), closedbook 1,770, mmlu 14,042 (one forward each).
-# At ~35 examples/s for QA, ~10/s for kv and ~500/s for mmlu: ~15-20 min per model at
-# batch 128, less at the default 256 rows; an H100 is somewhat slower than an H200.
+# Estimated time (bf16), from benchmarks/results/gpu_eval_full (one H200, one process,
+# --batch-size 512 --max-batch-tokens 1500000, base and PEAR columns): examples/s for SmolLM2-135M /
+# Qwen2.5-Coder-0.5B: mdqa-10 107 / 90, hotpotqa 71 / -, mdqa-20 ~29 (two processes sharing the
+# GPU), kv 16 / 19 (~5.4k-token prompts, 128 new tokens), closedbook >= 40, mmlu 1,000-1,700.
+# Per model and column: ~11 min for mdqa-10 + hotpotqa + mdqa-20 + kv + closedbook + mmlu at
+# these rates (the mdqa-20 share is the largest). Decoding is Python-bound: a second process on
+# the same GPU nearly doubles throughput (keep the two under the GPU's memory: BATCH=384,
+# MAX_BATCH_TOKENS=1100000 each on an H200).
 set -euo pipefail
 OUT=${1:?usage: gpu_eval.sh OUTDIR SPEC [SPEC ...]}
 shift
 [ $# -ge 1 ] || { echo "usage: gpu_eval.sh OUTDIR SPEC [SPEC ...]" >&2; exit 2; }
 TASKS=${TASKS:-"closedbook mmlu kv mdqa-10 hotpotqa mdqa-20"}
-COMMON=(--dtype "${DTYPE:-bf16}" --device "${DEVICE:-cuda}" --batch-size "${BATCH:-256}"
-        --max-batch-tokens "${MAX_BATCH_TOKENS:-524288}" --seed 0 --parts-dir "$OUT/parts" --no-progress ${EXTRA:-})
+COMMON=(--dtype "${DTYPE:-bf16}" --device "${DEVICE:-cuda}" --batch-size "${BATCH:-512}"
+        --max-batch-tokens "${MAX_BATCH_TOKENS:-1500000}" --seed 0 --parts-dir "$OUT/parts" --no-progress ${EXTRA:-})
 mkdir -p "$OUT/logs" "$OUT/runs"
 MODELS=()
 for spec in "$@"; do MODELS+=(--model "$spec"); done
