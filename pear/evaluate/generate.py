@@ -2,12 +2,15 @@
 
 Everything here calls `lm(input_ids=, attention_mask=, position_ids=, past_key_values=,
 use_cache=)` and reads `.logits` and `.past_key_values`; the cache is passed back as it came
-(opaque), so an inference-time variant (pear.baselines) can keep anything in it.
+(opaque), so an inference-time variant (pear.baselines) can keep anything in it. The one
+other thing asked of a cache: dropping finished rows (`select_cache_rows`), which a variant
+provides for its own cache, and without which every row stays to the end of its batch.
 
 Batches: examples sorted by length (longest first, so an out-of-memory error comes at once)
 and cut so that rows <= batch_size and rows x (longest prompt + new tokens) <= max_batch_tokens.
 Prompts are left-padded; position ids are cumsum(mask) - 1 (clamped at 0 on the padding),
-as `generate` computes them, so a row's result does not depend on its batch.
+as `generate` computes them, so a row's result does not depend on its batch (up to the
+rounding of 16-bit kernels, which differs with batch shape: compare models on identical batches).
 """
 
 from __future__ import annotations
