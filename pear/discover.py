@@ -351,6 +351,25 @@ def _default_batch_heads(arch: Arch, batch: ProxyBatch, device: torch.device) ->
     return max(1, min(arch.n_heads, budget // (batch.input_ids.shape[0] * batch.n)))
 
 
+def _ablate_or_split(model, clean: "CleanPass", layer: int, chunk: list[int], arch: Arch,
+                     expanders: dict, N: int) -> torch.Tensor:
+    """`ablate_heads` for `chunk`; if the GPU runs out of memory, free it and do each half in
+    turn (each head's ablation is its own batch slice, so the scores are the same). The token
+    budget is sized for an 80 GB card at 7B; smaller cards and larger models land here."""
+    try:
+        exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
+        return ablate_heads(model, clean, layer, chunk, arch, exp)
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
+        if len(chunk) == 1:
+            raise
+        expanders.pop(len(chunk), None)  # its prefix-cache copies are the largest thing to free
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(chunk) // 2
+        return torch.cat([_ablate_or_split(model, clean, layer, chunk[:half], arch, expanders, N),
+                          _ablate_or_split(model, clean, layer, chunk[half:], arch, expanders, N)])
+
+
 def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], batch_heads: int | None = None,
            bar=None, work: "_Work | None" = None) -> tuple[torch.Tensor, float]:
     """Exact Δπ of `heads`, averaged over the clean passes. Returns ((L, H) scores, forward-equivalents)."""
@@ -370,8 +389,7 @@ def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], bat
             hs = by_layer[layer]
             for i in range(0, len(hs), B):
                 chunk = hs[i:i + B]
-                exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
-                p = ablate_heads(model, clean, layer, chunk, arch, exp)  # (b, N, P)
+                p = _ablate_or_split(model, clean, layer, chunk, arch, expanders, N)  # (b, N, P)
                 scores[layer, chunk] += relative_change(p, clean.probs).cpu() / len(cleans)
                 fe += len(chunk) * (L - layer) / L * S / T / len(cleans)  # in forwards of this batch
                 done += len(chunk)

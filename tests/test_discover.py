@@ -222,3 +222,24 @@ def test_real_fast_candidates_contain_exact_top5(smollm2_bf16):
     # measured by the benchmark: all of the exact top 5 (and top 20) among the 40 candidates
     assert bench["exact_top5_in_fast_candidates"] == 5
     assert exact_top5 <= cands, f"exact top-5 heads missing from the fast candidates: {exact_top5 - cands}"
+
+
+def test_exact_scores_survive_out_of_memory_by_splitting(monkeypatch):
+    """A re-run that runs out of GPU memory is split into halves; the scores do not change."""
+    import pear.discover as D
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ref = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
+    real, sizes = D.ablate_heads, []
+
+    def small_gpu(model, clean, layer, heads, arch=None, expand=None):
+        sizes.append(len(heads))
+        if len(heads) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, clean, layer, heads, arch, expand)
+
+    monkeypatch.setattr(D, "ablate_heads", small_gpu)
+    got = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
+    assert 4 in sizes and 2 in sizes and 1 in sizes
+    assert torch.allclose(got, ref, atol=1e-5)
