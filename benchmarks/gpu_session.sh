@@ -2,8 +2,8 @@
 # The lead's GPU session: real models on a lent GPU machine (no network, no gguf package there).
 #
 # Here (CPU machine), once: build a bundle of the two GGUF files, the evaluation data and the
-# wheels the GPU image lacks, split into 50 MB chunks under .m/ (ignored by git; one chunk plus
-# the working tree stays under the tool's 64 MiB per call):
+# wheels the GPU image lacks, split into 45 MB chunks under .m/ (ignored by git; one chunk plus
+# the working tree, ~18 MB with the recorded results, stays under the tool's 64 MiB per call):
 #     bash benchmarks/gpu_session.sh bundle
 # Then one device call per chunk (carry .m/cNN; command: mkdir -p /root/m && cp .m/c* /root/m/),
 # and on the GPU machine, in order:
@@ -17,7 +17,8 @@
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
 # Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
 # so whatever finished is kept if the machine's time runs out, and a later machine given the
-# parts back (PARTS_IN=folder) continues where the last one stopped. The queue runs in priority
+# parts back (PARTS_IN=folder, e.g. PARTS_IN=benchmarks/results/gpu_eval_full/parts, which
+# travels with the working tree) continues where the last one stopped. The queue runs in priority
 # order: (1) base and PEAR on the full development data, (2) base, PEAR, Ms-PoE and Attention
 # Buckets on the first LIMIT items of each task, (3) a Ms-PoE diagnostic (uniform ratio 1.2).
 set -uo pipefail
@@ -39,7 +40,7 @@ bundle)
   mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
   python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
   mkdir -p .m && rm -f .m/c*
-  (cd "$d" && tar ch smollm2-135m.gguf qwen2.5-coder-0.5b.gguf data whl) | split -b 50000000 -d - .m/c
+  (cd "$d" && tar ch smollm2-135m.gguf qwen2.5-coder-0.5b.gguf data whl) | split -b 45000000 -d - .m/c
   ls -la .m ;;
 setup)
   set -e
