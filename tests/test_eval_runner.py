@@ -190,3 +190,19 @@ def test_dropping_finished_rows_changes_nothing(tiny, variant):
         full = greedy_generate(lm, ids, compact=False, **kw)
     assert compacted == full and [len(o) for o in full] == [2, 9, 4, 6]
     assert cuts and cuts[0] == 3  # the first cut keeps the three rows still running
+
+
+def test_auto_batch_limits_by_device_and_memory(tiny):
+    """--batch-size/--max-batch-tokens auto: CPU keeps small batches; on a GPU the token budget
+    follows the free memory (capped), and given numbers are kept as they are."""
+    from pear.evaluate.generate import GPU_TOKENS_CAP, batch_limits, bytes_per_token
+
+    m = tiny.model  # 2 layers, 2 KV heads x 16 dims, fp32: 3 x 2 x 2 x 2 x 16 x 4 + MLP + hidden
+    per = bytes_per_token(m)
+    assert per == 3 * (2 * 2 * 2 * 16 * 4) + 2 * 96 * 4 + 4 * 64 * 4
+    assert batch_limits(m) == (8, 32768)  # CPU
+    assert batch_limits(m, 3, 1000) == (3, 1000)
+    assert batch_limits(m, device_type="cuda", free_bytes=10 * per) == (512, 6)
+    assert batch_limits(m, device_type="cuda", free_bytes=10**15) == (512, GPU_TOKENS_CAP)
+    with pytest.raises(PearError, match="--batch-size must be 'auto' or an integer"):
+        evaluate([tiny], ["kv"], data_dir="/nonexistent", batch_size=0)

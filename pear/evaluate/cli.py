@@ -15,6 +15,15 @@ import shlex
 from ..errors import PearError
 
 
+def _auto_or_int(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got '{text}'") from None
+
+
 class _ModelAction(argparse.Action):
     def __call__(self, parser, ns, value, option_string=None):
         models = list(getattr(ns, "models", None) or [])
@@ -94,10 +103,11 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="max rows per batch (default 8; on an H100: 256 with --max-batch-tokens 524288)")
-    p.add_argument("--max-batch-tokens", type=int, default=32768,
-                   help="max rows x (longest prompt + new tokens) per batch (default 32768)")
+    p.add_argument("--batch-size", type=_auto_or_int, default="auto",
+                   help="max rows per batch, or auto (default: 8 on CPU, 512 on a GPU)")
+    p.add_argument("--max-batch-tokens", type=_auto_or_int, default="auto",
+                   help="max rows x (longest prompt + new tokens) per batch, or auto (default: 32768 on CPU; "
+                        "on a GPU from its free memory, at most 1.5M); a batch that runs out of memory is split")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

@@ -34,7 +34,7 @@ import torch
 from ..errors import PearError
 from ..loading import LoadedModel, load_model
 from . import data
-from .generate import context_window, eos_token_ids, greedy_generate, next_token_logprobs
+from .generate import batch_limits, context_window, eos_token_ids, greedy_generate, next_token_logprobs
 from .prompts import has_chat_template, render
 from .registry import BuildContext, Task, build_task, parse_positions
 from .stats import compare, wilson
@@ -230,8 +230,8 @@ def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
 
 # ------------------------------------------------------------------ evaluate
 def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, positions=None,
-             seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int = 8,
-             max_batch_tokens: int = 32768, chat: str = "auto", distractor_pool: str = "nq",
+             seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int | str = "auto",
+             max_batch_tokens: int | str = "auto", chat: str = "auto", distractor_pool: str = "nq",
              n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, progress: bool = True,
              max_new_tokens: int | None = None, command: str | None = None) -> dict:
     """Evaluate every model entry on every task; return the results dict (see module doc).
@@ -239,14 +239,17 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     models: specs (str), LoadedModel objects, (spec, variant[, label]) tuples or ModelEntry.
     With `log_samples`, results["samples"] holds one dict per (model, example): rendered
     prompt, output, score (`save_results` moves them to a .samples.jsonl.gz file).
+    batch_size / max_batch_tokens: ints, or "auto" (`generate.batch_limits`: by device and free
+    GPU memory; the values used are recorded per model under "batch_limits").
     """
     from .. import __version__
     from ..baselines import get_variant
 
     if limit is not None and limit < 1:
         raise PearError(f"--limit must be >= 1, got {limit}")
-    if batch_size < 1 or max_batch_tokens < 1:
-        raise PearError(f"--batch-size and --max-batch-tokens must be >= 1, got {batch_size} and {max_batch_tokens}")
+    for name, v in (("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
+        if v != "auto" and not (isinstance(v, int) and v >= 1):
+            raise PearError(f"{name} must be 'auto' or an integer >= 1, got {v!r}")
     entries = as_entries(models)
     labels = assign_labels(entries)
     variants = [get_variant(e.variant) for e in entries]  # unknown names fail before any work
@@ -282,6 +285,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                             "context_window": context_window(loaded.model),
                             "chat_template": has_chat_template(loaded.tokenizer)})
         timing[label] = {}
+        rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
+        models_info[-1]["batch_limits"] = {"rows": rows, "tokens": tokens}
         with variant.wrap(loaded, **entry.options) as lm:
             for task in built:
                 texts, ids = render_prompts(loaded, task, chat)
@@ -299,8 +304,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                         log.info("reusing %s", part)
                     else:
                         t0 = time.perf_counter()
-                        rs = run_task(lm, loaded, sub, chat=chat, batch_size=batch_size,
-                                      max_batch_tokens=max_batch_tokens, progress=progress,
+                        rs = run_task(lm, loaded, sub, chat=chat, batch_size=rows,
+                                      max_batch_tokens=tokens, progress=progress,
                                       desc=f"{label} | {task.name}", rendered=(sub_texts, sub_ids))
                         stored = {"label": label, "task": task.name, "seconds": time.perf_counter() - t0, "records": rs}
                         if part is not None:
