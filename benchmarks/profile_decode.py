@@ -26,7 +26,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from pear.baselines import get_variant
-    from pear.evaluate.generate import eos_token_ids, greedy_generate
+    from pear.evaluate.generate import greedy_generate
     from pear.evaluate.registry import BuildContext, build_task
     from pear.evaluate.data import resolve_data_dir
     from pear.evaluate.runner import render_prompts

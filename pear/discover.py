@@ -68,9 +68,7 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +76,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import write_text
 from .errors import PearError
 from .families import Arch, resolve
 from .proxy import ProxyBatch, allowed_token_ids, make_batch, parse_settings
@@ -455,33 +454,13 @@ class DiscoveryResult:
     def save(self, path: str | Path, plot: bool = True) -> Path:
         """Write heads.json (atomically) and, beside it, the heatmap PNG (same stem)."""
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         if plot:
             from .plots import heatmap
 
             title = f"Δπ when mean-ablated ({self.method}; {self.model_spec or 'model'}); top {self.k} outlined"
             heatmap(self.scores, self.top(), path.with_suffix(".png"), title=title)
         return path
-
-
-def _default_mode() -> int:
-    """0o666 minus the umask: what open() would give (mkstemp files are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_heads(path: str | Path) -> DiscoveryResult:

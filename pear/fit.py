@@ -43,7 +43,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .atomic import open_atomic, write_text
 from .errors import PearError
 from .proxy import ProxyBatch, make_model_batch
 from .scaling import HeadKey, HeadScaling, coefficients_json
@@ -348,28 +348,8 @@ class FitResult:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
         return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Temporary file, then rename; with the permissions a plain open() would give."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -384,15 +364,8 @@ def _fingerprint(model_spec, heads, settings: FitSettings, dtype: str) -> dict:
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _load_ckpt(path: Path, key: dict, restart: bool) -> dict | None:

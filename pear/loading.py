@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from .atomic import open_atomic
 from .errors import PearError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -45,13 +46,10 @@ def _join_parts(parts: list[Path], name: str) -> Path:
     total = sum(p.stat().st_size for p in parts)
     if target.exists() and target.stat().st_size == total:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    with os.fdopen(fd, "wb") as out:
+    with open_atomic(target, "wb") as out:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 22)
-    os.replace(tmp, target)
     return target
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import AtomicDir, check_out_dir, save_checkpoint, verify_fold
-from .errors import PearError
 from .fit import (DEFAULT_BOUNDS, K_AUTO_RANGE, FitSettings, add_fit_args, compute_dtype, fit, heldout_batch, parse_k,
                   proxy_metrics, select_heads, settings_from_args)
 from .loading import DTYPES, load_model, parse_dtype, resolve_spec
@@ -253,9 +252,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
 def _plain_permissions(folder: Path) -> None:
     """Temporary folders and files are created private (0700/0600); give the finished run
     folder the permissions ordinary mkdir/open would (umask applies)."""
-    from .fit import _umask
+    from .atomic import umask
 
-    mask = _umask()
+    mask = umask()
     os.chmod(folder, 0o777 & ~mask)
     for p in folder.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

@@ -3,27 +3,12 @@ safe headless and inside notebooks) and written atomically (temporary file, then
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-
-def _atomic_savefig(fig, path: Path, **kw) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kw)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .atomic import savefig
 
 
 def heatmap(scores: torch.Tensor, top: Iterable[tuple[int, int]], path: str | Path, title: str | None = None,
@@ -54,5 +39,5 @@ def heatmap(scores: torch.Tensor, top: Iterable[tuple[int, int]], path: str | Pa
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _atomic_savefig(fig, path, dpi=120)
+    savefig(fig, path, dpi=120)
     return path

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fit import BOUNDS, DEFAULT_BOUNDS, _atomic_write_text
-from .plots import _atomic_savefig
+from .atomic import savefig, write_text
+from .fit import BOUNDS, DEFAULT_BOUNDS
 
 BOUND_TEXT = {"none": "unbounded", "nonneg": "[0, ∞)", "unit": "[0, 1]"}
 
@@ -57,7 +57,7 @@ def plot_coefficients(rows: list[dict], path: str | Path, title: str | None = No
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _atomic_savefig(fig, path, dpi=120)
+    savefig(fig, path, dpi=120)
     return path
 
 
@@ -86,7 +86,7 @@ def plot_losses(losses: list[float], before: dict, after: dict | None, path: str
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _atomic_savefig(fig, path, dpi=120)
+    savefig(fig, path, dpi=120)
     return path
 
 
@@ -200,6 +200,6 @@ def write_report(r, folder: str | Path) -> dict[str, Path]:
                                           title=f"{r.model}: learned coefficients ({BOUND_TEXT[r.settings['fit']['bounds']]})"),
         "fit_loss": plot_losses(r.losses, r.before, r.after, folder / "fit_loss.png", title=f"{r.model}: fit"),
     }
-    _atomic_write_text(folder / "report.md", render(r))
+    write_text(folder / "report.md", render(r))
     figs["report"] = folder / "report.md"
     return figs

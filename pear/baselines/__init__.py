@@ -46,6 +46,24 @@ class Variant:
             raise PearError(f"variant '{self.name}' has no option {', '.join(bad)} (its options: {have})")
 
 
+class WrappedModel:
+    """Base of the variants' callables: `lm(...)` runs the wrapped `self.model` under the
+    variant, and `lm` otherwise looks like that model (config, device, dtype, ...), except for
+    `generate`, which would bypass the variant. Subclasses set `name` and define __call__."""
+
+    name = "variant"
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def __getattr__(self, attr):  # only reached for attributes the wrapper does not have
+        if attr.startswith("_") or attr in ("model", "arch", "rotary"):
+            raise AttributeError(attr)
+        if attr == "generate":
+            raise PearError(f"{self.name} wraps the forward pass only; decode with a loop over lm(...)")
+        return getattr(self.model, attr)
+
+
 VARIANTS: dict[str, Variant] = {}
 
 

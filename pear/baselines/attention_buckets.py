@@ -34,7 +34,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import PearError
-from . import Variant, register
+from . import Variant, WrappedModel, register
 from .rope import attention_scaling, base_of, inv_freq, inv_freq_for_base, require_rope, unwrap
 
 DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 25000.0)
@@ -49,8 +49,10 @@ class _Table:
     bases: list[float]
 
 
-class AttentionBuckets:
+class AttentionBuckets(WrappedModel):
     """Callable with the HF causal-LM forward signature; use inside `wrap(...)`."""
+
+    name = "attention-buckets"
 
     def __init__(self, model, bases=DEFAULT_BASES, scale_to_model: bool = True, combine: str = "probs"):
         self.arch, self.rotary = require_rope("attention-buckets", model)
@@ -148,14 +150,6 @@ class AttentionBuckets:
         past.batch_select_indices(torch.cat([keep + j * rows for j in range(self.n)]))
         return True
 
-    forward = __call__
-
-    def __getattr__(self, name):  # config, device, dtype, ... of the wrapped model
-        if name.startswith("_") or name in ("model", "arch", "rotary"):
-            raise AttributeError(name)
-        if name == "generate":
-            raise PearError("attention-buckets wraps the forward pass only; decode with a loop over lm(...)")
-        return getattr(self.model, name)
 
 
 def combine_runs(z: torch.Tensor, how: str = "probs") -> torch.Tensor:

@@ -44,7 +44,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import PearError
-from . import Variant, register
+from . import Variant, WrappedModel, register
 from .rope import Positions, inv_freq, layer_type, require_rope, rotate, unwrap
 
 DEFAULT_MIN_RATIO = 1.2
@@ -127,8 +127,10 @@ class _Session:
 
 
 # ---------------------------------------------------------------------------- the wrapped model
-class MsPoE:
+class MsPoE(WrappedModel):
     """Callable with the HF causal-LM forward signature; use inside `wrap(...)`."""
+
+    name = "ms-poe"
 
     def __init__(self, model, min_ratio: float = DEFAULT_MIN_RATIO, max_ratio: float = DEFAULT_MAX_RATIO,
                  layers=None):
@@ -221,14 +223,6 @@ class MsPoE:
         sess.scores = {l: r[keep] for l, r in sess.scores.items()}
         return True
 
-    forward = __call__
-
-    def __getattr__(self, name):  # config, device, dtype, ... of the wrapped model
-        if name.startswith("_") or name in ("model", "arch", "rotary"):
-            raise AttributeError(name)
-        if name == "generate":
-            raise PearError("ms-poe wraps the forward pass only; decode with a loop over lm(...)")
-        return getattr(self.model, name)
 
     # -- the per-layer work, called from the registered attention function
     def _attend(self, layer, fn, module, module_one_group, query, key, value, attention_mask, **kwargs):

@@ -46,15 +46,6 @@ def file_stamp(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def replace_atomic(tmp, path) -> None:
-    """Move a finished temporary file (from mkstemp: mode 0600) onto `path` with the usual
-    permissions (0666 minus the umask): the last step of every atomic write here."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from .data import replace_atomic
+from ..atomic import savefig
 
 
 def _fmt_acc(m: dict | None) -> str:
@@ -101,9 +99,6 @@ def plot_results(results: dict, path) -> Path | None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
-    replace_atomic(tmp, path)
     return path

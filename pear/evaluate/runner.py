@@ -20,10 +20,8 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import open_atomic, write_text
 from ..errors import PearError
 from ..loading import LoadedModel, load_model
 from . import data
@@ -279,14 +278,14 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                 torch.cuda.empty_cache()
             loaded = load_model(entry.spec_str, dtype=dtype, device=device, device_map=device_map)
             loaded_key = (entry.spec_str, dtype, device)
+        rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
         models_info.append({"label": label, "spec": entry.spec_str, "variant": entry.variant,
                             "variant_options": entry.options, "source": loaded.spec.kind, "path": loaded.spec.path,
                             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                             "context_window": context_window(loaded.model),
-                            "chat_template": has_chat_template(loaded.tokenizer)})
+                            "chat_template": has_chat_template(loaded.tokenizer),
+                            "batch_limits": {"rows": rows, "tokens": tokens}})
         timing[label] = {}
-        rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
-        models_info[-1]["batch_limits"] = {"rows": rows, "tokens": tokens}
         with variant.wrap(loaded, **entry.options) as lm:
             for task in built:
                 texts, ids = render_prompts(loaded, task, chat)
@@ -368,15 +367,8 @@ def _data_stamps(ddir: Path) -> dict:
 
 
 def _write_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write(json.dumps(obj).encode())
-        data.replace_atomic(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps(obj).encode())
 
 
 def save_results(results: dict, out) -> dict[str, Path]:
@@ -391,18 +383,12 @@ def save_results(results: dict, out) -> dict[str, Path]:
     written = {}
     if samples is not None:
         sp = out.with_name(out.stem + ".samples.jsonl.gz")
-        fd, tmp = tempfile.mkstemp(dir=sp.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        with open_atomic(sp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             for s in samples:
                 f.write((json.dumps(s, ensure_ascii=False) + "\n").encode())
-        data.replace_atomic(tmp, sp)
         results["samples_file"] = sp.name
         written["samples"] = sp
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    data.replace_atomic(tmp, out)
+    write_text(out, json.dumps(results, indent=1) + "\n")
     written["results"] = out
     png = plot_results(results, out.with_suffix(".png"))
     if png is not None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 
 import numpy as np
 
+from ...atomic import write_text
 from ...errors import PearError
 from ...loading import cache_dir
 from .. import data
@@ -141,11 +140,7 @@ def cached_ranking(data_dir, pool: str, seed: int):
             return questions, passages, cached["ranking"], cached["word_level"]
     log.info("ranking distractors with BM25 (pool %s, %d passages); cached in %s", pool, len(passages), path)
     ranking, word_level = rank_distractors(questions, passages, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"ranking": ranking, "word_level": word_level}, f)
-    data.replace_atomic(tmp, path)
+    write_text(path, json.dumps({"ranking": ranking, "word_level": word_level}))
     return questions, passages, ranking, word_level
 
 
