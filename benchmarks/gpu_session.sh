@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lead's GPU session: real models on a lent GPU machine (no network, no gguf package there).
 #
-# Here (CPU machine), once: build a bundle of the two GGUF files, the evaluation data and the
+# Here (CPU machine), once: build a bundle of the GGUF files of MODELS (default: both), the evaluation data and the
 # wheels the GPU image lacks, split into 45 MB chunks under .m/ (ignored by git; one chunk plus
 # the working tree, ~18 MB with the recorded results, stays under the tool's 64 MiB per call):
 #     bash benchmarks/gpu_session.sh bundle
@@ -12,7 +12,7 @@
 #     setsid nohup bash benchmarks/gpu_session.sh queue > /root/queue.log 2>&1 &   # evaluations
 # Several queues may share the GPU (decoding is Python-bound: one process leaves the GPU mostly
 # idle), but each process's PyTorch caches what it once used: two at BATCH=384
-# MAX_TOKENS=1100000 peaked at ~120 GB of an H200; three at the default 512/1.5M ran out of
+# MAX_TOKENS=1100000 peaked at ~120 GB of an H200; three at 512/1.5M ran out of
 # memory while loading models. Start a queue only after `setup` has finished.
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
 # Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
@@ -27,20 +27,21 @@ MODELS=${MODELS:-"smollm2-135m qwen2.5-coder-0.5b"}
 export PYTHONPATH=/tmp/site:$PWD PEAR_CACHE=/root/cache PEAR_DATA=$M/data PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
 LIMIT=${LIMIT:-200}
 EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
-BIG=(--batch-size 512 --max-batch-tokens 1500000)
+BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
 
 case "${1:-}" in
 bundle)
   set -e
   d=$(mktemp -d); mkdir -p "$d/whl"
-  s=$(python3 -c "from pear.loading import resolve_spec as r; s=r('smollm2-135m'); print(s.path+'/'+s.gguf_file)")
-  q=$(python3 -c "from pear.loading import resolve_spec as r; s=r('qwen2.5-coder-0.5b'); print(s.path+'/'+s.gguf_file)")
-  ln -s "$s" "$d/smollm2-135m.gguf"; ln -s "$q" "$d/qwen2.5-coder-0.5b.gguf"
+  for m in $MODELS; do  # only the models this session needs (MODELS=...): fewer chunks
+    f=$(python3 -c "from pear.loading import resolve_spec as r; s=r('$m'); print(s.path+'/'+s.gguf_file)")
+    ln -s "$f" "$d/$m.gguf"
+  done
   mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
   python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
   mkdir -p .m && rm -f .m/c*
-  (cd "$d" && tar ch smollm2-135m.gguf qwen2.5-coder-0.5b.gguf data whl) | split -b 45000000 -d - .m/c
+  (cd "$d" && tar ch *.gguf data whl) | split -b 45000000 -d - .m/c
   ls -la .m ;;
 setup)
   set -e

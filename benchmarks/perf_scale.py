@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
 
 import pear  # noqa: E402
+from pear.atomic import write_text  # noqa: E402
 from pear.scaling import fold, unfold  # noqa: E402
 
 
@@ -59,6 +60,7 @@ def peak_gib() -> list[float]:
 def part_discover(model, method: str, args) -> dict:
     from pear.discover import discover
 
+    sync(model.device)  # the clock starts on an idle GPU (building the model queues init kernels)
     reset_peak()
     t = time.perf_counter()
     res = discover(model, None, method=method, seed=args.seed, k=args.k, progress=not args.quiet)
@@ -75,6 +77,7 @@ def part_fit(model, heads, args) -> dict:
 
     settings = FitSettings(steps=args.fit_steps, batch=20, length=50, seed=args.seed,
                            micro_batch=args.micro_batch, grad_checkpointing=args.grad_checkpointing)
+    sync(model.device)
     reset_peak()
     t = time.perf_counter()
     res = fit(model, None, heads, settings, progress=not args.quiet)
@@ -145,13 +148,48 @@ def profiled(fn, device, rows: int = 15) -> tuple[str, list[dict]]:
     with profile(activities=acts) as prof:
         fn()
         sync(device)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # torch >= 2.4 name
     avg = prof.key_averages()
     table = avg.table(sort_by=key, row_limit=rows * 2)
     total = sum(getattr(e, key) for e in avg) or 1.0
     top = sorted(avg, key=lambda e: getattr(e, key), reverse=True)[:rows]
     return table, [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key) / 1e3, 2),
                     "share": round(getattr(e, key) / total, 4)} for e in top]
+
+
+def rerun(part: str, model, heads, args):
+    """A function repeating `part` quietly (fit: 3 steps; overhead: 1 trial), for the profilers."""
+    quiet = argparse.Namespace(**{**vars(args), "quiet": True, "fit_steps": min(args.fit_steps, 3), "trials": 1})
+    return {"discover-fast": lambda: part_discover(model, "fast", quiet),
+            "discover-exact": lambda: part_discover(model, "exact", quiet),
+            "fit": lambda: part_fit(model, heads, quiet),
+            "overhead": lambda: part_overhead(model, quiet)}[part]
+
+
+def py_profiled(fn, device, rows: int = 40) -> str:
+    """Run fn() under cProfile: the functions with the most own time, then the most cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    sync(device)
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(rows)
+    st.sort_stats("cumulative").print_stats(rows)
+    return buf.getvalue()
+
+
+def save(result: dict, tables: list[str], path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    if tables:
+        write_text(out.with_suffix(".profile.txt"), result["command"] + "\n\n" + "\n\n".join(tables) + "\n")
 
 
 def main(argv=None) -> int:
@@ -171,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile each part (torch profiler), see above")
+    ap.add_argument("--py-profile", action="store_true",
+                    help="also run each part under cProfile: where the Python side spends its time (OUT.pyprofile.txt)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.device != "cpu" or args.device_map else torch.float32
@@ -190,7 +230,7 @@ def main(argv=None) -> int:
         "build_seconds": round(build_s, 1), "parts": {},
     }
     parts = args.parts.split(",")
-    heads, tables = None, []
+    heads, tables, pytables = None, [], []
     for part in parts:
         print(f"== {part}", flush=True)
         if part in ("discover-fast", "discover-exact"):
@@ -208,24 +248,16 @@ def main(argv=None) -> int:
         result["parts"][part] = r
         print(json.dumps(r), flush=True)
         if args.profile:
-            quiet = argparse.Namespace(**{**vars(args), "quiet": True, "fit_steps": min(args.fit_steps, 3),
-                                          "trials": 1})
-            run_again = {"discover-fast": lambda: part_discover(model, "fast", quiet),
-                         "discover-exact": lambda: part_discover(model, "exact", quiet),
-                         "fit": lambda: part_fit(model, heads, quiet),
-                         "overhead": lambda: part_overhead(model, quiet)}[part]
-            table, top = profiled(run_again, args.device)
+            table, top = profiled(rerun(part, model, heads, args), args.device)
             result.setdefault("profile", {})[part] = top
             tables.append(f"== {part} ({'fit: 3 steps' if part == 'fit' else 'one run'})\n{table}")
             print(table, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    if tables:
-        out.with_suffix(".profile.txt").write_text(result["command"] + "\n\n" + "\n\n".join(tables) + "\n")
-    print(f"saved {out}")
+        if args.py_profile:
+            pytables.append(f"== {part}\n{py_profiled(rerun(part, model, heads, args), model.device)}")
+            write_text(Path(args.out).with_suffix(".pyprofile.txt"), result["command"] + "\n\n" + "\n\n".join(pytables))
+        save(result, tables, args.out)  # after every part: a later failure keeps what was measured
+    save(result, tables, args.out)
+    print(f"saved {args.out}")
     return 0
 
 

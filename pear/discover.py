@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from .atomic import write_text
+from .backends import attention_backends
 from .errors import PearError
 from .families import Arch, resolve
 from .proxy import ProxyBatch, allowed_token_ids, make_batch, parse_settings
@@ -350,23 +351,23 @@ def _default_batch_heads(arch: Arch, batch: ProxyBatch, device: torch.device) ->
     return max(1, min(arch.n_heads, budget // (batch.input_ids.shape[0] * batch.n)))
 
 
-def _ablate_or_split(model, clean: "CleanPass", layer: int, chunk: list[int], arch: Arch,
-                     expanders: dict, N: int) -> torch.Tensor:
-    """`ablate_heads` for `chunk`; if the GPU runs out of memory, free it and do each half in
-    turn (each head's ablation is its own batch slice, so the scores are the same). The token
-    budget is sized for an 80 GB card at 7B; smaller cards and larger models land here."""
+def _ablate_or_none(model, clean: "CleanPass", layer: int, chunk: list[int], arch: Arch,
+                    expanders: dict, N: int) -> torch.Tensor | None:
+    """`ablate_heads` for `chunk`, or None if the GPU ran out of memory (a single head that
+    does not fit is an error). The caller halves its head batch and retries; the token budget
+    is sized for an 80 GB card at 7B, so smaller cards and larger models land here."""
     try:
         exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
         return ablate_heads(model, clean, layer, chunk, arch, exp)
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
         if len(chunk) == 1:
             raise
-        expanders.pop(len(chunk), None)  # its prefix-cache copies are the largest thing to free
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(chunk) // 2
-        return torch.cat([_ablate_or_split(model, clean, layer, chunk[:half], arch, expanders, N),
-                          _ablate_or_split(model, clean, layer, chunk[half:], arch, expanders, N)])
+    # Freed only here, outside the except block: while it runs, the exception's traceback
+    # keeps the failed re-run's frames, and with them its activations and cache copies, alive.
+    expanders.clear()  # the prefix-cache copies of every batch size are the largest thing to free
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
 
 
 def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], batch_heads: int | None = None,
@@ -386,9 +387,14 @@ def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], bat
         expanders: dict[int, _Expand] = {}
         for layer in sorted(by_layer):
             hs = by_layer[layer]
-            for i in range(0, len(hs), B):
+            i = 0
+            while i < len(hs):
                 chunk = hs[i:i + B]
-                p = _ablate_or_split(model, clean, layer, chunk, arch, expanders, N)  # (b, N, P)
+                p = _ablate_or_none(model, clean, layer, chunk, arch, expanders, N)  # (b, N, P)
+                if p is None:  # out of GPU memory: halve the head batch for the rest of this setting
+                    B = max(1, len(chunk) // 2)
+                    continue
+                i += len(chunk)
                 scores[layer, chunk] += relative_change(p, clean.probs).cpu() / len(cleans)
                 fe += len(chunk) * (L - layer) / L * S / T / len(cleans)  # in forwards of this batch
                 done += len(chunk)
@@ -574,39 +580,40 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
     grad = method == "fast"
     n_exact = top_m if grad else L * H
     bar = None
-    try:
-        batches = proxy_batches(model, tokenizer, settings, seed)
-        # one clean forward, a 1-row probe, and for "fast" a backward through the suffix (x2)
-        fe = sum(1 + 1 / b.input_ids.shape[0] + (2 * b.n / b.input_ids.shape[1] if grad else 0)
-                 for b in batches) / len(batches)
-        # the progress bar (for "fast" the re-checked heads' layers are not known yet:
-        # assume the average depth until they are)
-        work = _Work(model, arch)
-        clean_work = [work.clean(b, grad) for b in batches]
-        guess = sum(work.ablation(b, l) for b in batches for l in range(L)) * n_exact // L
-        bar = _progress(sum(clean_work) + guess, f"{method} Δπ", progress)
-        cleans = []
-        for i, (b, w) in enumerate(zip(batches, clean_work)):
-            cleans.append(clean_pass(model, b, grad=grad, arch=arch))
+    with attention_backends():  # many batch shapes: cuDNN would build an execution plan for each
+        try:
+            batches = proxy_batches(model, tokenizer, settings, seed)
+            # one clean forward, a 1-row probe, and for "fast" a backward through the suffix (x2)
+            fe = sum(1 + 1 / b.input_ids.shape[0] + (2 * b.n / b.input_ids.shape[1] if grad else 0)
+                     for b in batches) / len(batches)
+            # the progress bar (for "fast" the re-checked heads' layers are not known yet:
+            # assume the average depth until they are)
+            work = _Work(model, arch)
+            clean_work = [work.clean(b, grad) for b in batches]
+            guess = sum(work.ablation(b, l) for b in batches for l in range(L)) * n_exact // L
+            bar = _progress(sum(clean_work) + guess, f"{method} Δπ", progress)
+            cleans = []
+            for i, (b, w) in enumerate(zip(batches, clean_work)):
+                cleans.append(clean_pass(model, b, grad=grad, arch=arch))
+                if bar is not None:
+                    bar.set_postfix_str(f"clean passes {i + 1}/{len(batches)}", refresh=False)
+                    bar.update(w)
+            estimates = None
+            if grad:
+                estimates = torch.stack([c.estimates for c in cleans]).mean(0).float().cpu()  # (L, H)
+                order = estimates.flatten().argsort(descending=True)[:top_m].tolist()
+                heads = [(i // H, i % H) for i in order]
+                for c in cleans:
+                    c.estimates = None
+            else:
+                heads = [(l, h) for l in range(L) for h in range(H)]
             if bar is not None:
-                bar.set_postfix_str(f"clean passes {i + 1}/{len(batches)}", refresh=False)
-                bar.update(w)
-        estimates = None
-        if grad:
-            estimates = torch.stack([c.estimates for c in cleans]).mean(0).float().cpu()  # (L, H)
-            order = estimates.flatten().argsort(descending=True)[:top_m].tolist()
-            heads = [(i // H, i % H) for i in order]
-            for c in cleans:
-                c.estimates = None
-        else:
-            heads = [(l, h) for l in range(L) for h in range(H)]
-        if bar is not None:
-            bar.total = sum(clean_work) + sum(work.ablation(b, l) for b in batches for l, _ in heads)
-        exact_scores, fe_exact = _exact(model, arch, cleans, heads, batch_heads, bar, work)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+                bar.total = sum(clean_work) + sum(work.ablation(b, l) for b in batches for l, _ in heads)
+            exact_scores, fe_exact = _exact(model, arch, cleans, heads, batch_heads, bar, work)
+        finally:
+            if bar is not None:
+                bar.close()
+            model.train(was_training)
     exact = torch.zeros(L, H, dtype=torch.bool)
     for key in heads:
         exact[key] = True

@@ -2,6 +2,7 @@
 exact re-check; heads.json round trip; the CLI; and the real default model."""
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -231,15 +232,20 @@ def test_exact_scores_survive_out_of_memory_by_splitting(monkeypatch):
 
     model = tiny_model("llama")
     ref = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
-    real, sizes = D.ablate_heads, []
+    real, sizes, failed = D.ablate_heads, [], []
 
     def small_gpu(model, clean, layer, heads, arch=None, expand=None):
         sizes.append(len(heads))
+        # the failed attempt's memory is freed before the retry (not held by the traceback)
+        assert all(ref() is None for ref in failed)
         if len(heads) > 1:
+            activations = torch.zeros(8)  # stands for the failed re-run's tensors
+            failed.append(weakref.ref(activations))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, clean, layer, heads, arch, expand)
 
     monkeypatch.setattr(D, "ablate_heads", small_gpu)
     got = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
-    assert 4 in sizes and 2 in sizes and 1 in sizes
+    assert sizes[:3] == [4, 2, 1]
+    assert sizes.count(4) == 1 and sizes.count(2) == 1  # the halved batch is kept, not re-tried per layer
     assert torch.allclose(got, ref, atol=1e-5)

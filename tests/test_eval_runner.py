@@ -206,3 +206,26 @@ def test_auto_batch_limits_by_device_and_memory(tiny):
     assert batch_limits(m, device_type="cuda", free_bytes=10**15) == (512, GPU_TOKENS_CAP)
     with pytest.raises(PearError, match="--batch-size must be 'auto' or an integer"):
         evaluate([tiny], ["kv"], data_dir="/nonexistent", batch_size=0)
+
+
+def test_out_of_memory_batch_is_split_after_its_memory_is_freed():
+    """A batch that runs out of GPU memory is run in halves; the failed attempt's tensors are
+    released first (not kept alive by the exception's traceback during the retry)."""
+    import weakref
+
+    from pear.evaluate.generate import _split_on_oom
+
+    done, failed = [], []
+
+    def run(batch):
+        assert all(ref() is None for ref in failed)
+        if len(batch) > 2:
+            activations = torch.zeros(8)  # stands for the failed batch's activations
+            failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        done.extend(batch)
+
+    _split_on_oom(run, list(range(7)))
+    assert done == list(range(7)) and len(failed) == 3  # 7 -> 3 + 4 -> 3 -> 1 + 2, 4 -> 2 + 2
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _split_on_oom(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), [0])

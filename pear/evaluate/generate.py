@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..backends import attention_backends
 
 CPU_LIMITS = (8, 32768)  # rows, rows x tokens: bigger batches were not faster on 2 cores
 GPU_ROWS = 512  # decoding is Python-bound per step: many rows amortise it (measured on an H200)
@@ -109,28 +110,21 @@ class Forward:
         return out.logits[:, -1], out.past_key_values  # (B, V)
 
 
-def attention_backends():
-    """Every SDPA backend but cuDNN's, for decoding. cuDNN builds an execution plan for each new
-    (batch, query, key) shape, and decoding makes a new shape at every step of every batch: on
-    an H200 with SmolLM2, 100-token answers ran 3x slower with it (plan building) than with
-    the flash / memory-efficient kernels, which need no plan."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def _split_on_oom(run, batch: list[int]) -> None:
     """run(batch); if the GPU runs out of memory, free it and run each half instead."""
     try:
         run(batch)
+        return
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in torch >= 2.5
         if len(batch) == 1:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(batch) // 2
-        _split_on_oom(run, batch[:half])
-        _split_on_oom(run, batch[half:])
+    # Outside the except block: while it runs, the exception's traceback keeps the failed
+    # batch's frames, and so its activations and cache, alive.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(batch) // 2
+    _split_on_oom(run, batch[:half])
+    _split_on_oom(run, batch[half:])
 
 
 def select_cache_rows(lm, past, keep: torch.Tensor, rows: int) -> bool:
