@@ -20,12 +20,14 @@
 # parts back (PARTS_IN=folder, e.g. PARTS_IN=benchmarks/results/gpu_eval_full/parts, which
 # travels with the working tree) continues where the last one stopped. The queue runs in priority
 # order: (1) base and PEAR on the full development data, (2) base, PEAR, Ms-PoE and Attention
-# Buckets on the first LIMIT items of each task, (3) a Ms-PoE diagnostic (uniform ratio 1.2).
+# Buckets on the first LIMIT items of each task (LIMIT=all: all of them; the parts make a
+# long run resumable over several machines), (3) a Ms-PoE diagnostic (uniform ratio 1.2).
 set -uo pipefail
 M=/root/m
 MODELS=${MODELS:-"smollm2-135m qwen2.5-coder-0.5b"}
 export PYTHONPATH=/tmp/site:$PWD PEAR_CACHE=/root/cache PEAR_DATA=$M/data PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
-LIMIT=${LIMIT:-200}
+LIMIT=${LIMIT:-200}  # items per task for the baselines; LIMIT=all: the full development data
+LIM=(--limit $LIMIT); [ "$LIMIT" = all ] && LIM=()
 EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
@@ -83,16 +85,16 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
   if [[ " $parts " == *" baselines "* ]]; then
     for m in $MODELS; do
       ev "baselines-$m" --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear \
-         --model $M/$m.gguf --variant ms-poe --label ms-poe --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu --limit $LIMIT "${BIG[@]}"
+         --model $M/$m.gguf --variant ms-poe --label ms-poe --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu "${LIM[@]}" "${BIG[@]}"
       ev "buckets-$m" --model $M/$m.gguf --label base \
-         --model $M/$m.gguf --variant attention-buckets --label attention-buckets --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu --limit $LIMIT "${BUCKETS[@]}"
+         --model $M/$m.gguf --variant attention-buckets --label attention-buckets --task mdqa-10,mdqa-20,kv,hotpotqa,mmlu "${LIM[@]}" "${BUCKETS[@]}"
     done
   fi
   if [[ " $parts " == *" diagnostic "* ]]; then
     for m in $MODELS; do
       ev "ms-poe-uniform-$m" --model $M/$m.gguf --label base --model $M/$m.gguf --variant ms-poe --label ms-poe \
          --model $M/$m.gguf --variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 \
-         --task mdqa-10 --limit $LIMIT "${BIG[@]}"
+         --task mdqa-10 "${LIM[@]}" "${BIG[@]}"
     done
   fi
   echo "== $(date +%T) queue finished: $parts" ;;

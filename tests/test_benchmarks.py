@@ -15,7 +15,7 @@ import shapes  # noqa: E402
 def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
     out = tmp_path / "perf.json"
     rc = perf_scale.main(["--shape", "tiny", "--device", "cpu", "--quiet", "--k", "4", "--fit-steps", "2",
-                          "--context", "64", "--new-tokens", "4", "--trials", "2", "--profile", "--out", str(out)])
+                          "--context", "64", "--new-tokens", "4", "--trials", "2", "--profile", "--py-profile", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     parts = res["parts"]
@@ -32,6 +32,9 @@ def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
     assert all(r and r[0]["self_ms"] > 0 and 0 < r[0]["share"] <= 1 for r in res["profile"].values())
     assert "aten::mm" in {op["op"] for op in res["profile"]["fit"]}
     assert "== discover-fast" in out.with_suffix(".profile.txt").read_text()
+    # --py-profile: cProfile tables per part, naming pear's own functions
+    py = out.with_suffix(".pyprofile.txt").read_text()
+    assert all(f"== {p}" in py for p in parts) and "discover.py" in py and "fit.py" in py
 
 
 def test_real_shapes_declare_the_published_sizes():

@@ -249,3 +249,19 @@ def test_exact_scores_survive_out_of_memory_by_splitting(monkeypatch):
     assert sizes[:3] == [4, 2, 1]
     assert sizes.count(4) == 1 and sizes.count(2) == 1  # the halved batch is kept, not re-tried per layer
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_discovery_runs_without_cudnn_attention_and_restores_it():
+    """cuDNN's SDPA builds a plan per batch shape and discovery makes many shapes: it is off
+    while discovery runs (BENCHMARKS.md §1) and back on afterwards."""
+    model = tiny_model("llama")
+    seen = []
+    block = model.get_submodule(resolve(model).family.blocks)[0]
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        discover(model, None, settings="4x6", method="fast", k=2, progress=False)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
