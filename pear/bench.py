@@ -2,8 +2,9 @@
 
 Four variants in one process and one run: the base model, the PEAR-folded checkpoint (loaded
 as an ordinary model), Ms-PoE and Attention Buckets (pear.baselines, on the base model). Trials
-are interleaved (base, pear, ms-poe, buckets, base, pear, ...) so that drift on a noisy
-machine (thermal, other jobs) hits every variant alike. Each trial: prefill `context` random
+are interleaved, each round in a rotated order (base, pear, ms-poe, buckets; then pear, ms-poe,
+buckets, base; ...), so that drift on a noisy machine (thermal, other jobs) hits every variant
+alike and no variant always runs in the same slot. Each trial: prefill `context` random
 tokens, then `new_tokens` greedy decoding steps with the cache, through the same variant
 contract the evaluation harness uses. Reported per variant: median prefill tokens/s, decode
 tokens/s and peak memory, and the median over trials of the paired ratio to the base model in
@@ -217,8 +218,14 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
 
     raw = {v: [] for v in runnable}
     torch.manual_seed(seed)
+    orders = []
     for r in range(warmup + trials):
-        for v in runnable:
+        # rotate the order every round (a cyclic Latin square): no variant always runs first,
+        # or always right after another (e.g. PEAR after base), so slot effects cancel
+        order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
+        if r >= warmup:
+            orders.append(order)
+        for v in order:
             name, which = _RUNS[v]
             with get_variant(name).wrap(models[which], **options.get(v, {})) as lm:
                 t = run_trial(lm, ids, new_tokens, dev, mem_method)
@@ -252,7 +259,8 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         "benchmark": "overhead",
         "settings": {"model": model, "pear": pear, "context": context, "new_tokens": new_tokens, "trials": trials,
                      "warmup": warmup, "batch": batch, "variants": variants, "dtype": dtype,
-                     "seed": seed, "variant_options": options, "input": "uniform random token ids"},
+                     "seed": seed, "variant_options": options, "input": "uniform random token ids",
+                     "order_per_trial": orders},
         "device": dev,
         "hardware": _hardware(dev),
         "versions": {"pear": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -41,6 +41,8 @@ def test_bench_overhead_cli_reports_every_variant(tmp_path, capsys):
             assert len(r[m]["trials"]) == 2 and r[m]["median"] > 0
             assert r["ratio_to_base"][m]["median"] > 0
     assert all(r["median"] == 1.0 for r in res["variants"]["base"]["ratio_to_base"].values())
+    v = list(VARIANTS)  # each round starts one variant later: no variant is stuck in one slot
+    assert res["settings"]["order_per_trial"] == [v, v[1:] + v[:1]]
     assert res["memory_method"] == "cpu_peak_rss"  # Linux: peak RSS, reset per trial
     weights = res["weights_bytes"]["base"]
     assert weights == res["weights_bytes"]["pear"]
