@@ -69,3 +69,11 @@ def test_summarise_parts_reproduces_a_recorded_gpu_run(tmp_path):
         want = recorded["paired"]["pear"]["conditions"][cond]
         assert got["paired"]["p_mcnemar"] == pytest.approx(want["p_mcnemar"])
         assert got["paired"]["diff"] == pytest.approx(want["diff"])
+
+
+def test_backend_check_runs_both_modes_on_cpu():
+    import backend_check
+
+    for mode in ("default", "nocudnn"):
+        times = backend_check.main([mode, "--shape", "tiny", "--device", "cpu"])
+        assert [m for m, _ in times] == ["fast", "fast", "exact"] and all(t > 0 for _, t in times)
