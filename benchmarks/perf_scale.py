@@ -184,12 +184,13 @@ def py_profiled(fn, device, rows: int = 40) -> str:
     return buf.getvalue()
 
 
-def save(result: dict, tables: list[str], path: str) -> None:
+def save(result: dict, tables: list[str], pytables: list[str], path: str) -> None:
+    """The JSON, and beside it the profiler tables (torch: .profile.txt, cProfile: .pyprofile.txt)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(result, indent=2) + "\n")
-    if tables:
-        write_text(out.with_suffix(".profile.txt"), result["command"] + "\n\n" + "\n\n".join(tables) + "\n")
+    for suffix, tabs in ((".profile.txt", tables), (".pyprofile.txt", pytables)):
+        if tabs:
+            write_text(out.with_suffix(suffix), result["command"] + "\n\n" + "\n\n".join(tabs) + "\n")
 
 
 def main(argv=None) -> int:
@@ -254,9 +255,7 @@ def main(argv=None) -> int:
             print(table, flush=True)
         if args.py_profile:
             pytables.append(f"== {part}\n{py_profiled(rerun(part, model, heads, args), model.device)}")
-            write_text(Path(args.out).with_suffix(".pyprofile.txt"), result["command"] + "\n\n" + "\n\n".join(pytables))
-        save(result, tables, args.out)  # after every part: a later failure keeps what was measured
-    save(result, tables, args.out)
+        save(result, tables, pytables, args.out)  # after every part: a later failure keeps what was measured
     print(f"saved {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Which PyTorch attention kernels pear's own loops use, and why.
+"""GPU runtime choices shared by pear's own loops: which attention kernels they use, and how
+they react to running out of GPU memory.
 
 Discovery re-runs the model on many batch shapes (a different number of stacked copies per
 layer) and decoding makes a new (batch, query, key) shape at every step. cuDNN's SDPA kernel
@@ -15,3 +16,22 @@ def attention_backends():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def fits_in_memory(fn, *args, can_shrink: bool = True) -> tuple[bool, object]:
+    """(True, fn(*args)), or (False, None) if the GPU ran out of memory and the caller can shrink
+    the work (`can_shrink`; otherwise the error propagates). Callers then free what they hold,
+    call ``torch.cuda.empty_cache()`` and retry smaller (discovery: fewer stacked heads; decoding:
+    half the batch).
+
+    The point of returning instead of retrying inside an ``except`` block: while that block
+    runs, the exception's traceback keeps the failed attempt's frames, and with them its
+    activations, alive, so the smaller retry ran out of memory too (seen on an H100)."""
+    import torch
+
+    try:
+        return True, fn(*args)
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in torch >= 2.5
+        if not can_shrink:
+            raise
+    return False, None

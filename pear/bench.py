@@ -222,7 +222,8 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
     for r in range(warmup + trials):
         # rotate the order every round (a cyclic Latin square): no variant always runs first,
         # or always right after another (e.g. PEAR after base), so slot effects cancel
-        order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
+        k = r % max(1, len(runnable))
+        order = runnable[k:] + runnable[:k]
         if r >= warmup:
             orders.append(order)
         for v in order:

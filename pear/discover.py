@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from .atomic import write_text
-from .backends import attention_backends
+from .backends import attention_backends, fits_in_memory
 from .errors import PearError
 from .families import Arch, resolve
 from .proxy import ProxyBatch, allowed_token_ids, make_batch, parse_settings
@@ -351,25 +351,6 @@ def _default_batch_heads(arch: Arch, batch: ProxyBatch, device: torch.device) ->
     return max(1, min(arch.n_heads, budget // (batch.input_ids.shape[0] * batch.n)))
 
 
-def _ablate_or_none(model, clean: "CleanPass", layer: int, chunk: list[int], arch: Arch,
-                    expanders: dict, N: int) -> torch.Tensor | None:
-    """`ablate_heads` for `chunk`, or None if the GPU ran out of memory (a single head that
-    does not fit is an error). The caller halves its head batch and retries; the token budget
-    is sized for an 80 GB card at 7B, so smaller cards and larger models land here."""
-    try:
-        exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
-        return ablate_heads(model, clean, layer, chunk, arch, exp)
-    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
-        if len(chunk) == 1:
-            raise
-    # Freed only here, outside the except block: while it runs, the exception's traceback
-    # keeps the failed re-run's frames, and with them its activations and cache copies, alive.
-    expanders.clear()  # the prefix-cache copies of every batch size are the largest thing to free
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return None
-
-
 def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], batch_heads: int | None = None,
            bar=None, work: "_Work | None" = None) -> tuple[torch.Tensor, float]:
     """Exact Δπ of `heads`, averaged over the clean passes. Returns ((L, H) scores, forward-equivalents)."""
@@ -390,8 +371,12 @@ def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], bat
             i = 0
             while i < len(hs):
                 chunk = hs[i:i + B]
-                p = _ablate_or_none(model, clean, layer, chunk, arch, expanders, N)  # (b, N, P)
-                if p is None:  # out of GPU memory: halve the head batch for the rest of this setting
+                exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
+                ok, p = fits_in_memory(ablate_heads, model, clean, layer, chunk, arch, exp,
+                                       can_shrink=len(chunk) > 1)  # p: (b, N, P)
+                if not ok:  # out of GPU memory: halve the head batch for the rest of this setting
+                    expanders.clear()  # their prefix-cache copies are the largest thing to free
+                    torch.cuda.empty_cache()
                     B = max(1, len(chunk) // 2)
                     continue
                 i += len(chunk)

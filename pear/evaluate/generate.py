@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..backends import attention_backends
+from ..backends import attention_backends, fits_in_memory
 
 CPU_LIMITS = (8, 32768)  # rows, rows x tokens: bigger batches were not faster on 2 cores
 GPU_ROWS = 512  # decoding is Python-bound per step: many rows amortise it (measured on an H200)
@@ -112,16 +112,10 @@ class Forward:
 
 def _split_on_oom(run, batch: list[int]) -> None:
     """run(batch); if the GPU runs out of memory, free it and run each half instead."""
-    try:
-        run(batch)
+    ok, _ = fits_in_memory(run, batch, can_shrink=len(batch) > 1)
+    if ok:
         return
-    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in torch >= 2.5
-        if len(batch) == 1:
-            raise
-    # Outside the except block: while it runs, the exception's traceback keeps the failed
-    # batch's frames, and so its activations and cache, alive.
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     half = len(batch) // 2
     _split_on_oom(run, batch[:half])
     _split_on_oom(run, batch[half:])
