@@ -15,6 +15,11 @@
 # MAX_TOKENS=1100000 peaked at ~120 GB of an H200; three at 512/1.5M ran out of
 # memory while loading models. Start a queue only after `setup` has finished.
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
+# On a machine of several GPUs, the baselines on the full development data run data-parallel:
+#     GPUS="0 1 2" bash benchmarks/gpu_session.sh workers   # WORKERS (2) processes per GPU, from a
+#                                               # copy of the tree; all share /root/parts (--parts claim)
+#     bash benchmarks/gpu_session.sh assemble   # once they are done: one results JSON per model
+#                                               # from the parts alone (--parts only; nothing computed)
 # Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
 # so whatever finished is kept if the machine's time runs out, and a later machine given the
 # parts back (PARTS_IN=folder, e.g. PARTS_IN=benchmarks/results/gpu_eval_full/parts, which
@@ -31,6 +36,7 @@ LIM=(--limit $LIMIT); [ "$LIMIT" = all ] && LIM=()
 EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
+BTASKS=${BTASKS:-mdqa-20,hotpotqa,kv,mdqa-10,mmlu}  # the baselines' tasks, longest parts first
 
 case "${1:-}" in
 bundle)
@@ -98,6 +104,41 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
     done
   fi
   echo "== $(date +%T) queue finished: $parts" ;;
+workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all), detached
+  rm -rf /root/w && cp -r "$PWD" /root/w  # the next call replaces this tree: run from a copy
+  mkdir -p /root/res
+  for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
+    for w in $(seq 1 ${WORKERS:-2}); do
+      (cd /root/w && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
+         > /root/res/worker-$g-$w.log 2>&1 < /dev/null &)
+    done
+  done
+  sleep 2; pgrep -fc "gpu_session.sh worker" ;;
+worker)  # one data-parallel worker: every baseline run on the full data, claiming parts
+  W=(--parts claim --out /root/res/worker.json)
+  pear eval --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe --variant-option min_ratio=1.2 \
+    --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
+  for v in ms-poe attention-buckets; do
+    lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
+    for m in $MODELS; do
+      pear eval --model $M/$m.gguf --variant $v --label $v --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${lim[@]}" "${W[@]}"
+    done
+  done
+  echo "== $(date +%T) worker finished" ;;
+assemble)  # one results JSON per model: base, pear, ms-poe, attention-buckets, from the parts only
+  mkdir -p /root/res
+  for m in $MODELS; do
+    ( pear eval --model $M/$m.gguf --label base --model /root/runs/$m-nonneg/model --label pear \
+        --model $M/$m.gguf --variant ms-poe --label ms-poe --model $M/$m.gguf --variant attention-buckets \
+        --label attention-buckets --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${BIG[@]}" --parts only \
+        --out /root/res/baselines-full-$m.json ) > /root/res/baselines-full-$m.log 2>&1
+    tail -45 /root/res/baselines-full-$m.log
+  done
+  pear eval --model $M/qwen2.5-coder-0.5b.gguf --label base --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe \
+    --label ms-poe --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe --variant-option min_ratio=1.2 \
+    --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" \
+    --parts only --out /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.json > /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.log 2>&1
+  tail -12 /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.log ;;
 collect)
   mkdir -p /root/res/runs
   for d in /root/runs/*; do
@@ -107,7 +148,7 @@ collect)
     cp $d/model/pear.json /root/res/runs/$(basename $d)/model_pear.json 2>/dev/null
   done
   cp /root/queue*.log /root/res/ 2>/dev/null
-  tar czf "$OUT/gpu_results.tgz" -C /root res parts
+  tar czf "$OUT/gpu_results.tgz" --exclude='*.claim' -C /root res parts
   ls -la "$OUT" ;;
-*) echo "usage: gpu_session.sh bundle|setup|pear|queue|collect" >&2; exit 2 ;;
+*) echo "usage: gpu_session.sh bundle|setup|pear|queue|workers|worker|assemble|collect" >&2; exit 2 ;;
 esac

@@ -141,6 +141,41 @@ def test_resume_reuses_parts(tiny, data_dir, tmp_path, monkeypatch):
         evaluate([tiny], ["closedbook"], **dict(kw, limit=4))
 
 
+def test_parts_claim_and_only_share_the_work(tiny, data_dir, tmp_path, monkeypatch):
+    """Processes running one command on one parts folder: "claim" computes only unclaimed
+    parts, "only" computes nothing, and the assembled result equals a single process's."""
+    monkeypatch.setattr(runner_mod, "PART_SIZE", 2)  # closedbook, 3 questions: parts of 2 + 1
+    kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=100, max_new_tokens=4)
+    whole = evaluate([tiny], ["closedbook"], **kw)
+    parts = tmp_path / "parts"
+    calls = []
+    real = runner_mod.run_task
+    monkeypatch.setattr(runner_mod, "run_task", lambda *a, **k: calls.append(len(a[2].examples)) or real(*a, **k))
+
+    nothing = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="only", **kw)
+    assert calls == [] and nothing["missing"] == [{"label": "tiny", "task": "closedbook"}]
+    assert nothing["tasks"]["closedbook"]["models"] == {}
+
+    # another process holds the first part: this one computes the second only
+    evaluate([tiny], ["closedbook"], parts_dir=parts, **dict(kw, limit=2))  # the first part's file name
+    (first,) = list(parts.glob("*.json.gz"))
+    first.rename(first.with_name(first.name + ".claim"))
+    calls.clear()
+    worker = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="claim", **kw)
+    assert calls == [1] and worker["missing"] == [{"label": "tiny", "task": "closedbook"}]
+    assert [f.name for f in parts.iterdir() if f.name != first.name + ".claim"] != []  # its part is saved...
+    assert [f.name for f in parts.glob("*.claim")] == [first.name + ".claim"]  # ...and its own claim released
+
+    # the other process saves its part (and its claim goes); the assembly then computes nothing
+    evaluate([tiny], ["closedbook"], parts_dir=parts, **dict(kw, limit=2))
+    assert not list(parts.glob("*.claim"))
+    calls.clear()
+    done = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="only", **kw)
+    assert calls == [] and "missing" not in done and done["tasks"] == whole["tasks"]
+    with pytest.raises(PearError, match="parts-dir"):
+        evaluate([tiny], ["closedbook"], parts="only", **kw)
+
+
 def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
     from pear.cli import main
 

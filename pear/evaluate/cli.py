@@ -120,6 +120,10 @@ def add_cli(sub) -> None:
                    help="keep each (model, task) result in OUT.parts/ and reuse those of an identical earlier run")
     p.add_argument("--parts-dir", default=None, metavar="DIR",
                    help="like --resume, with the parts in DIR (share DIR between runs to assemble them)")
+    p.add_argument("--parts", default="reuse", choices=["reuse", "claim", "only"],
+                   help="with --parts-dir: reuse (default: compute what is missing), claim (several processes, "
+                        "e.g. one per GPU, run the same command and share the parts), only (compute nothing: "
+                        "assemble what the folder holds, leaving out a model whose task has a missing part)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_eval, models=None, variant=None, label=None, options=None)
 
@@ -133,9 +137,10 @@ def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> 
             + (["--label", m["label"]] if m["label"] else [])
     parts += ["--task", ",".join(tasks)]
     for opt in ("limit", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
-                "max_batch_tokens", "max_new_tokens", "chat", "distractor_pool", "bootstrap", "parts_dir", "out"):
+                "max_batch_tokens", "max_new_tokens", "chat", "distractor_pool", "bootstrap", "parts_dir", "parts",
+                "out"):
         v = getattr(args, opt)
-        if v is not None:
+        if v is not None and (opt, v) != ("parts", "reuse"):
             parts += ["--" + opt.replace("_", "-"), str(v)]
     parts += [f for f, on in (("--log-samples", args.log_samples), ("--resume", args.resume)) if on]
     return " ".join(shlex.quote(x) for x in parts)
@@ -184,10 +189,17 @@ def _cli_eval(args: argparse.Namespace) -> int:
         seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, chat=args.chat, distractor_pool=args.distractor_pool,
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
-        parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None),
+        parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None), parts=args.parts,
         max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks))
+    if results.get("missing") and args.parts == "claim":  # a worker: the others finish the rest
+        left = ", ".join(f"{m['label']}/{m['task']}" for m in results["missing"])
+        print(f"parts left to other processes: {left}; when all have finished, run the command again "
+              "without --parts claim to assemble the results")
+        return 0
     written = save_results(results, out)
     print(format_table(results))
+    if results.get("missing"):
+        print("left out (a part is missing): " + ", ".join(f"{m['label']}/{m['task']}" for m in results["missing"]))
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

@@ -30,14 +30,14 @@ def format_table(results: dict) -> str:
         for c in t["conditions"]:
             row = [name, c]
             for lab in labels:
-                cell = _fmt_acc(t["models"][lab].get(c))
+                cell = _fmt_acc(t["models"].get(lab, {}).get(c))
                 if lab in t["paired"]:
                     cell += _fmt_cmp(t["paired"][lab]["conditions"].get(c))
                 row.append(cell)
             rows.append(row)
         for lab in labels:
-            if "macro_accuracy" in t["models"][lab]:
-                macro = [t["models"][x].get("macro_accuracy", float("nan")) for x in labels]
+            if "macro_accuracy" in t["models"].get(lab, {}):
+                macro = [t["models"].get(x, {}).get("macro_accuracy", float("nan")) for x in labels]
                 rows.append([name, "macro"] + [f"{v:.3f}" for v in macro])
                 break
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -72,7 +72,7 @@ def plot_results(results: dict, path) -> Path | None:
     for ax, (name, t) in zip(axes, pos):
         conds = [c for c in t["conditions"] if c != "all"]
         xs = [int(c) for c in conds]
-        for lab in labels:
+        for lab in (x for x in labels if x in t["models"]):  # a label missing here: no line
             ms = [t["models"][lab][c] for c in conds]
             ys = [m["accuracy"] if m["accuracy"] is not None else float("nan") for m in ms]
             err = _yerr(ys, ms)
@@ -87,7 +87,7 @@ def plot_results(results: dict, path) -> Path | None:
         ax = axes[-1]
         width = 0.8 / max(1, len(labels))
         for j, lab in enumerate(labels):
-            ms = [t["models"][lab][t["conditions"][-1]] for _, t in other]
+            ms = [t["models"].get(lab, {}).get(t["conditions"][-1], {"accuracy": None, "ci95": None}) for _, t in other]
             ys = [m["accuracy"] or 0 for m in ms]
             err = _yerr(ys, ms)
             ax.bar([i + j * width for i in range(len(other))], ys, width, yerr=err, capsize=3, label=lab)

@@ -11,6 +11,11 @@ With `parts_dir`, each (model, task) result is saved there in parts of PART_SIZE
 soon as each is done, and reused by a later run with identical inputs (same prompts, model
 files, variant, dtype, decoding length): a long run killed by a time limit continues where
 it stopped, and separate runs (one per model or task) can be assembled into one file.
+Data-parallel over several processes (one per GPU, say), all running the same command on one
+parts folder: with parts="claim" each process first claims a part (an exclusive
+PART.claim file) and leaves parts claimed by others to them; with parts="only" nothing is
+computed: what the folder holds is assembled, and a (model, task) with a missing part is left
+out of the results and listed under "missing".
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -176,7 +182,7 @@ def summarise(task: Task, labels: list[str], records: dict[str, list[dict]], *, 
     conds = task.conditions + (["all"] if len(task.conditions) > 1 else [])
     out = {"metric": task.metric, "kind": task.kind, "positional": task.positional, "conditions": conds,
            "info": task.info, "models": {}, "paired": {}}
-    for lab in labels:
+    for lab in (x for x in labels if x in records):  # a label with a missing part (parts="only") is left out
         m = {}
         for c in conds:
             rs = [r for r in records[lab] if c == "all" or r["condition"] == c]
@@ -190,9 +196,9 @@ def summarise(task: Task, labels: list[str], records: dict[str, list[dict]], *, 
             m["subjects"] = {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(subj.items())}
             m["macro_accuracy"] = sum(v["accuracy"] for v in m["subjects"].values()) / max(1, len(subj))
         out["models"][lab] = m
-    first = labels[0]
-    ref = {(r["id"], r["condition"]): r["score"] for r in records[first]}
-    for lab in labels[1:]:
+    first = labels[0]  # the reference of every paired test: no reference, no tests
+    ref = {(r["id"], r["condition"]): r["score"] for r in records.get(first, [])}
+    for lab in (x for x in labels[1:] if x in records and ref):
         cmp = {}
         for c in conds:
             pairs = [(ref[(r["id"], r["condition"])], r["score"]) for r in records[lab]
@@ -222,6 +228,15 @@ def part_key(entry: ModelEntry, loaded: LoadedModel, task: Task, texts: list[str
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _claim(part: Path) -> bool:
+    """Claim `part` for this process (True), unless another process has (False)."""
+    try:
+        os.close(os.open(part.with_name(part.name + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[-60:]
     return Path(parts_dir) / f"{safe}__{task}__{key}.json.gz"
@@ -231,8 +246,8 @@ def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
 def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, positions=None,
              seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int | str = "auto",
              max_batch_tokens: int | str = "auto", chat: str = "auto", distractor_pool: str = "nq",
-             n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, progress: bool = True,
-             max_new_tokens: int | None = None, command: str | None = None) -> dict:
+             n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, parts: str = "reuse",
+             progress: bool = True, max_new_tokens: int | None = None, command: str | None = None) -> dict:
     """Evaluate every model entry on every task; return the results dict (see module doc).
 
     models: specs (str), LoadedModel objects, (spec, variant[, label]) tuples or ModelEntry.
@@ -240,10 +255,19 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     prompt, output, score (`save_results` moves them to a .samples.jsonl.gz file).
     batch_size / max_batch_tokens: ints, or "auto" (`generate.batch_limits`: by device and free
     GPU memory; the values used are recorded per model under "batch_limits").
+    parts (with `parts_dir`): "reuse" (compute what is missing), "claim" (compute only the
+    missing parts no other process has claimed; results["missing"] lists the (label, task)
+    left incomplete) or "only" (compute nothing; assemble what is there, list the rest).
     """
     from .. import __version__
     from ..baselines import get_variant
 
+    if parts not in ("reuse", "claim", "only"):
+        raise PearError(f"parts must be reuse, claim or only, got {parts!r}")
+    if parts != "reuse" and parts_dir is None:
+        raise PearError(f"--parts {parts} needs a --parts-dir shared by the processes")
+    if parts_dir is not None:
+        Path(parts_dir).mkdir(parents=True, exist_ok=True)
     if limit is not None and limit < 1:
         raise PearError(f"--limit must be >= 1, got {limit}")
     for name, v in (("--batch-size", batch_size), ("--max-batch-tokens", max_batch_tokens)):
@@ -267,7 +291,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
         for t in built:
             t.max_new_tokens = max_new_tokens
     records: dict[str, dict[str, list[dict]]] = {t.name: {} for t in built}
-    samples, models_info, timing = [], [], {}
+    samples, models_info, timing, missing = [], [], {}, []
     loaded, loaded_key = None, None
     for entry, label, variant in zip(entries, labels, variants):
         if isinstance(entry.spec, LoadedModel):
@@ -289,7 +313,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
         with variant.wrap(loaded, **entry.options) as lm:
             for task in built:
                 texts, ids = render_prompts(loaded, task, chat)
-                recs, secs = [], 0.0
+                recs, secs, complete = [], 0.0, True
                 step = PART_SIZE if parts_dir is not None else len(texts)
                 for s0 in range(0, len(texts), step):  # parts: a killed run loses at most one
                     sub = dataclasses.replace(task, examples=task.examples[s0: s0 + step])
@@ -301,16 +325,24 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                         with gzip.open(part, "rt") as f:
                             stored = json.load(f)
                         log.info("reusing %s", part)
+                    elif parts == "only" or (parts == "claim" and not _claim(part)):
+                        complete = False
+                        continue
                     else:
                         t0 = time.perf_counter()
                         rs = run_task(lm, loaded, sub, chat=chat, batch_size=rows,
                                       max_batch_tokens=tokens, progress=progress,
                                       desc=f"{label} | {task.name}", rendered=(sub_texts, sub_ids))
-                        stored = {"label": label, "task": task.name, "seconds": time.perf_counter() - t0, "records": rs}
+                        stored = {"label": label, "task": task.name, "seconds": time.perf_counter() - t0,
+                                  "start": s0, "of": len(texts), "spec": entry.spec_str, "records": rs}
                         if part is not None:
                             _write_atomic(part, stored)
+                            part.with_name(part.name + ".claim").unlink(missing_ok=True)
                     recs += stored["records"]
                     secs += stored["seconds"]
+                if not complete:
+                    missing.append({"label": label, "task": task.name})
+                    continue
                 records[task.name][label] = recs
                 n_run = sum(not r["skipped"] for r in recs)
                 timing[label][task.name] = {"seconds": round(secs, 2), "examples": n_run,
@@ -334,6 +366,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
         "tasks": {t.name: summarise(t, labels, records[t.name], n_resamples=n_resamples, seed=seed) for t in built},
         "timing": timing,
     }
+    if missing:
+        results["missing"] = missing
     if log_samples:
         results["samples"] = samples
     return results
