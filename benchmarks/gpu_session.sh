@@ -2,8 +2,8 @@
 # The lead's GPU session: real models on a lent GPU machine (no network, no gguf package there).
 #
 # Here (CPU machine), once: build a bundle of the GGUF files of MODELS (default: both), the evaluation data and the
-# wheels the GPU image lacks, split into 45 MB chunks under .m/ (ignored by git; one chunk plus
-# the working tree, ~18 MB with the recorded results, stays under the tool's 64 MiB per call):
+# wheels the GPU image lacks, split into 42 MB chunks under .m/ (ignored by git; one chunk plus
+# the working tree, ~22 MB with the recorded results, stays under the tool's 64 MiB per call):
 #     bash benchmarks/gpu_session.sh bundle
 # Then one device call per chunk (carry .m/cNN; command: mkdir -p /root/m && cp .m/c* /root/m/),
 # and on the GPU machine, in order:
@@ -42,14 +42,17 @@ case "${1:-}" in
 bundle)
   set -e
   d=$(mktemp -d); mkdir -p "$d/whl"
+  # parts are keyed on the model file's name, size and mtime: each GGUF travels with the mtime the
+  # recorded parts (benchmarks/results/gpu_eval_full/parts) were made with, whenever it was installed here
+  declare -A MTIME=([smollm2-135m]=1795304670 [qwen2.5-coder-0.5b]=1795315955)
   for m in $MODELS; do  # only the models this session needs (MODELS=...): fewer chunks
     f=$(python3 -c "from pear.loading import resolve_spec as r; s=r('$m'); print(s.path+'/'+s.gguf_file)")
-    ln -s "$f" "$d/$m.gguf"
+    cp "$f" "$d/$m.gguf" && touch -d @${MTIME[$m]:-1767225600} "$d/$m.gguf"
   done
   mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
   python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
   mkdir -p .m && rm -f .m/c*
-  (cd "$d" && tar ch *.gguf data whl) | split -b 45000000 -d - .m/c
+  (cd "$d" && tar ch *.gguf data whl) | split -b ${CHUNK:-42000000} -d - .m/c
   ls -la .m ;;
 setup)
   set -e
@@ -105,11 +108,11 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
   fi
   echo "== $(date +%T) queue finished: $parts" ;;
 workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all), detached
-  rm -rf /root/w && cp -r "$PWD" /root/w  # the next call replaces this tree: run from a copy
-  mkdir -p /root/res
+  w=$(mktemp -d /root/w.XXXX) && cp -r "$PWD/." $w  # the next call replaces this tree, and earlier
+  mkdir -p /root/res                               # workers still run from their own copy
   for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
     for w in $(seq 1 ${WORKERS:-2}); do
-      (cd /root/w && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
+      (cd $w && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
          > /root/res/worker-$g-$w.log 2>&1 < /dev/null &)
     done
   done

@@ -128,6 +128,11 @@ def test_mcnemar_exact():
     n10, n01, p = stats.mcnemar_exact(a, b)
     assert (n10, n01) == (5, 0) and p == pytest.approx(0.0625)
     assert stats.mcnemar_exact([1, 0], [1, 0])[2] == 1.0
+    # thousands of discordant pairs (MMLU, 14k questions): no float overflow; a balanced split
+    # is p ~ 1 and a lopsided one underflows towards 0
+    bal = stats.mcnemar_exact([1, 0] * 1500, [0, 1] * 1500)
+    assert bal[:2] == (1500, 1500) and bal[2] == pytest.approx(1.0, abs=0.03)
+    assert stats.mcnemar_exact([1] * 1400 + [0] * 1600, [0] * 1400 + [1] * 1600)[2] < 1e-3
 
 
 def test_paired_bootstrap_seeded_and_sensible():

@@ -32,8 +32,8 @@ def mcnemar_exact(a, b) -> tuple[int, int, float]:
     n = n10 + n01
     if n == 0:
         return n10, n01, 1.0
-    tail = sum(math.comb(n, i) for i in range(min(n10, n01) + 1)) / 2.0 ** n
-    return n10, n01, min(1.0, 2 * tail)
+    tail = sum(math.comb(n, i) for i in range(min(n10, n01) + 1))  # exact integers: 2.0 ** n overflows past n = 1023
+    return n10, n01, min(1.0, 2 * tail / 2 ** n)
 
 
 def paired_bootstrap(a, b, n_resamples: int = 10_000, seed: int = 0) -> dict:
