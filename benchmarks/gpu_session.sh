@@ -108,20 +108,20 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
   fi
   echo "== $(date +%T) queue finished: $parts" ;;
 workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all), detached
-  w=$(mktemp -d /root/w.XXXX) && cp -r "$PWD/." $w  # the next call replaces this tree, and earlier
-  mkdir -p /root/res                               # workers still run from their own copy
+  tree=$(mktemp -d /root/w.XXXX) && cp -r "$PWD/." $tree  # the next call replaces this tree, and
+  mkdir -p /root/res                                     # earlier workers still run from their own copy
   for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
     for w in $(seq 1 ${WORKERS:-2}); do
-      (cd $w && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
+      (cd $tree && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
          > /root/res/worker-$g-$w.log 2>&1 < /dev/null &)
     done
   done
   sleep 2; pgrep -fc "gpu_session.sh worker" ;;
-worker)  # one data-parallel worker: every baseline run on the full data, claiming parts
+worker)  # one data-parallel worker: every baseline run (VARIANTS) on the full data, claiming parts
   W=(--parts claim --out /root/res/worker.json)
   pear eval --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe --variant-option min_ratio=1.2 \
     --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
-  for v in ms-poe attention-buckets; do
+  for v in ${VARIANTS:-ms-poe attention-buckets}; do
     lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
     for m in $MODELS; do
       pear eval --model $M/$m.gguf --variant $v --label $v --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${lim[@]}" "${W[@]}"
