@@ -33,3 +33,22 @@ def data_dir() -> Path:
     if not d.is_dir():
         pytest.fail(f"evaluation data folder not found: {d} (set PEAR_DATA)")
     return d
+
+
+@pytest.fixture
+def ctrl_c_at_step(monkeypatch):
+    """ctrl_c_at_step(n): the fit's training step n raises KeyboardInterrupt (as Ctrl-C would),
+    until ctrl_c_at_step(None) puts the real step back."""
+    import pear.fit as F
+
+    real = F._train_step
+
+    def arm(n):
+        def step(model, tok, settings, i, alpha):
+            if i == n:
+                raise KeyboardInterrupt
+            return real(model, tok, settings, i, alpha)
+
+        monkeypatch.setattr(F, "_train_step", real if n is None else step)
+
+    return arm

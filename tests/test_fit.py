@@ -86,25 +86,18 @@ def test_micro_batches_and_grad_checkpointing_give_the_same_fit(tiny):
     assert not tiny.training and not any(m.training for m in tiny.modules())
 
 
-def test_interrupted_fit_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
+def test_interrupted_fit_resumes_to_the_same_result(tiny, tmp_path, ctrl_c_at_step):
     full = fit(tiny, None, HEADS, **SMALL)
     ckpt = tmp_path / "c.json.ckpt"
     part = fit(tiny, None, HEADS, checkpoint=ckpt, max_steps_this_run=2, **SMALL)
     assert not part.finished and part.step == 2 and part.after is None and ckpt.exists()
 
     # Ctrl-C during step 4: the checkpoint holds step 3, the last completed one
-    real = F._train_step
-
-    def interrupt(model, tok, settings, step, alpha):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(model, tok, settings, step, alpha)
-
-    monkeypatch.setattr(F, "_train_step", interrupt)
+    ctrl_c_at_step(3)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny, None, HEADS, checkpoint=ckpt, **SMALL)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
-    monkeypatch.setattr(F, "_train_step", real)
+    ctrl_c_at_step(None)
 
     done = fit(tiny, None, HEADS, checkpoint=ckpt, **SMALL)
     assert done.finished and done.resumed_from == 3

@@ -64,25 +64,16 @@ def test_run_refuses_nonempty_out_before_any_work(tiny_folder, tmp_path, capsys)
         pear.run(str(tiny_folder), tmp_path / "x", k="many")
 
 
-def test_run_ctrl_c_then_same_command_resumes(tiny_folder, tmp_path, monkeypatch, capsys):
-    import pear.fit as F
-
+def test_run_ctrl_c_then_same_command_resumes(tiny_folder, tmp_path, ctrl_c_at_step, capsys):
     out = tmp_path / "run"
     argv = ["run", "--model", str(tiny_folder), "--out", str(out), "--k", "2", "--discovery-settings", "6x8",
             "--top-m", "4", "--steps", "4", "--batch", "2", "--length", "8", "--eval-batch", "2", "--no-progress"]
-    real = F._train_step
-
-    def interrupt(model, tok, settings, step, alpha):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(model, tok, settings, step, alpha)
-
-    monkeypatch.setattr(F, "_train_step", interrupt)
+    ctrl_c_at_step(2)
     assert main(argv) == 130
     ckpt = tmp_path / "run.fit.ckpt"
     assert ckpt.exists() and not out.exists()
     assert "run the same command again to resume" in capsys.readouterr().err
-    monkeypatch.setattr(F, "_train_step", real)
+    ctrl_c_at_step(None)
     assert main(argv) == 0
     assert not ckpt.exists()
     fit_info = json.loads((out / "coefficients.json").read_text())["fit"]
