@@ -264,3 +264,28 @@ def test_out_of_memory_batch_is_split_after_its_memory_is_freed():
     assert done == list(range(7)) and len(failed) == 3  # 7 -> 3 + 4 -> 3 -> 1 + 2, 4 -> 2 + 2
     with pytest.raises(torch.cuda.OutOfMemoryError):
         _split_on_oom(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), [0])
+
+
+def test_table_and_plot_when_a_model_misses_a_task(tmp_path, monkeypatch):
+    """A results file assembled with --parts only can lack a model on some tasks: the table
+    shows '-', the plot draws no line there, and the legend still names every model once,
+    each in the same colour in every panel."""
+    from pear.evaluate import report
+
+    def acc(a):
+        return {"accuracy": a, "n": 10, "correct": int(10 * a), "ci95": [a - 0.1, a + 0.1], "skipped": 0}
+
+    both = {"a": {c: acc(0.5) for c in ("1", "2", "all")}, "b": {c: acc(0.3) for c in ("1", "2", "all")}}
+    task = {"metric": "em", "kind": "generate", "positional": True, "conditions": ["1", "2", "all"], "paired": {}}
+    results = {"models": [{"label": "a"}, {"label": "b"}],
+               "tasks": {"t1": dict(task, models={"a": both["a"]}), "t2": dict(task, models=both)}}
+    table = report.format_table(results)
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith("t1")] == ["-"] * 3
+
+    figs = []
+    monkeypatch.setattr(report, "savefig", lambda fig, path, **k: figs.append(fig) or path.write_bytes(b"png"))
+    report.plot_results(results, tmp_path / "p.png")
+    ax1, ax2 = figs[0].axes
+    assert [t.get_text() for t in ax1.get_legend().get_texts()] == ["a", "b"]
+    assert len(ax1.containers) == 1 and len(ax2.containers) == 2
+    assert ax1.lines[0].get_color() == ax2.lines[0].get_color() != ax2.containers[1].lines[0].get_color()

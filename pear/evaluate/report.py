@@ -76,7 +76,7 @@ def plot_results(results: dict, path) -> Path | None:
             ms = [t["models"][lab][c] for c in conds]
             ys = [m["accuracy"] if m["accuracy"] is not None else float("nan") for m in ms]
             err = _yerr(ys, ms)
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=lab)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=lab, color=f"C{labels.index(lab)}")
         ax.set_title(name)
         ax.set_xlabel("gold position")
         ax.set_ylabel(t["metric"])
@@ -90,13 +90,17 @@ def plot_results(results: dict, path) -> Path | None:
             ms = [t["models"].get(lab, {}).get(t["conditions"][-1], {"accuracy": None, "ci95": None}) for _, t in other]
             ys = [m["accuracy"] or 0 for m in ms]
             err = _yerr(ys, ms)
-            ax.bar([i + j * width for i in range(len(other))], ys, width, yerr=err, capsize=3, label=lab)
+            ax.bar([i + j * width for i in range(len(other))], ys, width, yerr=err, capsize=3, label=lab, color=f"C{j}")
         ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(other))])
         ax.set_xticklabels([n for n, _ in other])
         ax.set_ylim(0, 1)
         ax.set_title("no gold position")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
+    legend = {}  # every label once, also one that only some panels have (a task with a missing part)
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    axes[0].legend(legend.values(), legend.keys(), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     savefig(fig, path, dpi=110)
