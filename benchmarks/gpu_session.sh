@@ -37,6 +37,8 @@ EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
 BTASKS=${BTASKS:-mdqa-20,hotpotqa,kv,mdqa-10,mmlu}  # the baselines' tasks, longest parts first
+# the Ms-PoE diagnostic: one uniform ratio 1.2 instead of the spread 1.2-1.8
+UNIFORM=(--variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2)
 
 case "${1:-}" in
 bundle)
@@ -102,7 +104,7 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
   if [[ " $parts " == *" diagnostic "* ]]; then
     for m in $MODELS; do
       ev "ms-poe-uniform-$m" --model $M/$m.gguf --label base --model $M/$m.gguf --variant ms-poe --label ms-poe \
-         --model $M/$m.gguf --variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 \
+         --model $M/$m.gguf "${UNIFORM[@]}" \
          --task mdqa-10 "${LIM[@]}" "${BIG[@]}"
     done
   fi
@@ -119,8 +121,7 @@ workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all),
   sleep 2; pgrep -fc "gpu_session.sh worker" ;;
 worker)  # one data-parallel worker: every baseline run (VARIANTS) on the full data, claiming parts
   W=(--parts claim --out /root/res/worker.json)
-  pear eval --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe --variant-option min_ratio=1.2 \
-    --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
+  pear eval --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
   for v in ${VARIANTS:-ms-poe attention-buckets}; do
     lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
     for m in $MODELS; do
@@ -138,8 +139,7 @@ assemble)  # one results JSON per model: base, pear, ms-poe, attention-buckets, 
     tail -45 /root/res/baselines-full-$m.log
   done
   pear eval --model $M/qwen2.5-coder-0.5b.gguf --label base --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe \
-    --label ms-poe --model $M/qwen2.5-coder-0.5b.gguf --variant ms-poe --variant-option min_ratio=1.2 \
-    --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2 --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" \
+    --label ms-poe --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" \
     --parts only --out /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.json > /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.log 2>&1
   tail -12 /root/res/ms-poe-uniform-qwen2.5-coder-0.5b.log ;;
 collect)

@@ -191,15 +191,15 @@ def _cli_eval(args: argparse.Namespace) -> int:
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
         parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None), parts=args.parts,
         max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks))
-    if results.get("missing") and args.parts == "claim":  # a worker: the others finish the rest
-        left = ", ".join(f"{m['label']}/{m['task']}" for m in results["missing"])
+    left = ", ".join(f"{m['label']}/{m['task']}" for m in results.get("missing", []))
+    if left and args.parts == "claim":  # a worker: the others finish the rest
         print(f"parts left to other processes: {left}; when all have finished, run the command again "
               "without --parts claim to assemble the results")
         return 0
     written = save_results(results, out)
     print(format_table(results))
-    if results.get("missing"):
-        print("left out (a part is missing): " + ", ".join(f"{m['label']}/{m['task']}" for m in results["missing"]))
+    if left:
+        print(f"left out (a part is missing): {left}")
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

@@ -228,13 +228,34 @@ def part_key(entry: ModelEntry, loaded: LoadedModel, task: Task, texts: list[str
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _claim_file(part: Path) -> Path:
+    return part.with_name(part.name + ".claim")
+
+
 def _claim(part: Path) -> bool:
     """Claim `part` for this process (True), unless another process has (False)."""
     try:
-        os.close(os.open(part.with_name(part.name + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(_claim_file(part), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
+
+
+def _load_or_run(part: Path | None, parts: str, compute) -> dict | None:
+    """A part's stored dict: read from `part` where it is saved, else `compute()`d and saved
+    (its claim, if any, released); None where parts="only", or another process claimed it."""
+    if part is not None and part.is_file():
+        with gzip.open(part, "rt") as f:
+            stored = json.load(f)
+        log.info("reusing %s", part)
+        return stored
+    if parts == "only" or (parts == "claim" and not _claim(part)):
+        return None
+    stored = compute()
+    if part is not None:
+        _write_gzip(part, [json.dumps(stored)])
+        _claim_file(part).unlink(missing_ok=True)
+    return stored
 
 
 def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
@@ -321,23 +342,19 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                     part = None
                     if parts_dir is not None:
                         part = _part_path(parts_dir, label, task.name, part_key(entry, loaded, sub, sub_texts))
-                    if part is not None and part.is_file():
-                        with gzip.open(part, "rt") as f:
-                            stored = json.load(f)
-                        log.info("reusing %s", part)
-                    elif parts == "only" or (parts == "claim" and not _claim(part)):
-                        complete = False
-                        continue
-                    else:
+
+                    def compute():
                         t0 = time.perf_counter()
                         rs = run_task(lm, loaded, sub, chat=chat, batch_size=rows,
                                       max_batch_tokens=tokens, progress=progress,
                                       desc=f"{label} | {task.name}", rendered=(sub_texts, sub_ids))
-                        stored = {"label": label, "task": task.name, "seconds": time.perf_counter() - t0,
-                                  "start": s0, "of": len(texts), "spec": entry.spec_str, "records": rs}
-                        if part is not None:
-                            _write_atomic(part, stored)
-                            part.with_name(part.name + ".claim").unlink(missing_ok=True)
+                        return {"label": label, "task": task.name, "seconds": time.perf_counter() - t0,
+                                "start": s0, "of": len(texts), "spec": entry.spec_str, "records": rs}
+
+                    stored = _load_or_run(part, parts, compute)
+                    if stored is None:
+                        complete = False
+                        continue
                     recs += stored["records"]
                     secs += stored["seconds"]
                 if not complete:
@@ -400,9 +417,11 @@ def _data_stamps(ddir: Path) -> dict:
     return out
 
 
-def _write_atomic(path: Path, obj) -> None:
+def _write_gzip(path: Path, lines) -> None:
+    """Text lines into a gzip file, atomically; mtime 0 in the header: same content, same bytes."""
     with open_atomic(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(json.dumps(obj).encode())
+        for line in lines:
+            f.write(line.encode())
 
 
 def save_results(results: dict, out) -> dict[str, Path]:
@@ -417,9 +436,7 @@ def save_results(results: dict, out) -> dict[str, Path]:
     written = {}
     if samples is not None:
         sp = out.with_name(out.stem + ".samples.jsonl.gz")
-        with open_atomic(sp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            for s in samples:
-                f.write((json.dumps(s, ensure_ascii=False) + "\n").encode())
+        _write_gzip(sp, (json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         results["samples_file"] = sp.name
         written["samples"] = sp
     write_text(out, json.dumps(results, indent=1) + "\n")
