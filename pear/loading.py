@@ -235,7 +235,9 @@ def _converted_gguf(ms: ModelSpec) -> Path:
 
     transformers dequantises GGUF on every load (about 20 s for SmolLM2-135M on 2 cores);
     the cached folder loads in about a second and gives the same weights. Keyed by file
-    name, size and modification time; written atomically. PEAR_GGUF_CACHE=0 turns it off.
+    name, size and modification time; written atomically. Processes that start together (one per
+    GPU) may all convert it: the first rename wins, the others use its folder. PEAR_GGUF_CACHE=0
+    turns it off.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -254,7 +256,12 @@ def _converted_gguf(ms: ModelSpec) -> Path:
         strip_quantization(model)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file).save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # several processes converting the same file at once: the first one wins
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

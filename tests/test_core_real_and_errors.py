@@ -179,3 +179,30 @@ def test_cli_error_is_one_line_in_a_real_process(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("pear: error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_gguf_conversion_race_second_process_uses_first_folder(tmp_path, monkeypatch, smollm2):
+    """Processes started together (one per GPU) convert the same GGUF at once: the one whose
+    rename comes second finds the folder there, keeps it, and removes its own copy."""
+    import os
+    import shutil
+
+    from pear import loading
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path))
+    monkeypatch.delenv("PEAR_GGUF_CACHE", raising=False)
+    real_replace = os.replace
+
+    def first_process_wins(src, dst):  # the other process renames its copy first
+        shutil.copytree(src, dst)
+        real_replace(src, dst)  # ENOTEMPTY: dst is a non-empty folder now
+
+    monkeypatch.setattr(loading.os, "replace", first_process_wins)
+    spec = resolve_spec("smollm2-135m")
+    target = loading._converted_gguf(spec)
+    monkeypatch.setattr(loading.os, "replace", real_replace)
+    assert (target / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "converted").iterdir()] == [target.name]  # no .tmp-* left behind
+    loaded = pear.load_model(str(target), dtype="fp32", device="cpu")
+    w = loaded.model.model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(w, smollm2.model.model.layers[0].self_attn.o_proj.weight)
