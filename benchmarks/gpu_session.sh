@@ -31,11 +31,13 @@ set -uo pipefail
 M=/root/m
 MODELS=${MODELS:-"smollm2-135m qwen2.5-coder-0.5b"}
 export PYTHONPATH=/tmp/site:$PWD PEAR_CACHE=/root/cache PEAR_DATA=$M/data PATH=/tmp/bin:$PATH PYTHONUNBUFFERED=1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # several processes share a GPU: less fragmentation
 LIMIT=${LIMIT:-200}  # items per task for the baselines; LIMIT=all: the full development data
 LIM=(--limit $LIMIT); [ "$LIMIT" = all ] && LIM=()
 EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
+PREFIX=${PREFIX:-c}  # the chunks' name: .m/c00, .m/c01, ... (a second bundle: PREFIX=s MODELS_ONLY=1)
 BTASKS=${BTASKS:-mdqa-20,hotpotqa,kv,mdqa-10,mmlu}  # the baselines' tasks, longest parts first
 # the Ms-PoE diagnostic: one uniform ratio 1.2 instead of the spread 1.2-1.8
 UNIFORM=(--variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2)
@@ -51,17 +53,22 @@ bundle)
     f=$(python3 -c "from pear.loading import resolve_spec as r; s=r('$m'); print(s.path+'/'+s.gguf_file)")
     cp "$f" "$d/$m.gguf" && touch -d @${MTIME[$m]:-1767225600} "$d/$m.gguf"
   done
-  mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
-  python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
-  mkdir -p .m && rm -f .m/c*
-  (cd "$d" && tar ch *.gguf data whl) | split -b ${CHUNK:-42000000} -d - .m/c
+  extra=()
+  if [ -z "${MODELS_ONLY:-}" ]; then  # MODELS_ONLY=1: a second bundle of more models, for a machine that has the rest
+    mkdir -p "$d/data"; for x in README.md litm hotpotqa mmlu squad_v2; do cp -r "${DATA_SRC:-../shared/data}/$x" "$d/data/"; done
+    python3 -m pip download -q --no-deps -d "$d/whl" transformers==5.23.0 gguf==0.19.0 rank-bm25==0.2.2
+    extra=(data whl)
+  fi
+  mkdir -p .m && rm -f .m/$PREFIX??
+  (cd "$d" && tar ch *.gguf "${extra[@]}") | split -b ${CHUNK:-42000000} -d - .m/$PREFIX
   ls -la .m ;;
 setup)
   set -e
-  cat $M/c?? | tar x -C $M && rm -f $M/c??
+  cat $M/$PREFIX?? | tar x -C $M && rm -f $M/$PREFIX??
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $M/whl/*.whl
   mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -m pear.cli "$@"\n' > /tmp/bin/pear; chmod +x /tmp/bin/pear
   for m in $MODELS; do
+    [ -n "${NO_FOLD:-}" ] && continue  # NO_FOLD=1: only the base models are run here (e.g. the baselines' parts)
     pear inspect --model $M/$m.gguf --device cuda
     # the PEAR checkpoints evaluated: the coefficients `pear run` learned on this GPU (recorded in
     # benchmarks/results/gpu_eval/runs/), folded into the base weights again
@@ -70,7 +77,7 @@ setup)
   done
   # result parts are keyed on model files' name, size and mtime: a fixed mtime lets the next
   # machine's fold (same bytes) reuse this machine's parts
-  find /root/runs -type f -exec touch -d 2026-01-01T00:00:00 {} +
+  [ -d /root/runs ] && find /root/runs -type f -exec touch -d 2026-01-01T00:00:00 {} +
   if [ -n "${PARTS_IN:-}" ]; then mkdir -p /root/parts && cp -n $PARTS_IN/* /root/parts/; fi ;;
 pear)
   for m in $MODELS; do
@@ -115,13 +122,13 @@ workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all),
   for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
     for w in $(seq 1 ${WORKERS:-2}); do
       (cd $tree && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
-         > /root/res/worker-$g-$w.log 2>&1 < /dev/null &)
+         > /root/res/worker-$g-$w-${tree#/root/w.}.log 2>&1 < /dev/null &)
     done
   done
   sleep 2; pgrep -fc "gpu_session.sh worker" ;;
 worker)  # one data-parallel worker: every baseline run (VARIANTS) on the full data, claiming parts
   W=(--parts claim --out /root/res/worker.json)
-  pear eval --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
+  [ "${DIAG:-1}" = 1 ] && pear eval --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
   for v in ${VARIANTS:-ms-poe attention-buckets}; do
     lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
     for m in $MODELS; do
