@@ -5,8 +5,8 @@
 # wheels the GPU image lacks, split into 42 MB chunks under .m/ (ignored by git; one chunk plus
 # the working tree, ~22 MB with the recorded results, stays under the tool's 64 MiB per call):
 #     bash benchmarks/gpu_session.sh bundle
-# Then one device call per chunk (carry .m/cNN; command: mkdir -p /root/m && cp .m/c* /root/m/),
-# and on the GPU machine, in order:
+# Then one device call per chunk (carry .m/cNN; command: mkdir -p /root/m && cp .m/c* /root/m/; the
+# tool runs several calls of one message back to back, ~5 s each), and on the GPU machine, in order:
 #     bash benchmarks/gpu_session.sh setup      # join, unpack, install wheels, convert models,
 #                                               # fold the recorded PEAR coefficients
 #     setsid nohup bash benchmarks/gpu_session.sh queue > /root/queue.log 2>&1 &   # evaluations
@@ -15,6 +15,9 @@
 # MAX_TOKENS=1100000 peaked at ~120 GB of an H200; three at 512/1.5M ran out of
 # memory while loading models. Start a queue only after `setup` has finished.
 #     bash benchmarks/gpu_session.sh collect    # tar results (no weights) into $OUT
+# (To start on the larger model while the smaller one travels: MODELS=<large> bash ... bundle, then
+# PREFIX=s MODELS_ONLY=1 MODELS=<small> bash ... bundle for chunks .m/sNN without data and wheels;
+# on the GPU machine `PREFIX=s MODELS=<small> setup` joins the second.)
 # On a machine of several GPUs, the baselines on the full development data run data-parallel:
 #     GPUS="0 1 2" bash benchmarks/gpu_session.sh workers   # WORKERS (2) processes per GPU, from a
 #                                               # copy of the tree; all share /root/parts (--parts claim)
@@ -38,7 +41,9 @@ EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir /root/parts)
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size 96 --max-batch-tokens 300000)
 PREFIX=${PREFIX:-c}  # the chunks' name: .m/c00, .m/c01, ... (a second bundle: PREFIX=s MODELS_ONLY=1)
-BTASKS=${BTASKS:-mdqa-20,hotpotqa,kv,mdqa-10,mmlu}  # the baselines' tasks, longest parts first
+# the baselines' tasks, longest parts first: kv is one part of 1,500 long prompts (Attention Buckets:
+# 900-1,150 s in one process, the last to finish on machine 5 when it came third)
+BTASKS=${BTASKS:-kv,mdqa-20,hotpotqa,mdqa-10,mmlu}
 # the Ms-PoE diagnostic: one uniform ratio 1.2 instead of the spread 1.2-1.8
 UNIFORM=(--variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2 --label ms-poe-uniform-1.2)
 

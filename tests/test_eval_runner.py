@@ -122,6 +122,7 @@ def test_evaluate_two_entries_skips_and_pairs(tiny, data_dir, tmp_path):
     written = save_results(res, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["limit"] == 6
     assert written["plot"].stat().st_size > 1000
+    assert written["table"] == tmp_path / "r.md" and written["table"].read_text().count("\n| closedbook |") == 1
     with gzip.open(written["samples"], "rt") as f:
         assert len(f.readlines()) == 2 * (6 + 6 + 6)
 
@@ -289,3 +290,31 @@ def test_table_and_plot_when_a_model_misses_a_task(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax1.get_legend().get_texts()] == ["a", "b"]
     assert len(ax1.containers) == 1 and len(ax2.containers) == 2
     assert ax1.lines[0].get_color() == ax2.lines[0].get_color() != ax2.containers[1].lines[0].get_color()
+
+
+def test_markdown_table(tmp_path):
+    """pear eval's .md table: accuracies, the paired difference to the first model in points with
+    its bootstrap interval and McNemar p (p = 0 printed as below double precision), '–' where a
+    model has no result, the rows over all conditions bold, and MMLU's macro row."""
+    from pear.evaluate import report
+
+    def acc(a):
+        return {"accuracy": a, "n": 10, "correct": int(10 * a), "ci95": [a - 0.1, a + 0.1], "skipped": 0}
+
+    def pair(d, p):
+        return {"diff": d, "ci95": [d - 0.01, d + 0.01], "p_mcnemar": p, "n": 10}
+
+    task = {"metric": "em", "kind": "generate", "positional": True, "conditions": ["1", "all"]}
+    results = {"models": [{"label": "base"}, {"label": "pear"}, {"label": "x"}], "tasks": {
+        "t": dict(task, models={"base": {"1": acc(0.5), "all": acc(0.4)}, "pear": {"1": acc(0.6), "all": acc(0.45)}},
+                  paired={"pear": {"conditions": {"1": pair(0.1, 3.1e-05), "all": pair(0.05, 0.0)}}}),
+        "mmlu": dict(task, positional=False, conditions=["all"],
+                     models={"base": {"all": acc(0.3), "macro_accuracy": 0.31},
+                             "pear": {"all": acc(0.25), "macro_accuracy": 0.26}},
+                     paired={"pear": {"conditions": {"all": pair(-0.05, 0.25)}}})}}
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in report.format_markdown(results).splitlines()]
+    assert rows[0] == ["task", "gold pos", "base", "pear", "pear − base (points), p", "x", "x − base (points), p"]
+    assert rows[2] == ["t", "1", "0.500", "0.600", "+10.0 [+9.0, +11.0], p=3.1e−5", "–", "–"]
+    assert rows[3] == ["", "**all**", "**0.400**", "**0.450**", "**+5.0 [+4.0, +6.0], p<1e−300**", "**–**", "**–**"]
+    assert rows[4] == ["mmlu", "**all**", "**0.300**", "**0.250**", "**−5.0 [−6.0, −4.0], p=0.25**", "**–**", "**–**"]
+    assert rows[5] == ["", "macro", "0.310", "0.260", "", "–", ""]

@@ -112,6 +112,7 @@ def test_real_tokenizer_and_copying(smollm2_bf16):
     assert 1 in banned  # SmolLM2's BOS <|im_start|>
     b = make_model_batch(model, tok, 16, 25, seed=0)
     check_batch(b, banned, 16, 25, bos=tok.bos_token_id)
+    assert int(b.input_ids.max()) < vocab  # ids index the embedding matrix
     with torch.no_grad():
         logits = model(b.input_ids, use_cache=False).logits
     acc = float(copy_accuracy(logits, b))

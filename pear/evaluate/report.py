@@ -1,4 +1,4 @@
-"""The terminal table and the U-curve plot of a results dict."""
+"""The terminal table, the Markdown table and the U-curve plot of a results dict."""
 
 from __future__ import annotations
 
@@ -43,6 +43,48 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    """An exact p-value as a paper prints it: 0.25, 3.1e−05 -> 3.1e−5, 0 -> <1e−300 (below double precision)."""
+    if p == 0:
+        return "<1e−300"
+    m, _, e = f"{p:.2g}".partition("e")
+    return f"{m}e−{int(e[1:])}" if e else m
+
+
+def format_markdown(results: dict) -> str:
+    """The results as a Markdown table (for a README or a paper's appendix), one row per task and
+    condition: each model's accuracy and, for the second and later models, the paired difference
+    to the first in points with its 95 % bootstrap interval and the exact McNemar p. Rows over
+    all conditions are bold; a model with no result there gets '–'."""
+    labels = [m["label"] for m in results["models"]]
+    first, rest = labels[0], labels[1:]
+    head = ["task", "gold pos", first] + [x for lab in rest for x in (lab, f"{lab} − {first} (points), p")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, t in results["tasks"].items():
+        rows = [(c, c == "all") for c in t["conditions"]]
+        if any("macro_accuracy" in t["models"].get(lab, {}) for lab in labels):
+            rows.append(("macro", False))
+        for i, (c, bold) in enumerate(rows):
+            cells = [name if i == 0 else "", c]
+            for lab in labels:
+                m = t["models"].get(lab, {})
+                acc = m.get("macro_accuracy") if c == "macro" else (m.get(c) or {}).get("accuracy")
+                cells.append("–" if acc is None else f"{acc:.3f}")
+                if lab == first:
+                    continue
+                d = t.get("paired", {}).get(lab, {}).get("conditions", {}).get(c)
+                if c == "macro" or not d or not d.get("n"):
+                    cells.append("–" if c != "macro" else "")
+                    continue
+                lo, hi = d["ci95"]
+                cells.append(f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={_p(d['p_mcnemar'])}"
+                             .replace("-", "−").replace("p=<", "p<"))
+            if bold:
+                cells = [f"**{x}**" if x and j > 0 else x for j, x in enumerate(cells)]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

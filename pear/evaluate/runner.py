@@ -425,9 +425,9 @@ def _write_gzip(path: Path, lines) -> None:
 
 
 def save_results(results: dict, out) -> dict[str, Path]:
-    """Write results JSON (+ .samples.jsonl.gz when samples are present, + a .png plot),
-    each atomically. Returns the paths written."""
-    from .report import plot_results
+    """Write results JSON (+ .samples.jsonl.gz when samples are present, + a .md table and a
+    .png plot), each atomically. Returns the paths written."""
+    from .report import format_markdown, plot_results
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -441,6 +441,7 @@ def save_results(results: dict, out) -> dict[str, Path]:
         written["samples"] = sp
     write_text(out, json.dumps(results, indent=1) + "\n")
     written["results"] = out
+    written["table"] = write_text(out.with_suffix(".md"), format_markdown(results) + "\n")
     png = plot_results(results, out.with_suffix(".png"))
     if png is not None:
         written["plot"] = png
