@@ -184,7 +184,6 @@ def test_cli_error_is_one_line_in_a_real_process(tmp_path):
 def test_gguf_conversion_race_second_process_uses_first_folder(tmp_path, monkeypatch, smollm2):
     """Processes started together (one per GPU) convert the same GGUF at once: the one whose
     rename comes second finds the folder there, keeps it, and removes its own copy."""
-    import os
     import shutil
 
     from pear import loading
@@ -194,7 +193,8 @@ def test_gguf_conversion_race_second_process_uses_first_folder(tmp_path, monkeyp
     real_replace = os.replace
 
     def first_process_wins(src, dst):  # the other process renames its copy first
-        shutil.copytree(src, dst)
+        if Path(dst).parent == tmp_path / "converted":  # only the cache folder's rename (os is global)
+            shutil.copytree(src, dst)
         real_replace(src, dst)  # ENOTEMPTY: dst is a non-empty folder now
 
     monkeypatch.setattr(loading.os, "replace", first_process_wins)
