@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Mapping
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import PearError
 from .families import resolve
 from .loading import LoadedModel, load_model, strip_quantization
@@ -95,29 +93,10 @@ def check_out_dir(out: str | Path, force: bool) -> Path:
     return out
 
 
-class AtomicDir:
-    """Write into a temporary sibling folder; on success rename it to `out` (replacing it)."""
-
-    def __init__(self, out: str | Path, force: bool = False):
-        self.out = check_out_dir(out, force)
-        self.force = force
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+def AtomicDir(out: str | Path, force: bool = False):
+    """Write into a temporary sibling folder; on success rename it to `out` (replacing it).
+    Refuses a non-empty `out` unless `force` (`check_out_dir`) before anything is written."""
+    return atomic_dir(check_out_dir(out, force))
 
 
 def _model_card(base: str, coefs: Mapping[HeadKey, float], verification: dict, arch) -> str:

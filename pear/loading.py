@@ -12,14 +12,13 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .atomic import open_atomic
+from .atomic import atomic_dir, open_atomic
 from .errors import PearError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -247,24 +246,14 @@ def _converted_gguf(ms: ModelSpec) -> Path:
     target = cache_dir() / "converted" / f"{f.stem}-{st.st_size}-{st.st_mtime_ns}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file, dtype=torch.float32)
-        strip_quantization(model)
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file).save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # several processes converting the same file at once: the first one wins
-            if not (target / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(target, keep_existing=True) as tmp:
+            model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file, dtype=torch.float32)
+            strip_quantization(model)
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file).save_pretrained(tmp)
     finally:
         hf_logging.set_verbosity(verbosity)
     return target
