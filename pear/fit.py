@@ -61,6 +61,12 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "none": (None, None), "nonneg": (0.0, None), "unit": (0.0, 1.0)}
 DEFAULT_BOUNDS = "nonneg"  # provisional, see the module docstring
 K_AUTO_RANGE = (4, 32)
+# Parameterisations: which heads get a scale, and how fine it is (all folded into the output projection).
+SCALES = {
+    "heads": "one scale per top-K head (the paper)",
+    "all-heads": "one scale per head, every head, pulled towards 1 by --penalty",
+    "channels": "one scale per channel of every head (head x head_dim), pulled towards 1 by --penalty",
+}
 
 
 # ---------------------------------------------------------------------------- settings
@@ -77,12 +83,17 @@ class FitSettings:
     bounds: str = DEFAULT_BOUNDS
     seed: int = 0
     eval_batch: int = 20  # held-out proxy sequences for before/after metrics
+    objective: str = "copy"  # what the scales learn (`pear.objectives`)
+    objective_options: dict = field(default_factory=dict)  # KEY=VALUE options of the objective
+    scales: str = "heads"  # parameterisation (SCALES)
+    penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
     # below: do not change the result (beyond rounding), may differ between resumed runs
     micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
     checkpoint_every: int = 10
 
-    RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch")
+    RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
+                     "objective", "objective_options", "scales", "penalty")
 
     def __post_init__(self):
         if self.bounds not in BOUNDS:
@@ -98,6 +109,28 @@ class FitSettings:
             raise PearError(f"micro batch must be >= 1, got {self.micro_batch}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise PearError(f"warm-up steps must be in 0..{self.steps}, got {self.warmup}")
+        if self.scales not in SCALES:
+            raise PearError(f"unknown scales '{self.scales}'; use one of {', '.join(SCALES)}")
+        if not (math.isfinite(self.penalty) and self.penalty >= 0):
+            raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
+        self.make_objective()  # unknown objective or option: fail now, before any model work
+
+    def make_objective(self, data_dir=None):
+        """The objective these settings train (the copy proxy's n is `length`)."""
+        from .objectives import get_objective
+
+        opts = dict(self.objective_options)
+        if self.objective == "copy":
+            opts.setdefault("length", self.length)
+        return get_objective(self.objective, opts, data_dir)
+
+    @property
+    def channels(self) -> bool:
+        return self.scales == "channels"
+
+    @property
+    def all_heads(self) -> bool:
+        return self.scales != "heads"
 
     @property
     def warmup_steps(self) -> int:
@@ -204,6 +237,12 @@ def select_heads(source, k: int | str = "auto") -> tuple[list[HeadKey], dict[Hea
     return [h for h, _ in chosen], dict(chosen), evidence
 
 
+def all_heads(model) -> list[HeadKey]:
+    """Every (layer, head) of the model: the heads of the all-heads and channels parameterisations."""
+    arch = resolve(model)
+    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
+
+
 def parse_k(text: str) -> int | str:
     if text == "auto":
         return "auto"
@@ -253,16 +292,20 @@ def _nll(logits: torch.Tensor, batch: ProxyBatch) -> torch.Tensor:
 
 
 CPU_TOKENS_PER_FORWARD = 1024
+GPU_TOKENS_PER_FORWARD = 32768
 
 
-def default_micro_batch(model, length: int) -> int | None:
-    """Sequences per forward pass when none is given: the whole batch on GPUs; on CPU about
-    1,000 tokens (10 sequences at n = 50), which keeps activations in cache: a training step
-    of 20 sequences on SmolLM2-135M (bf16, 2 cores) takes ~15 % less time as 2 x 10 than as
-    1 x 20. Same gradient either way (accumulated, weighted by micro-batch size)."""
+def default_micro_batch(model, length: int, tokens: int | None = None) -> int | None:
+    """Sequences per forward pass when none is given: on CPU about 1,000 tokens (10 sequences
+    at n = 50), which keeps activations in cache: a training step of 20 sequences on
+    SmolLM2-135M (bf16, 2 cores) takes ~15 % less time as 2 x 10 than as 1 x 20. On GPUs the
+    whole copy-proxy batch; long sequences (`tokens` each) in micro-batches of ~32k tokens,
+    which bounds the activations kept for the backward pass. Same gradient either way
+    (accumulated, weighted by micro-batch size)."""
+    per_seq = tokens or (2 * length + 1)
     if next(model.parameters()).device.type != "cpu":
-        return None
-    return max(1, CPU_TOKENS_PER_FORWARD // (2 * length + 1))
+        return None if tokens is None else max(1, GPU_TOKENS_PER_FORWARD // per_seq)
+    return max(1, CPU_TOKENS_PER_FORWARD // per_seq)
 
 
 @contextlib.contextmanager
@@ -335,12 +378,13 @@ class FitResult:
         return self.step >= self.settings.steps
 
     def to_json(self) -> dict:
-        rows = coefficients_json(self.coefficients)["heads"]
+        cj = coefficients_json(self.coefficients)
+        rows = cj["heads"]
         for r in rows:
             key = (r["layer"], r["head"])
             r["score"] = self.scores.get(key)
             r["rank"] = self.heads.index(key) + 1
-        return {"heads": rows, "model": self.model, "fit": {
+        return {"granularity": cj["granularity"], "heads": rows, "model": self.model, "fit": {
             "settings": self.settings.as_dict(), "dtype": self.dtype, "steps_done": self.step,
             "seconds": round(self.seconds, 2), "resumed_from_step": self.resumed_from,
             "before": self.before, "after": self.after, "losses": [round(v, 5) for v in self.losses],
@@ -443,17 +487,19 @@ def _dtype_name(model) -> str:
 def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None = None, *,
         checkpoint: str | Path | None = None, restart: bool = False, max_steps_this_run: int | None = None,
         progress: bool = True, model_spec: str | None = None, scores: Mapping[HeadKey, float] | None = None,
-        k_selection: dict | None = None, **overrides) -> FitResult:
+        k_selection: dict | None = None, data_dir=None, **overrides) -> FitResult:
     """Learn one coefficient per head in `heads` on the proxy task; the model is not changed.
 
     settings / overrides: `FitSettings` (e.g. ``fit(m, tok, heads, steps=30, lr=1e-2)``).
     checkpoint: file to save/resume training state (None: no checkpoint).
     max_steps_this_run: stop after this many steps in this call (checkpoint saved); the
     result then has ``finished == False`` and ``after is None``.
+    data_dir: the data folder for objectives that read one (default $PEAR_DATA).
     Raises PearError if the loss or a coefficient becomes non-finite.
     """
     settings = dataclasses.replace(settings or FitSettings(), **overrides)
-    if settings.micro_batch is None:
+    objective = settings.make_objective(data_dir)
+    if settings.micro_batch is None and settings.objective == "copy":
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(model, settings.length))
     from transformers import get_linear_schedule_with_warmup
 
@@ -470,14 +516,24 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
 
     t0 = time.perf_counter()
     heldout = heldout_batch(model, tokenizer, settings)
-    with frozen(model), cpu_attention(model), HeadScaling(model, heads) as hs:
+    held_obj = None if settings.objective == "copy" else objective.batch(
+        model, tokenizer, settings.eval_batch, heldout_seed(settings.seed))
+
+    def metrics(hs) -> dict[str, float]:
+        m = proxy_metrics(model, heldout, settings.micro_batch if settings.objective == "copy" else None)
+        if held_obj is not None:
+            with torch.no_grad():
+                m["objective_loss"] = sum(float(objective.loss(model, b, hs)) * len(b) for b in
+                                          objective.split(held_obj, _micro(model, settings, held_obj))) / len(held_obj)
+        return m
+
+    with frozen(model), cpu_attention(model), HeadScaling(model, heads, channels=settings.channels) as hs:
         alpha = hs.alpha
         opt = torch.optim.AdamW([alpha], lr=settings.lr, weight_decay=settings.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
         if state is None:
-            hs.remove()  # base model, no hooks
-            before = proxy_metrics(model, heldout, settings.micro_batch)
-            hs.attach()
+            with hs.disabled():  # base model, no hooks
+                before = metrics(hs)
             step, losses, seconds_before, resumed_from = 0, [], 0.0, 0
         else:
             with torch.no_grad():
@@ -504,7 +560,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         try:
             with grad_checkpointing(model, settings.grad_checkpointing):
                 while step < stop_at:
-                    loss = _train_step(model, tokenizer, settings, step, alpha)
+                    loss = _train_step(model, tokenizer, settings, objective, step, hs)
                     if not math.isfinite(loss):
                         raise PearError(f"fit stopped at step {step + 1}: training loss is {loss} "
                                         f"(lr {settings.lr:g}, bounds {settings.bounds}); lower --lr or use "
@@ -521,7 +577,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     losses.append(loss)
                     good = snapshot()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", alpha=f"[{float(alpha.detach().min()):.2f}, {float(alpha.detach().max()):.2f}]")
+                    bar.set_postfix(loss=f"{loss:.3f}", alpha=f"[{float(alpha.detach().min()):.2f}, "
+                                    f"{float(alpha.detach().max()):.2f}]")
                     if ckpt_path and (step % settings.checkpoint_every == 0 or step == stop_at):
                         _save_ckpt(ckpt_path, good)
         except KeyboardInterrupt:
@@ -533,7 +590,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         finally:
             bar.close()
         seconds = seconds_before + time.perf_counter() - t0
-        after = proxy_metrics(model, heldout, settings.micro_batch) if step >= settings.steps else None
+        after = metrics(hs) if step >= settings.steps else None
         coefs = hs.coefficients()
     scores = dict(scores or {})
     return FitResult(heads=heads, coefficients=coefs, losses=losses, before=before, after=after,
@@ -556,14 +613,27 @@ def _clone(obj):
     return obj
 
 
-def _train_step(model, tokenizer, settings: FitSettings, step: int, alpha: torch.Tensor) -> float:
-    """Forward + backward on the fresh batch of `step`; leaves the gradient in `alpha.grad`."""
-    batch = make_model_batch(model, tokenizer, settings.batch, settings.length, seed=train_seed(settings.seed, step))
+def _micro(model, settings: FitSettings, batch) -> int | None:
+    """Sequences per forward pass for this batch (see `default_micro_batch`)."""
+    if settings.micro_batch is not None or settings.objective == "copy":
+        return settings.micro_batch
+    longest = max(len(s.ids) + len(s.teacher_ids or ()) for s in batch)
+    return default_micro_batch(model, settings.length, tokens=longest)
+
+
+def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, hs: HeadScaling) -> float:
+    """Forward + backward on the fresh batch of `step`; leaves the gradient in `hs.alpha.grad`.
+    The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``."""
+    batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))
     total = 0.0
-    for b in _chunks(batch, settings.micro_batch):
-        loss = _nll(scored_logits(model, b), b).mean() * (len(b.input_ids) / settings.batch)
+    for b in objective.split(batch, _micro(model, settings, batch)):
+        loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
         loss.backward()
         total += float(loss.detach())
+    if settings.penalty:
+        reg = settings.penalty * (hs.alpha - 1).pow(2).mean()
+        reg.backward()
+        total += float(reg.detach())
     leaked = [n for n, p in model.named_parameters() if p.grad is not None]
     if leaked:  # the model must stay frozen: only alpha learns
         raise RuntimeError(f"model parameters received gradients: {leaked[:3]}")
@@ -572,31 +642,73 @@ def _train_step(model, tokenizer, settings: FitSettings, step: int, alpha: torch
 
 # ---------------------------------------------------------------------------- CLI
 def add_fit_args(p: argparse.ArgumentParser) -> None:
-    """Fit options shared by `pear fit` and `pear run`."""
+    """Fit options shared by `pear fit` and `pear run`. Options left out take the recipe's
+    value (`pear.recipes`), then FitSettings' default."""
+    from .recipes import DEFAULT_RECIPE, RECIPES
+
     d = FitSettings()
-    p.add_argument("--k", default="auto", help="number of heads: an integer, or auto (knee of the sorted "
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help=f"named fit settings (default {DEFAULT_RECIPE}): "
+                   + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
+    p.add_argument("--k", default=None, help="number of heads: an integer, or auto (knee of the sorted "
                    "positive discovery scores, clamped to 4..32; default)")
-    p.add_argument("--bounds", default=DEFAULT_BOUNDS, choices=list(BOUNDS),
+    p.add_argument("--bounds", default=None, choices=list(BOUNDS),
                    help="coefficient range: none (unbounded), nonneg [0, inf) (default, provisional), unit [0, 1]")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"proxy sequences per step (default {d.batch})")
-    p.add_argument("--length", type=int, default=d.length, help=f"tokens per copy, n (default {d.length})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=None, help=f"proxy sequences per step (default {d.batch})")
+    p.add_argument("--length", type=int, default=None, help=f"tokens per copy, n (default {d.length})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.lr:g})")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 10%% of steps)")
-    p.add_argument("--eval-batch", type=int, default=d.eval_batch,
+    p.add_argument("--eval-batch", type=int, default=None,
                    help=f"held-out proxy sequences for before/after metrics (default {d.eval_batch})")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per forward pass, gradients accumulated (default: whole batch on GPU, "
                    "~1000 tokens on CPU)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (large models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations (large models)")
+    p.add_argument("--objective", default=None, choices=list(_objective_names()),
+                   help="what the scales learn: copy (the paper's proxy), long-copy, retrieval, "
+                   "position-distill (see pear.objectives)")
+    p.add_argument("--objective-option", dest="objective_options", action="append", default=None,
+                   metavar="KEY=VALUE", help="an option of the objective, e.g. documents=20 (repeatable)")
+    p.add_argument("--scales", default=None, choices=list(SCALES),
+                   help="parameterisation: " + "; ".join(f"{k}: {v}" for k, v in SCALES.items()))
+    p.add_argument("--penalty", type=float, default=None,
+                   help="weight of mean((alpha - 1)^2) in the loss (default 0)")
+    p.add_argument("--data-dir", default=None,
+                   help="data folder for objectives that read one (SQuAD 2.0; default $PEAR_DATA)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--restart", action="store_true", help="discard a checkpoint from an earlier, different fit")
 
 
+def _objective_names():
+    from .objectives import OBJECTIVES
+
+    return OBJECTIVES
+
+
+FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
+            "grad_checkpointing", "objective", "scales", "penalty")
+
+
 def settings_from_args(args: argparse.Namespace) -> FitSettings:
-    return FitSettings(steps=args.steps, batch=args.batch, length=args.length, lr=args.lr, warmup=args.warmup,
-                       bounds=args.bounds, seed=args.seed, eval_batch=args.eval_batch,
-                       micro_batch=args.micro_batch, grad_checkpointing=args.grad_checkpointing)
+    """The recipe's settings, with every option given on the command line on top."""
+    from .objectives import parse_options
+    from .recipes import get_recipe
+
+    values = dict(get_recipe(args.recipe).fit)
+    if args.objective is not None and args.objective != values.get("objective"):
+        values.pop("objective_options", None)  # the recipe's options belong to its own objective
+    values.update({k: getattr(args, k) for k in FIT_ARGS if getattr(args, k, None) is not None})
+    if args.objective_options is not None:
+        values["objective_options"] = parse_options(args.objective_options)
+    return FitSettings(**values)
+
+
+def k_from_args(args: argparse.Namespace) -> int | str:
+    from .recipes import get_recipe
+
+    return parse_k(args.k if args.k is not None else get_recipe(args.recipe).k)
 
 
 def compute_dtype(dtype: str) -> str:
@@ -613,7 +725,8 @@ def add_cli(sub) -> None:
                        "weight frozen; write coefficients.json (for `pear fold`). Interrupted fits resume "
                        "when the same command is run again.")
     add_model_args(p)
-    p.add_argument("--heads", required=True, metavar="heads.json", help="output of `pear discover`")
+    p.add_argument("--heads", default=None, metavar="heads.json",
+                   help="output of `pear discover` (needed with --scales heads, the default)")
     p.add_argument("--out", required=True, metavar="coefficients.json")
     add_fit_args(p)
     p.add_argument("--max-steps-this-run", type=int, default=None,
@@ -627,13 +740,19 @@ def _cli_fit(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise PearError(f"--out {args.out} is a folder; give a file name like coefficients.json")
     settings = settings_from_args(args)
-    k = parse_k(args.k)
-    heads, scores, evidence = select_heads(args.heads, k)
+    k = k_from_args(args)
+    if settings.all_heads:
+        heads, scores, evidence = None, {}, {"method": f"every head ({settings.scales})"}
+    elif args.heads is None:
+        raise PearError("--heads heads.json is needed with --scales heads (or use --scales all-heads/channels)")
+    else:
+        heads, scores, evidence = select_heads(args.heads, k)
     loaded = load_model(args.model, dtype=compute_dtype(args.dtype), device=args.device, device_map=args.device_map)
+    heads = heads or all_heads(loaded.model)
     ckpt = checkpoint_path_for(args.out)
     res = fit(loaded.model, loaded.tokenizer, heads, settings, checkpoint=ckpt, restart=args.restart,
               max_steps_this_run=args.max_steps_this_run, model_spec=loaded.spec.spec, scores=scores,
-              k_selection=evidence)
+              k_selection=evidence, data_dir=args.data_dir)
     if not res.finished:
         print(f"pear: stopped after step {res.step}/{settings.steps} as asked; checkpoint {ckpt}; "
               "run the same command again to continue", file=sys.stderr)
@@ -643,6 +762,7 @@ def _cli_fit(args: argparse.Namespace) -> int:
     b, a = res.before, res.after
     print(f"fitted {len(heads)} heads in {res.seconds:.1f} s: held-out proxy loss {b['proxy_loss']:.3f} -> "
           f"{a['proxy_loss']:.3f}, copy accuracy {b['copy_accuracy']:.3f} -> {a['copy_accuracy']:.3f}; "
-          f"coefficients in [{min(res.coefficients.values()):.3f}, {max(res.coefficients.values()):.3f}]; "
+          f"coefficients in [{float(torch.tensor(list(res.coefficients.values())).min()):.3f}, "
+          f"{float(torch.tensor(list(res.coefficients.values())).max()):.3f}]; "
           f"saved {args.out}")
     return 0

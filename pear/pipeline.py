@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import AtomicDir, check_out_dir, save_checkpoint, verify_fold
-from .fit import (DEFAULT_BOUNDS, K_AUTO_RANGE, FitSettings, add_fit_args, compute_dtype, fit, heldout_batch, parse_k,
-                  proxy_metrics, select_heads, settings_from_args)
+from .fit import (K_AUTO_RANGE, FitSettings, add_fit_args, all_heads, compute_dtype, fit, heldout_batch, k_from_args,
+                  parse_k, proxy_metrics, select_heads, settings_from_args)
 from .loading import DTYPES, load_model, parse_dtype, resolve_spec
-from .scaling import HeadKey
+from .recipes import DEFAULT_RECIPE
+from .scaling import HeadKey, granularity, summary_value
 
 CPU_TOP_M = 16  # fast discovery on CPU with --k auto: heads re-scored exactly at first (see run())
 
@@ -135,59 +136,72 @@ class _Stages:
         return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
 
 
-def run(model: str | None = None, out: str | Path | None = None, *, k: int | str = "auto", method: str = "fast",
-        bounds: str = DEFAULT_BOUNDS, settings: FitSettings | None = None, discovery_settings=None,
-        top_m: int | None = None, seed: int = 0, dtype: str = "auto", save_dtype: str = "auto", device: str = "auto",
-        device_map=None, force: bool = False, restart: bool = False, progress: bool = True,
-        command: str | None = None, **fit_overrides) -> RunResult:
+def run(model: str | None = None, out: str | Path | None = None, *, k: int | str | None = None, method: str = "fast",
+        bounds: str | None = None, settings: FitSettings | None = None, recipe: str | None = None,
+        discovery_settings=None, top_m: int | None = None, seed: int | None = None, dtype: str = "auto",
+        save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
+        progress: bool = True, data_dir=None, command: str | None = None, **fit_overrides) -> RunResult:
     """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult`.
 
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
-    "auto". method: discovery "fast" or "exact". settings / fit_overrides: `FitSettings`
-    (e.g. ``steps=60, batch=20, lr=5e-3``); bounds and seed override those in settings.
+    "auto" (default: the recipe's). method: discovery "fast" or "exact". recipe: a name in
+    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None; settings /
+    fit_overrides: `FitSettings` (e.g. ``steps=60, batch=20, lr=5e-3``); bounds and seed, when
+    given, override those in settings. With scales "all-heads" or "channels" every head is
+    scaled and discovery is skipped (its scores choose nothing).
     discovery_settings: proxy (N, n) settings for discovery (default: the paper's four);
     top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); for k="auto", 32,
     the largest K it can choose; on CPU first 16, then 32 only if K auto picks a head past them).
     """
     from .discover import discover
 
+    from .recipes import get_recipe
+
     t_total = time.perf_counter()
-    k = parse_k(str(k))
+    rec = get_recipe(recipe)
+    recipe_name = recipe or (DEFAULT_RECIPE if settings is None else "custom")
+    k = parse_k(str(k if k is not None else rec.k))
     out = Path(out) if out is not None else default_out(model)
     check_out_dir(out, force)
-    fs = dataclasses.replace(settings or FitSettings(), **fit_overrides, bounds=bounds, seed=seed)
+    given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
+    fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
+    seed = fs.seed
     cdtype = parse_dtype(compute_dtype(dtype))
-    stages = _Stages(["load", "discover", "fit", "fold + verify", "save"], progress)
+    stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 
     with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
 
-    with stages("discover", f"({method})"):
-        m, staged = top_m, False
-        if m is None and k == "auto":
-            # every head --k auto can pick gets an exact score. On GPUs: the top 32 at once. On CPU,
-            # where each exact re-check costs ~0.7 s per head and setting: the top 16 first, and the
-            # top 32 only if K auto then reaches past them (SmolLM2 picks 11-12).
-            on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-            m, staged = (CPU_TOP_M, True) if on_cpu and method == "fast" else (K_AUTO_RANGE[1], False)
-        run_discovery = functools.partial(discover, loaded.model, loaded.tokenizer, settings=discovery_settings,
-                                          method=method, seed=seed, k=k if isinstance(k, int) else 10,
-                                          progress=progress, model_spec=spec)
-        disc = run_discovery(top_m=m)
-        heads, scores, evidence = select_heads(disc, k)
-        if staged and not all(bool(disc.exact[h]) for h in heads):
-            disc = run_discovery(top_m=K_AUTO_RANGE[1])
+    disc = None
+    if fs.all_heads:
+        heads, scores, evidence = all_heads(loaded.model), {}, {"method": f"every head ({fs.scales})"}
+    else:
+        with stages("discover", f"({method})"):
+            m, staged = top_m, False
+            if m is None and k == "auto":
+                # every head --k auto can pick gets an exact score. On GPUs: the top 32 at once. On CPU,
+                # where each exact re-check costs ~0.7 s per head and setting: the top 16 first, and the
+                # top 32 only if K auto then reaches past them (SmolLM2 picks 11-12).
+                on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+                m, staged = (CPU_TOP_M, True) if on_cpu and method == "fast" else (K_AUTO_RANGE[1], False)
+            run_discovery = functools.partial(discover, loaded.model, loaded.tokenizer, settings=discovery_settings,
+                                              method=method, seed=seed, k=k if isinstance(k, int) else 10,
+                                              progress=progress, model_spec=spec)
+            disc = run_discovery(top_m=m)
             heads, scores, evidence = select_heads(disc, k)
-        if staged:
-            disc.extra["staged_top_m"] = {"first": CPU_TOP_M, "extended_to": int(disc.extra.get("top_m", m))}
-        disc.k = len(heads)  # heads.json's top_k and the heatmap outline: the heads we fit
+            if staged and not all(bool(disc.exact[h]) for h in heads):
+                disc = run_discovery(top_m=K_AUTO_RANGE[1])
+                heads, scores, evidence = select_heads(disc, k)
+            if staged:
+                disc.extra["staged_top_m"] = {"first": CPU_TOP_M, "extended_to": int(disc.extra.get("top_m", m))}
+            disc.k = len(heads)  # heads.json's top_k and the heatmap outline: the heads we fit
 
     ckpt = Path(str(out) + ".fit.ckpt")
     with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):
         fr = fit(loaded.model, loaded.tokenizer, heads, fs, checkpoint=ckpt, restart=restart, progress=progress,
-                 model_spec=spec, scores=scores, k_selection=evidence)
+                 model_spec=spec, scores=scores, k_selection=evidence, data_dir=data_dir)
 
     with stages("fold + verify"):
         sdtype = _native_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
@@ -206,8 +220,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         bar.update(1)
         bar.close()
 
-    rows = [{"rank": i + 1, "layer": l, "head": h, "score": scores.get((l, h)), "coefficient": fr.coefficients[(l, h)]}
-            for i, (l, h) in enumerate(heads)]
+    rows = [{"rank": i + 1, "layer": l, "head": h, "score": scores.get((l, h)),
+             "coefficient": summary_value(fr.coefficients[(l, h)])} for i, (l, h) in enumerate(heads)]
     result = RunResult(
         out=out, model_dir=out / "model", heads_path=out / "heads.json", coefficients_path=out / "coefficients.json",
         report_path=out / "report.md",
@@ -217,10 +231,11 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
         settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
-                  "seed": seed, "k": k, "method": method},
+                  "seed": seed, "k": k, "method": method, "recipe": recipe_name},
         command=command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m),
-        discovery={"seconds": round(disc.seconds, 2), "forward_equivalents": round(disc.forward_equivalents, 2),
-                   "settings": [list(s) for s in disc.settings]},
+        discovery={} if disc is None else {"seconds": round(disc.seconds, 2),
+                                           "forward_equivalents": round(disc.forward_equivalents, 2),
+                                           "settings": [list(s) for s in disc.settings]},
     )
 
     from .report import write_report
@@ -229,11 +244,15 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         bar = stages.bar(4, "save")
         with AtomicDir(out, force) as tmp:
             save_checkpoint(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
-                "pear_run": {"method": method, "k": len(heads), "k_selection": evidence["method"],
+                "pear_run": {"recipe": recipe_name, "objective": fs.objective,
+                             "scales": fs.scales, "granularity": granularity(fr.coefficients),
+                             "method": None if disc is None else method, "k": len(heads),
+                             "k_selection": evidence["method"],
                              "bounds": fs.bounds, "fit_settings": fs.as_dict(), "compute_dtype": fr.dtype,
                              "heldout_proxy": {"base": saved_base, "folded": saved_folded}}})
             bar.update(1)
-            disc.save(tmp / "heads.json")  # + heads.png
+            if disc is not None:
+                disc.save(tmp / "heads.json")  # + heads.png
             bar.update(1)
             fr.save(tmp / "coefficients.json")
             bar.update(1)
@@ -273,9 +292,11 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
     if top_m is not None:
         parts.append(f"--top-m {top_m}")
     for name, flag in [("bounds", "--bounds"), ("steps", "--steps"), ("batch", "--batch"), ("length", "--length"),
-                       ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed")]:
+                       ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed"), ("objective", "--objective"),
+                       ("scales", "--scales"), ("penalty", "--penalty")]:
         if getattr(fs, name) != getattr(d, name):
             parts.append(f"{flag} {getattr(fs, name)}")
+    parts += [f"--objective-option {k}={v}" for k, v in fs.objective_options.items()]
     if dtype != "auto":
         parts.append(f"--dtype {dtype}")
     if save_dtype != "auto":
@@ -311,10 +332,10 @@ def add_cli(sub) -> None:
 def _cli_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model)
     check_out_dir(out, args.force)
-    res = run(args.model, out, k=args.k, method=args.method, bounds=args.bounds, settings=settings_from_args(args),
-              discovery_settings=args.discovery_settings, top_m=args.top_m, seed=args.seed, dtype=args.dtype,
+    res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings_from_args(args),
+              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=args.dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
-              restart=args.restart, progress=not args.no_progress)
+              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir)
     print(res.summary())
     print(f"report: {res.report_path}")
     return 0

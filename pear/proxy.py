@@ -62,6 +62,9 @@ class ProxyBatch:
     n: int  # length of one copy
     offset: int  # 1 if a BOS token was prepended, else 0
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
     @property
     def pred_positions(self) -> torch.Tensor:
         """Positions whose next-token prediction is scored: x1..x(n-1) of the second copy. (n-1,)"""

@@ -34,8 +34,22 @@ _COLOURS = {"FLIPPED": "#d62728", "removed": "#7f7f7f", "weakened": "#1f77b4", "
             "amplified": "#ff7f0e"}
 
 
+MAX_BARS = 40  # more heads than this (every head scaled): a layers x heads map of α - 1 instead of bars
+
+
 def plot_coefficients(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Bar per head (rank order): coefficient α; dashed line at 1 (unchanged), solid at 0."""
+    """Bar per head (rank order): coefficient α; dashed line at 1 (unchanged), solid at 0.
+    With more than MAX_BARS heads, a layers x heads map of α - 1 (per-channel scales: their mean)."""
+    if len(rows) > MAX_BARS:
+        import torch
+
+        from .plots import heatmap
+
+        L, H = 1 + max(r["layer"] for r in rows), 1 + max(r["head"] for r in rows)
+        grid = torch.zeros(L, H)
+        for r in rows:
+            grid[r["layer"], r["head"]] = r["coefficient"] - 1
+        return heatmap(grid, [], path, title=title, label="α − 1 (%)")
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -101,11 +115,15 @@ def render(r) -> str:
     sb, sf = r.saved["base"], r.saved["folded"]
     lo, hi = BOUNDS[fs["bounds"]]
     n_flipped = sum(1 for h in r.heads if h["coefficient"] < 0)
+    shown = r.heads if r.discovery else sorted(r.heads, key=lambda h: -abs(h["coefficient"] - 1))[:MAX_BARS]
     rows = "\n".join(
         f"| {h['rank']} | {h['layer']} | {h['head']} | {_pct(h['score'])} | {h['coefficient']:.4f} | {effect(h['coefficient'])} |"
-        for h in r.heads)
+        for h in shown)
     ks = r.k_selection
-    if ks.get("method") == "given":
+    if not r.discovery:
+        k_text = (f"Every head has a scale ({ks['method']}): no discovery, no K. Largest changes first "
+                  f"(all {r.k} in `coefficients.json`).")
+    elif ks.get("method") == "given":
         k_text = f"K = {r.k} was given (`--k {r.k}`)."
     else:
         k_text = (f"K = {r.k}, chosen from the data (`--k auto`): the knee of the {ks['positive_heads']} positive "
@@ -160,20 +178,19 @@ KV retrieval, HotpotQA, MMLU), not here.
 
 ![coefficients](coefficients.png)
 
-![heads](heads.png)
+{"![heads](heads.png)" if r.discovery else ""}
 
 ## Fit
 
+Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
+`{fs['scales']}`{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;
-{fs['steps']} steps of {fs['batch']} fresh proxy sequences (n = {fs['length']}), seed {fs['seed']};
+{fs['steps']} steps of {fs['batch']} fresh sequences, seed {fs['seed']};
 every model weight frozen. Training loss, mean of the first / last 5 steps: {loss_first:.3f} -> {loss_last:.3f}.
 
 ![training loss](fit_loss.png)
 
-## Discovery
-
-Method `{r.method}`, settings (N, n) {', '.join(f'({n}, {l})' for n, l in r.discovery['settings'])},
-{r.discovery['seconds']:.1f} s, {r.discovery['forward_equivalents']:.1f} forward-equivalents. All scores: `heads.json`.
+{_discovery_text(r)}
 
 ## Fold check
 
@@ -190,6 +207,22 @@ Folded vs hooked logits on a fixed input: max |difference| {v['max_abs_logit_dif
 
 {vers}
 """
+
+
+def _discovery_text(r) -> str:
+    if not r.discovery:
+        return ""
+    d = r.discovery
+    return (f"## Discovery\n\nMethod `{r.method}`, settings (N, n) {', '.join(f'({n}, {l})' for n, l in d['settings'])},\n"
+            f"{d['seconds']:.1f} s, {d['forward_equivalents']:.1f} forward-equivalents. All scores: `heads.json`.\n")
+
+
+def _objective_text(r) -> str:
+    b, a = r.before, r.after
+    if "objective_loss" not in b:
+        return ""
+    return (f" Held-out objective loss (fixed batch): base {b['objective_loss']:.4f} -> learned "
+            f"{a['objective_loss']:.4f}.")
 
 
 def write_report(r, folder: str | Path) -> dict[str, Path]:

@@ -1,8 +1,9 @@
 """Per-head scaling of attention outputs: hooks (trainable), fold and unfold (into weights).
 
-Like PEFT's IA3, but with one scalar per attention head instead of per channel: head h of
-layer l contributes ``alpha[l, h] * o_h`` to the output projection's input. Two ways to
-apply the same function:
+Like PEFT's IA3 on the output projection's input: head h of layer l contributes
+``alpha[l, h] * o_h`` to it, where a coefficient is one scalar per head (the paper) or one
+scale per channel of the head (a vector of head_dim values; SEAL's per-channel variant).
+Two ways to apply the same function:
 
 * `HeadScaling`: a forward pre-hook on each output projection multiplies the head slices of
   its input. Scales are fp32 `nn.Parameter`s, so they can be trained with every model
@@ -14,6 +15,7 @@ apply the same function:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -26,23 +28,44 @@ from .errors import PearError
 from .families import Arch, resolve
 
 HeadKey = tuple[int, int]  # (layer, head)
+Coefficient = float | list[float]  # one scale for the head, or one per channel (head_dim values)
 
 
 # ---------------------------------------------------------------------------- coefficients
-def check_coefficients(arch: Arch, coefs: Mapping[HeadKey, float]) -> dict[HeadKey, float]:
-    """Validate (layer, head) ranges and finiteness; return a plain sorted dict."""
+def check_coefficients(arch: Arch, coefs: Mapping[HeadKey, Coefficient]) -> dict[HeadKey, Coefficient]:
+    """Validate (layer, head) ranges, per-channel lengths and finiteness; return a plain
+    sorted dict of floats (per head) or lists of head_dim floats (per channel)."""
     out = {}
     for (layer, head), a in sorted(coefs.items()):
         arch.check_head(layer, head)
-        a = float(a)
-        if not math.isfinite(a):
+        values = [float(v) for v in a] if is_channelwise(a) else [float(a)]
+        if is_channelwise(a) and len(values) != arch.head_dim:
+            raise PearError(f"coefficient for layer {layer} head {head} has {len(values)} channel scales; "
+                            f"this model's heads have head_dim {arch.head_dim}")
+        if not all(math.isfinite(v) for v in values):
             raise PearError(f"coefficient for layer {layer} head {head} is not finite ({a})")
-        out[(layer, head)] = a
+        out[(layer, head)] = values if is_channelwise(a) else values[0]
     return out
 
 
-def read_coefficients(path: str | Path) -> dict[HeadKey, float]:
-    """Read ``{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}``."""
+def is_channelwise(a) -> bool:
+    """A per-channel coefficient is a sequence (list, tuple, 1-d tensor) of head_dim scales."""
+    return isinstance(a, (list, tuple)) or (isinstance(a, torch.Tensor) and a.dim() == 1)
+
+
+def granularity(coefs: Mapping[HeadKey, Coefficient]) -> str:
+    """"head" (one scale per head) or "channel" (one per channel of each head)."""
+    return "channel" if any(is_channelwise(a) for a in coefs.values()) else "head"
+
+
+def summary_value(a: Coefficient) -> float:
+    """One number for a coefficient in tables and plots: the scale, or the channels' mean."""
+    return float(sum(a) / len(a)) if is_channelwise(a) else float(a)
+
+
+def read_coefficients(path: str | Path) -> dict[HeadKey, Coefficient]:
+    """Read ``{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}``; ``a`` is a number,
+    or a list of head_dim numbers for per-channel scales."""
     path = Path(path)
     if not path.is_file():
         raise PearError(f"coefficients file not found: {path}")
@@ -57,9 +80,11 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, float]:
             if key in coefs:
                 raise PearError(f"{path}: layer {key[0]} head {key[1]} appears twice")
             a = r["coefficient"]
-            if not isinstance(a, (int, float)) or isinstance(a, bool):
-                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number")
-            coefs[key] = float(a)
+            values = a if isinstance(a, list) and a else [a]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number "
+                                "or a list of numbers")
+            coefs[key] = [float(v) for v in a] if isinstance(a, list) else float(a)
     except json.JSONDecodeError as e:
         raise PearError(f"{path} is not valid JSON: {e}") from None
     except (KeyError, TypeError) as e:
@@ -71,8 +96,9 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, float]:
     return coefs
 
 
-def coefficients_json(coefs: Mapping[HeadKey, float], **extra) -> dict:
-    return {"heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in sorted(coefs.items())], **extra}
+def coefficients_json(coefs: Mapping[HeadKey, Coefficient], **extra) -> dict:
+    return {"granularity": granularity(coefs),
+            "heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in sorted(coefs.items())], **extra}
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -83,42 +109,55 @@ class HeadScaling(nn.Module):
     ...     logits = model(ids).logits
     >>> hs.coefficients()                                    # {(24, 4): 0.5}
 
-    `alpha` is one fp32 parameter vector (K,), ordered like `heads`; the hooks read it on
-    every forward, so an optimiser stepping `alpha` changes the model's function.
+    `alpha` is one fp32 parameter, ordered like `heads`: (K,) with one scale per head, or
+    (K, head_dim) per channel (``channels=True`` for a list of heads, or vector coefficients).
+    The hooks read it on every forward, so an optimiser stepping `alpha` changes the model.
     """
 
-    def __init__(self, model: nn.Module, heads: Mapping[HeadKey, float] | Iterable[HeadKey],
-                 trainable: bool = True):
+    def __init__(self, model: nn.Module, heads: Mapping[HeadKey, Coefficient] | Iterable[HeadKey],
+                 trainable: bool = True, channels: bool = False):
         super().__init__()
         self.arch = resolve(model)
-        coefs = dict(heads) if isinstance(heads, Mapping) else {tuple(k): 1.0 for k in heads}
+        D = self.arch.head_dim
+        coefs = dict(heads) if isinstance(heads, Mapping) else {tuple(k): [1.0] * D if channels else 1.0
+                                                                  for k in heads}
         coefs = check_coefficients(self.arch, coefs)
+        if not coefs:
+            raise PearError("no heads to scale")
+        self.channels = granularity(coefs) == "channel"
+        if self.channels:  # per-head scalars mixed with vectors: broadcast the scalars
+            coefs = {k: a if is_channelwise(a) else [a] * D for k, a in coefs.items()}
         self.heads: list[HeadKey] = list(coefs)
         device = self.arch.out_projs[0].weight.device
         self.alpha = nn.Parameter(torch.tensor(list(coefs.values()), dtype=torch.float32, device=device),
-                                  requires_grad=trainable)
-        # per layer: (head indices, positions in alpha)
-        self._by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                                  requires_grad=trainable)  # (K,) or (K, D)
+        # per layer: (head indices, positions in alpha), as index tensors on the scales' device
+        by_layer: dict[int, tuple[list[int], list[int]]] = {}
         for i, (layer, head) in enumerate(self.heads):
-            hs, idx = self._by_layer.get(layer, ([], []))
-            self._by_layer[layer] = (hs + [head], idx + [i])
+            by_layer.setdefault(layer, ([], []))
+            by_layer[layer][0].append(head)
+            by_layer[layer][1].append(i)
+        self._by_layer = {l: (torch.tensor(h, device=device), torch.tensor(i, device=device))
+                          for l, (h, i) in by_layer.items()}
         self._handles: list = []
         self.attach()
 
-    # Scale vector for one layer: ones, with alpha scattered at the selected heads. (H,)
     def layer_scale(self, layer: int) -> torch.Tensor:
+        """Scales of one layer's channels: ones, with alpha scattered at the selected heads. (H, D)"""
         heads, idx = self._by_layer[layer]
-        alpha = self.alpha
-        scale = torch.ones(self.arch.n_heads, dtype=torch.float32, device=alpha.device)
-        return scale.index_put((torch.tensor(heads, device=alpha.device),), alpha[torch.tensor(idx, device=alpha.device)])
+        a = self.alpha[idx]  # (k,) or (k, D)
+        if a.dim() == 1:
+            a = a[:, None].expand(-1, self.arch.head_dim)
+        scale = torch.ones(self.arch.n_heads, self.arch.head_dim, dtype=torch.float32, device=a.device)
+        return scale.index_put((heads,), a)
 
     def _hook(self, layer: int):
         H, D = self.arch.n_heads, self.arch.head_dim
 
         def pre_hook(module, args):
             x = args[0]  # (..., H * D)
-            scale = self.layer_scale(layer).to(device=x.device)
-            y = (x.view(*x.shape[:-1], H, D) * scale.to(x.dtype)[:, None]).view(x.shape)
+            scale = self.layer_scale(layer).to(device=x.device, dtype=x.dtype)  # (H, D)
+            y = (x.view(*x.shape[:-1], H, D) * scale).view(x.shape)
             return (y, *args[1:])
 
         return pre_hook
@@ -134,38 +173,53 @@ class HeadScaling(nn.Module):
             h.remove()
         self._handles = []
 
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model for the duration (hooks off), e.g. for a distillation teacher."""
+        attached = bool(self._handles)
+        self.remove()
+        try:
+            yield
+        finally:
+            if attached:
+                self.attach()
+
     def __enter__(self) -> "HeadScaling":
         return self.attach()
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def coefficients(self) -> dict[HeadKey, float]:
-        return {k: float(a) for k, a in zip(self.heads, self.alpha.detach().cpu().tolist())}
+    def coefficients(self) -> dict[HeadKey, Coefficient]:
+        return {k: a for k, a in zip(self.heads, self.alpha.detach().cpu().tolist())}
 
 
 # ---------------------------------------------------------------------------- fold / unfold
 @torch.no_grad()
-def _scale_weights(model: nn.Module, coefs: Mapping[HeadKey, float], invert: bool) -> Arch:
+def _scale_weights(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], invert: bool) -> Arch:
     arch = resolve(model)
     coefs = check_coefficients(arch, coefs)
     for (layer, head), a in coefs.items():
+        a = torch.as_tensor(a, dtype=torch.float32)  # () or (D,)
         if invert:
-            if a == 0:
+            if bool((a == 0).any()):
                 raise PearError(f"cannot unfold layer {layer} head {head}: its coefficient is 0")
             a = 1.0 / a
-        w = arch.head_weight(layer, head)  # a view into the weight
+        w = arch.head_weight(layer, head)  # a view into the weight: (out, D), or (D, out) for Conv1D
+        a = a.to(w.device)
+        if a.dim():
+            a = a[:, None] if arch.family.weight_in_rows else a[None, :]
         w.copy_((w.float() * a).to(w.dtype))
     return arch
 
 
-def fold(model: nn.Module, coefs: Mapping[HeadKey, float]) -> nn.Module:
-    """Write the head scales into the output-projection weights, in place. Returns `model`."""
+def fold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient]) -> nn.Module:
+    """Write the head (or channel) scales into the output-projection weights, in place. Returns `model`."""
     _scale_weights(model, coefs, invert=False)
     return model
 
 
-def unfold(model: nn.Module, coefs: Mapping[HeadKey, float]) -> nn.Module:
+def unfold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient]) -> nn.Module:
     """Undo `fold` (exact up to rounding in the weight dtype). Refuses zero coefficients."""
     _scale_weights(model, coefs, invert=True)
     return model

@@ -44,10 +44,10 @@ def ctrl_c_at_step(monkeypatch):
     real = F._train_step
 
     def arm(n):
-        def step(model, tok, settings, i, alpha):
+        def step(model, tok, settings, objective, i, hs):
             if i == n:
                 raise KeyboardInterrupt
-            return real(model, tok, settings, i, alpha)
+            return real(model, tok, settings, objective, i, hs)
 
         monkeypatch.setattr(F, "_train_step", real if n is None else step)
 

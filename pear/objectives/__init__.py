@@ -1,0 +1,162 @@
+"""Objectives for the coefficients: what the scales are trained to do, model frozen.
+
+Each objective is a small module with the same interface (`Objective`), registered by name:
+
+* ``copy`` — the paper's proxy (arXiv 2409.19745): random tokens x1..xn repeated, loss on
+  the second copy. Unchanged; ``--recipe paper`` uses it.
+* ``long-copy`` — the same copying at realistic range: a span at a random depth of a
+  1-4k-token sequence of random filler, repeated at the end; loss on the repeat.
+* ``retrieval`` — synthetic in-context retrieval, the answer at a uniformly random position
+  of a long context: multi-passage QA built from SQuAD 2.0 (no evaluation task uses it) in the
+  multi-document QA format, and/or key-value lookups of fresh random UUIDs (SEAL, arXiv
+  2501.15225, trains its scales on ~50 such samples in the task's format).
+* ``position-distill`` — the same question with the relevant passage first and in the middle
+  of distractors: KL(base model, passage first ‖ scaled model, passage in the middle), on
+  SQuAD 2.0 (after Pos2Distill, arXiv 2508.15709, which distils all weights instead).
+
+Every batch is a pure function of (objective, options, seed): `batch(model, tokenizer, n, seed)`.
+`loss(model, batch, scaling)` is the mean loss over the batch, differentiable in the scales;
+`scaling.disabled()` gives the base model (distillation's teacher).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import PearError
+
+OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(cls):
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return deco
+
+
+class Objective:
+    """Base class. Options are keyword arguments with defaults (``OPTIONS``), given on the
+    command line as ``--objective-option KEY=VALUE``."""
+
+    name = ""
+    OPTIONS: dict[str, object] = {}
+    needs_data = False  # reads the data folder ($PEAR_DATA / --data-dir)
+
+    def __init__(self, data_dir=None, **options):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise PearError(f"objective {self.name}: unknown option(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(self.OPTIONS) or 'none'}")
+        self.options = {k: _cast(self.name, k, v, self.OPTIONS[k]) for k, v in {**self.OPTIONS, **options}.items()}
+        self.data_dir = data_dir
+        self.check()
+
+    def check(self) -> None:
+        """Validate options before any model work (raise PearError)."""
+
+    def batch(self, model, tokenizer, n: int, seed: int):
+        raise NotImplementedError
+
+    def split(self, batch, size: int | None) -> list:
+        """Micro-batches of at most `size` sequences (None: the whole batch)."""
+        size = size or len(batch)
+        return [batch[i:i + size] for i in range(0, len(batch), size)]
+
+    def loss(self, model, batch, scaling) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "options": dict(self.options)}
+
+
+def _cast(obj: str, key: str, value, default):
+    if isinstance(value, type(default)) or default is None:
+        return value
+    try:
+        return type(default)(value) if not isinstance(default, bool) else str(value).lower() in ("1", "true", "yes")
+    except (TypeError, ValueError):
+        raise PearError(f"objective {obj}: option {key} must be {type(default).__name__}, got '{value}'") from None
+
+
+def get_objective(name: str, options: dict | None = None, data_dir=None) -> Objective:
+    if name not in OBJECTIVES:
+        raise PearError(f"unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](data_dir=data_dir, **(options or {}))
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise PearError(f"--objective-option expects KEY=VALUE, got '{p}'")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------- text sequences
+@dataclass
+class Sequence:
+    """Token ids whose last `n_target` tokens are scored (predicted from the ones before)."""
+
+    ids: list[int]
+    n_target: int
+    teacher_ids: list[int] | None = None  # distillation: the teacher's sequence, same target tokens at its end
+    meta: dict | None = None  # where the answer was put (gold document index, copy depth, ...)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: int = 0):
+    """Log-probabilities at the target positions of left-padded sequences.
+
+    Returns (logp (B, A, V) fp32, targets (B, A), mask (B, A)), A = max target count; row i's
+    targets are its last n_targets[i] tokens, aligned at the right. Only A + 1 positions go
+    through the LM head (`logits_to_keep`).
+    """
+    device = model.get_input_embeddings().weight.device
+    T = max(len(s) for s in seqs)
+    A = max(n_targets)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = {"attention_mask": mask, "use_cache": False}
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in params:
+        logits = model(ids, logits_to_keep=A + 1, **kwargs).logits[:, :-1]  # (B, A, V)
+    else:
+        logits = model(ids, **kwargs).logits[:, T - A - 1:-1]
+    targets = ids[:, T - A:]  # (B, A)
+    tmask = torch.arange(A, device=device)[None, :] >= (A - torch.tensor(n_targets, device=device))[:, None]
+    return logits.float().log_softmax(-1), targets, tmask
+
+
+def target_nll(model, batch: list[Sequence], pad_id: int = 0) -> torch.Tensor:
+    """Mean over sequences of the mean cross-entropy of their target tokens (scalar)."""
+    lp, tgt, m = answer_logprobs(model, [s.ids for s in batch], [s.n_target for s in batch], pad_id)
+    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m  # (B, A)
+    return (nll.sum(1) / m.sum(1)).mean()
+
+
+def pad_id_of(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+from . import proxy_copy, long_copy, retrieval, position_distill  # noqa: E402,F401  (register)
