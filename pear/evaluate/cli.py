@@ -97,6 +97,9 @@ def add_cli(sub) -> None:
                    "a .samples.jsonl.gz file are written beside it)")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (questions, records; "
                    "MMLU: N questions round-robin over subjects)")
+    p.add_argument("--half", type=int, default=None, choices=[1, 2],
+                   help="only the first (1) or second (2) half of each task's items, before --limit: choose "
+                   "settings on one half, report on the other")
     p.add_argument("--positions", default=None, help=POSITION_HELP)
     p.add_argument("--data-dir", default=None, help="evaluation data folder (default: $PEAR_DATA)")
     p.add_argument("--seed", type=int, default=0, help="distractor tie-breaks, generated KV data, bootstrap")
@@ -136,7 +139,7 @@ def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> 
             + [x for k, v in m.get("options", {}).items() for x in ("--variant-option", f"{k}={_render(v)}")] \
             + (["--label", m["label"]] if m["label"] else [])
     parts += ["--task", ",".join(tasks)]
-    for opt in ("limit", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
+    for opt in ("limit", "half", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
                 "max_batch_tokens", "max_new_tokens", "chat", "distractor_pool", "bootstrap", "parts_dir", "parts",
                 "out"):
         v = getattr(args, opt)
@@ -172,7 +175,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
         from .lm_eval_export import export
         from .registry import BuildContext
 
-        ctx = BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, positions=parse_positions(args.positions),
+        ctx = BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half,
+                           positions=parse_positions(args.positions),
                            seed=args.seed, options={"distractor_pool": args.distractor_pool})
         names = export(tasks, args.export_lm_eval, ctx)
         print(f"wrote {len(names)} lm-eval tasks (tag: pear) to {args.export_lm_eval}: {', '.join(names)}")
@@ -185,7 +189,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
     if out.suffix != ".json":
         raise PearError(f"--out must end in .json, got {out}")
     results = evaluate(
-        entries, tasks, data_dir=args.data_dir, limit=args.limit, positions=parse_positions(args.positions),
+        entries, tasks, data_dir=args.data_dir, limit=args.limit, half=args.half,
+        positions=parse_positions(args.positions),
         seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, chat=args.chat, distractor_pool=args.distractor_pool,
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,

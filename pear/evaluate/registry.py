@@ -53,6 +53,7 @@ class Task:
 class BuildContext:
     data_dir: Path
     limit: int | None = None
+    half: int | None = None  # 1 or 2: only the first or second half of the items (selection vs report)
     positions: list[str] | None = None  # None: each task's default
     seed: int = 0
     options: dict = field(default_factory=dict)  # task-specific, e.g. distractor_pool
@@ -142,5 +143,12 @@ def resolve_positions(tokens: list[str], n_slots: int) -> list[int]:
     return sorted({resolve_position(t, n_slots) for t in tokens})
 
 
-def take(items: list, limit: int | None) -> list:
+def take(items: list, limit: int | None, half: int | None = None) -> list:
+    """The items a run evaluates: the first or second half (`half` 1 or 2; the first half is
+    the larger when the count is odd), then the first `limit` of those."""
+    if half is not None:
+        if half not in (1, 2):
+            raise PearError(f"--half must be 1 or 2, got {half}")
+        cut = (len(items) + 1) // 2
+        items = items[:cut] if half == 1 else items[cut:]
     return items if limit is None else items[:limit]

@@ -264,7 +264,8 @@ def _part_path(parts_dir: Path, label: str, task: str, key: str) -> Path:
 
 
 # ------------------------------------------------------------------ evaluate
-def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, positions=None,
+def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, half: int | None = None,
+             positions=None,
              seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int | str = "auto",
              max_batch_tokens: int | str = "auto", chat: str = "auto", distractor_pool: str = "nq",
              n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, parts: str = "reuse",
@@ -302,7 +303,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     if positions is not None:  # "1,5,10" or ["1", "5", "10"]; checked here for API callers too
         positions = parse_positions(positions if isinstance(positions, str) else ",".join(map(str, positions)))
     ddir = data.resolve_data_dir(data_dir)
-    ctx = BuildContext(ddir, limit=limit, positions=positions, seed=seed, options={"distractor_pool": distractor_pool})
+    ctx = BuildContext(ddir, limit=limit, half=half, positions=positions, seed=seed,
+                       options={"distractor_pool": distractor_pool})
     if len(set(tasks)) != len(tasks):
         raise PearError(f"a task is given twice in {tasks}")
     built = [build_task(t, ctx) for t in tasks]
@@ -373,7 +375,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             "command": command if command is not None else " ".join(sys.argv),
             "pear_version": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": _device_name(loaded), "tasks": tasks, "limit": limit, "positions": positions, "seed": seed,
+            "device": _device_name(loaded), "tasks": tasks, "limit": limit, "half": half, "positions": positions, "seed": seed,
             "max_new_tokens": {t.name: t.max_new_tokens for t in built if t.kind == "generate"},
             "dtype": dtype, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "chat": chat,
             "distractor_pool": distractor_pool, "bootstrap_resamples": n_resamples, "data_dir": str(ddir),

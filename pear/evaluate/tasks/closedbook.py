@@ -18,7 +18,7 @@ from .mdqa import load_oracle
 def closedbook(param: str | None, ctx: BuildContext) -> Task:
     if param is not None:
         raise PearError("closedbook takes no parameter")
-    qs = take(load_oracle(ctx.data_dir), ctx.limit)
+    qs = take(load_oracle(ctx.data_dir), ctx.limit, ctx.half)
     examples = [Example(id=f"q{i}", condition="all", prompt=closedbook_prompt(q["question"]), answers=q["answers"])
                 for i, q in enumerate(qs)]
     return Task(name="closedbook", kind="generate", examples=examples, metric="best_subspan_em",

@@ -33,7 +33,7 @@ def hotpotqa(param: str | None, ctx: BuildContext) -> Task:
         raise PearError("hotpotqa takes no parameter")
     records = data.read_json(data.data_file(ctx.data_dir, data.HOTPOTQA))
     kept = [r for r in records if len(r["context"]) == N_PARAGRAPHS and len(paragraphs(r)[0]) == 2]
-    kept = take(kept, ctx.limit)
+    kept = take(kept, ctx.limit, ctx.half)
     positions = resolve_positions(ctx.positions or DEFAULT_POSITIONS, N_PARAGRAPHS - 1)
     examples = []
     for r in kept:

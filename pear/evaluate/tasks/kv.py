@@ -55,7 +55,7 @@ def kv(param: str | None, ctx: BuildContext) -> Task:
         records, source = make_kv_records(GENERATED_RECORDS, int(param), ctx.seed), f"generated (seed {ctx.seed})"
     else:
         raise PearError(f"kv-{param}: the parameter is the number of pairs, e.g. kv-140")
-    records = take(records, ctx.limit)
+    records = take(records, ctx.limit, ctx.half)
     n_pairs = {len(r["ordered_kv_records"]) for r in records}
     if len(n_pairs) != 1:
         raise PearError(f"kv: records have different numbers of pairs {sorted(n_pairs)}")

@@ -152,7 +152,8 @@ def build_mdqa(k: int, ctx: BuildContext) -> Task:
     word_level = set(word_level)
     positions = resolve_positions(ctx.positions or DEFAULT_POSITIONS, k)
     examples = []
-    for qi, q in take(list(enumerate(questions)), ctx.limit):
+    chosen = take(list(enumerate(questions)), ctx.limit, ctx.half)
+    for qi, q in chosen:
         distractors = [passages[i] for i in ranking[qi][: k - 1]]
         if len(distractors) < k - 1:
             raise PearError(f"mdqa: question {qi} has only {len(distractors)} eligible distractors")
@@ -164,8 +165,8 @@ def build_mdqa(k: int, ctx: BuildContext) -> Task:
     return Task(name=f"mdqa-{k}", kind="generate", examples=examples, metric="best_subspan_em",
                 score=lambda out, ex: qa_score(out, ex.answers), done=lambda out, ex: qa_done(out),
                 max_new_tokens=100, positional=k > 1,
-                info={"documents": k, "distractor_pool": pool, "questions": min(len(questions), ctx.limit or 10**9),
-                      "whole_word_exclusion": len(word_level & set(range(ctx.limit or len(questions)))),
+                info={"documents": k, "distractor_pool": pool, "questions": len(chosen), "half": ctx.half,
+                      "whole_word_exclusion": len(word_level & {qi for qi, _ in chosen}),
                       "positions": [p + 1 for p in positions], "file": data.NQ_ORACLE})
 
 

@@ -32,7 +32,7 @@ def mmlu(param: str | None, ctx: BuildContext) -> Task:
                     for i, (q, c, a) in enumerate(rows)] for s, rows in test.items()]
     longest = max(map(len, per_subject))
     interleaved = [lst[i] for i in range(longest) for lst in per_subject if i < len(lst)]
-    examples = take(interleaved, ctx.limit)
+    examples = take(interleaved, ctx.limit, ctx.half)
     return Task(name=f"mmlu-{k}shot" if k else "mmlu", kind="choice", examples=examples, metric="accuracy",
                 chat=False, choices=[f" {x}" for x in LETTERS],
                 info={"shots": k, "questions": len(examples), "subjects": len({e.meta["subject"] for e in examples})})
