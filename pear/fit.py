@@ -292,14 +292,14 @@ def _nll(logits: torch.Tensor, batch: ProxyBatch) -> torch.Tensor:
 
 
 CPU_TOKENS_PER_FORWARD = 1024
-GPU_TOKENS_PER_FORWARD = 32768
+GPU_TOKENS_PER_FORWARD = 8192
 
 
 def default_micro_batch(model, length: int, tokens: int | None = None) -> int | None:
     """Sequences per forward pass when none is given: on CPU about 1,000 tokens (10 sequences
     at n = 50), which keeps activations in cache: a training step of 20 sequences on
     SmolLM2-135M (bf16, 2 cores) takes ~15 % less time as 2 x 10 than as 1 x 20. On GPUs the
-    whole copy-proxy batch; long sequences (`tokens` each) in micro-batches of ~32k tokens,
+    whole copy-proxy batch; long sequences (`tokens` each) in micro-batches of ~8k tokens,
     which bounds the activations kept for the backward pass. Same gradient either way
     (accumulated, weighted by micro-batch size)."""
     per_seq = tokens or (2 * length + 1)
@@ -499,6 +499,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     """
     settings = dataclasses.replace(settings or FitSettings(), **overrides)
     objective = settings.make_objective(data_dir)
+    objective.check_data()
     if settings.micro_batch is None and settings.objective == "copy":
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(model, settings.length))
     from transformers import get_linear_schedule_with_warmup
@@ -740,6 +741,7 @@ def _cli_fit(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():
         raise PearError(f"--out {args.out} is a folder; give a file name like coefficients.json")
     settings = settings_from_args(args)
+    settings.make_objective(args.data_dir).check_data()
     k = k_from_args(args)
     if settings.all_heads:
         heads, scores, evidence = None, {}, {"method": f"every head ({settings.scales})"}

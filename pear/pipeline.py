@@ -167,6 +167,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
     fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
     seed = fs.seed
+    fs.make_objective(data_dir).check_data()
     cdtype = parse_dtype(compute_dtype(dtype))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 

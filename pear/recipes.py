@@ -21,17 +21,27 @@ class Recipe:
     fit: dict = field(default_factory=dict)  # FitSettings fields
 
 
+_SHORT = dict(steps=40, batch=10, lr=1e-2, penalty=0.1)  # every head scaled: 400 long sequences in all
+_SQUAD20 = {"documents": 20, "words": 100}
+
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("the paper: copy proxy (n = 50), top-K heads (K auto), 60 steps x 20 sequences, lr 5e-3",
                     fit=dict(objective="copy", scales="heads", steps=60, batch=20, lr=5e-3, penalty=0.0)),
-    "long-copy": Recipe("copying at range: a 50-token span at a random depth of 2,048 tokens; every head, "
-                        "one scale each, penalty 0.01; 60 steps x 20 sequences, lr 5e-3",
+    "long-copy": Recipe("a 50-token span at a random depth of 2,048 random tokens, copied; one scale per head, "
+                        "every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
                         fit=dict(objective="long-copy", objective_options={"context": 2048, "span": 50},
-                                 scales="all-heads", steps=60, batch=20, lr=5e-3, penalty=0.01)),
-    "retrieval": Recipe("SQuAD 2.0 questions among 20 passages, gold at a random position; every head, "
-                        "one scale each, penalty 0.01; 60 steps x 20 sequences, lr 5e-3",
-                        fit=dict(objective="retrieval", objective_options={"source": "squad", "documents": 20},
-                                 scales="all-heads", steps=60, batch=20, lr=5e-3, penalty=0.01)),
+                                 scales="all-heads", **_SHORT)),
+    "retrieval": Recipe("SQuAD 2.0 question among 20 passages, gold at a random position; one scale per head, "
+                        "every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
+                        fit=dict(objective="retrieval", objective_options={"source": "squad", **_SQUAD20},
+                                 scales="all-heads", **_SHORT)),
+    "retrieval-channels": Recipe("as retrieval, one scale per channel of every head",
+                                 fit=dict(objective="retrieval", objective_options={"source": "squad", **_SQUAD20},
+                                          scales="channels", **_SHORT)),
+    "position-distill": Recipe("KL(base, passage first || scaled, passage in the middle) on SQuAD 2.0, 20 passages; "
+                               "one scale per head, every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
+                               fit=dict(objective="position-distill", objective_options=dict(_SQUAD20),
+                                        scales="all-heads", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
 

@@ -61,6 +61,13 @@ class Objective:
     def check(self) -> None:
         """Validate options before any model work (raise PearError)."""
 
+    def check_data(self) -> None:
+        """Fail before any model work when the data this objective reads is missing."""
+        if self.needs_data:
+            from . import squad
+
+            squad.path(self.data_dir)
+
     def batch(self, model, tokenizer, n: int, seed: int):
         raise NotImplementedError
 

@@ -35,13 +35,20 @@ def _trim(context: str, start: int | None, words: int) -> str:
     return " ".join(w[lo:lo + words])
 
 
+def path(data_dir):
+    """The SQuAD 2.0 file in the data folder (--data-dir, else $PEAR_DATA), or one clear error."""
+    from ..evaluate import data
+
+    return data.data_file(data.resolve_data_dir(data_dir or None), data.SQUAD)
+
+
 @functools.lru_cache(maxsize=4)
 def load(data_dir: str, words: int) -> tuple[list[Item], list[tuple[str, str]]]:
     """(answerable items, all trimmed paragraphs as (title, text)), in file order."""
     from ..evaluate import data
 
-    d = data.resolve_data_dir(data_dir)
-    articles = data.read_json(data.data_file(d, data.SQUAD))["data"]
+    f = path(data_dir)
+    articles = data.read_json(f)["data"]
     items, paragraphs = [], []
     for art in articles:
         title = art["title"].replace("_", " ")
@@ -57,7 +64,7 @@ def load(data_dir: str, words: int) -> tuple[list[Item], list[tuple[str, str]]]:
                     continue
                 items.append(Item(qa["question"].strip(), answers, title, text))
     if not items:
-        raise PearError(f"no answerable SQuAD 2.0 questions in {d}")
+        raise PearError(f"no answerable SQuAD 2.0 questions in {f}")
     return items, paragraphs
 
 
