@@ -27,8 +27,9 @@ from .scaling import HeadKey, HeadScaling, check_coefficients, coefficients_json
 # Accepted max |folded - hooked| logit difference, relative to max |logit|, per weight dtype.
 # fp32 differences are rounding (~1e-6 relative, measured on SmolLM2-135M); in 16-bit both
 # runs round activations and the folded weight is rounded once more, so differences of a few
-# ulps of the largest logit are expected (bf16: ~0.5 on logits of ~34, i.e. 1.5 %).
-RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# ulps of the largest logit are expected (bf16: ~0.5 on logits of ~34, i.e. 1.5 %, with 11
+# heads scaled; 1.03, i.e. 3.1 %, with every one of SmolLM2's 270 heads scaled).
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 5e-3}
 
 
 def verification_input(model, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:

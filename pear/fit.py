@@ -618,6 +618,10 @@ def _micro(model, settings: FitSettings, batch) -> int | None:
     """Sequences per forward pass for this batch (see `default_micro_batch`)."""
     if settings.micro_batch is not None or settings.objective == "copy":
         return settings.micro_batch
+    if len({len(s.ids) for s in batch}) > 1:
+        # no padding: a padded row's masked positions can carry NaN activations through the
+        # hooks, and NaN x 0 gradient is NaN in alpha.grad; one sequence per pass is exact
+        return 1
     longest = max(len(s.ids) + len(s.teacher_ids or ()) for s in batch)
     return default_micro_batch(model, settings.length, tokens=longest)
 
