@@ -53,6 +53,13 @@ def _meta(loaded: LoadedModel, fmt: str, coefs, scales, checks: dict, extra: dic
             "verification": checks, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
 
 
+def _with_fold_check(extra: dict | None, verification) -> dict:
+    """pear.json's record of the fold check (folded vs hooked logits), when one was made."""
+    if verification is None:
+        return dict(extra or {})
+    return {"fold_verification": verification.as_dict(), **(extra or {})}
+
+
 def _prepare(loaded: LoadedModel, coefs: Mapping[HeadKey, float], scales):
     arch = resolve(loaded.model)
     coefs = check_coefficients(arch, coefs)
@@ -60,8 +67,8 @@ def _prepare(loaded: LoadedModel, coefs: Mapping[HeadKey, float], scales):
     return arch, coefs, scales
 
 
-def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, force: bool = False,
-              extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
+def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, verification=None,
+              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
     """`loaded` is the base GGUF model, already folded (the reference). Writes
     out/<base>.pear.gguf (+ pear.json, README.md); verified against `loaded`'s logits."""
     check_out_dir(out, force)
@@ -69,6 +76,7 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     if not ms.gguf_file:
         raise PearError(f"{ms.spec}: {NEEDS_GGUF}")
     arch, coefs, scales = _prepare(loaded, coefs, scales)
+    extra = _with_fold_check(extra, verification)
     base = Path(ms.path) / ms.gguf_file
     digest = gguf_file.sha256(base)
     name = f"{Path(ms.gguf_file).stem}.pear.gguf"
@@ -87,12 +95,13 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     return Path(out) / name, {"stored": stored, **check}
 
 
-def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, force: bool = False,
-              extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
+def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, verification=None,
+              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
     """`loaded` is the *unfolded* base model (left as it was). Writes an IA3 adapter folder,
     checked by loading it back with `PeftModel.from_pretrained` against the hooked scales."""
     check_out_dir(out, force)
     arch, coefs, scales = _prepare(loaded, coefs, scales)
+    extra = _with_fold_check(extra, verification)
     with AtomicDir(out, force) as tmp:
         peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded))
         check = peft_adapter.verify_adapter(loaded.model, scales, tmp, verification_input(loaded.model))
@@ -122,8 +131,7 @@ def fold_to_format(args, coefs: Mapping[HeadKey, float]) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     if args.format == "gguf":
         fold_check = verify_fold(loaded.model, check_coefficients(resolve(loaded.model), coefs), args.tolerance)
-        path, v = save_gguf(loaded, coefs, args.out, force=args.force,
-                            extra={"fold_verification": fold_check.as_dict()})
+        path, v = save_gguf(loaded, coefs, args.out, verification=fold_check, force=args.force)
         kinds = sorted({f"{s['original']}->{s['written']}" for s in v["stored"].values()})
         print(f"wrote {path}: {len(v['stored'])} attention output tensors re-weighted ({', '.join(kinds)}); "
               f"max |GGUF - folded| logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})")

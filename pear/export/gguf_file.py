@@ -135,19 +135,24 @@ def tolerance_for(stored: Mapping[str, dict]) -> float:
     return max(GGUF_TOLERANCE[s["how"]] for s in stored.values())
 
 
-@torch.no_grad()
-def verify(path: Path, reference_model, input_ids: torch.Tensor, rel_tolerance: float) -> dict:
-    """Load `path` with transformers (dequantised, fp32) and compare its logits with
-    `reference_model`'s (the folded model) on `input_ids`. Raises PearError if too far."""
+def load_back(path: Path):
+    """The written file as transformers reads it (dequantised to fp32)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+@torch.no_grad()
+def verify(path: Path, reference_model, input_ids: torch.Tensor, rel_tolerance: float) -> dict:
+    """Load `path` with transformers (dequantised, fp32) and compare its logits with
+    `reference_model`'s (the folded model) on `input_ids`. Raises PearError if too far."""
+    back = load_back(path)
     ref = reference_model(input_ids.to(reference_model.device), use_cache=False).logits.float().cpu()
     got = back(input_ids, use_cache=False).logits.float()
     del back

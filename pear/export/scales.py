@@ -90,6 +90,20 @@ class ChannelScaling:
         self._handles = []
 
 
+def snapshot_out_projs(model: nn.Module):
+    """Copy every output-projection weight; returns a function that puts them back (the base
+    model again after an in-place fold, exactly, even for a coefficient of 0)."""
+    arch = resolve(model)
+    saved = [p.weight.detach().clone() for p in arch.out_projs]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for p, w in zip(arch.out_projs, saved):
+            p.weight.copy_(w)
+
+    return restore
+
+
 def relative_tolerance(dtype: torch.dtype) -> float:
     from ..checkpoint import RELATIVE_TOLERANCE
 
