@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import AtomicDir, add_format_arg, check_out_dir, save_checkpoint, verify_fold
+from .errors import PearError
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
 from .fit import (DEFAULT_BOUNDS, K_AUTO_RANGE, FitSettings, add_fit_args, compute_dtype, fit, heldout_batch, parse_k,
@@ -162,6 +163,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     out = Path(out) if out is not None else default_out(model)
     check_out_dir(out, force)
     check_format(format, model)
+    if format == "gguf" and save_dtype not in ("auto", "fp32"):
+        raise PearError("--format gguf compares the written file with the folded model in fp32; "
+                        "leave --save-dtype auto")
     fs = dataclasses.replace(settings or FitSettings(), **fit_overrides, bounds=bounds, seed=seed)
     cdtype = parse_dtype(compute_dtype(dtype))
     stages = _Stages(["load", "discover", "fit", "fold + verify", "save"], progress)

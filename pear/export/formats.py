@@ -80,7 +80,9 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     base = Path(ms.path) / ms.gguf_file
     digest = gguf_file.sha256(base)
     name = f"{Path(ms.gguf_file).stem}.pear.gguf"
-    kv = {"pear.version": _version(), "pear.base_file": base.name, "pear.base_sha256": digest,
+    from .. import __version__
+
+    kv = {"pear.version": __version__, "pear.base_file": base.name, "pear.base_sha256": digest,
           "pear.coefficients": json.dumps(coefficients_json(coefs)["heads"]),
           "pear.channel_scales": json.dumps(scales_json(scales, arch))}
     with AtomicDir(out, force) as tmp:
@@ -112,12 +114,6 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
     return Path(out), check
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def fold_to_format(args, coefs: Mapping[HeadKey, float]) -> int:
