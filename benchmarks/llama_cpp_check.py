@@ -93,9 +93,9 @@ def main() -> int:
         name = gguf.GGUFReader(str(a.gguf)).fields["pear.base_file"].contents()
         a.base = Path(resolve_spec("smollm2-135m").path) / name
     tok = AutoTokenizer.from_pretrained(str(a.gguf.parent), gguf_file=a.gguf.name)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-           for p in PROMPTS]
-    ids = [list(x["input_ids"] if isinstance(x, dict) else x) for x in ids]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]  # rendered as pear eval renders them: the text holds its special tokens
+    ids = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     report = {"command": " ".join(sys.argv), "llama_cpp_python": llama_cpp.__version__,
               "platform": platform.platform(terse=True), "new_tokens": a.new_tokens, "files": {}}
     texts = {}
