@@ -19,6 +19,7 @@ from typing import Mapping
 import torch
 
 from .atomic import atomic_dir
+from .export.card import model_card
 from .errors import PearError
 from .families import resolve
 from .loading import LoadedModel, load_model, strip_quantization
@@ -100,41 +101,6 @@ def AtomicDir(out: str | Path, force: bool = False):
     return atomic_dir(check_out_dir(out, force))
 
 
-def _model_card(base: str, coefs: Mapping[HeadKey, float], verification: dict, arch) -> str:
-    from . import __version__
-
-    rows = "\n".join(f"| {l} | {h} | {a:.4f} |" for (l, h), a in sorted(coefs.items()))
-    return f"""---
-base_model: {base}
-library_name: transformers
-tags:
-- pear
-- attention-reweighting
----
-
-# {base}, re-weighted with PEAR
-
-This is an ordinary `{arch.model_type}` checkpoint: {len(coefs)} of its {arch.n_total_heads}
-attention heads had their output scaled by a learned coefficient, and the scales were folded
-into the attention output projection (PEAR, arXiv 2409.19745). Architecture, parameter count,
-speed and memory are those of the base model. Load it with plain transformers:
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-```
-
-## Re-weighted heads
-
-| layer | head | coefficient |
-|---:|---:|---:|
-{rows}
-
-Fold check: max |folded - hooked| logit difference {verification['max_abs_logit_diff']:.3g}
-(tolerance {verification['tolerance']:.3g}). Made with pear {__version__}; details in `pear.json`.
-"""
-
-
 HUB_IDS = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gemma3-270m": "google/gemma-3-270m",
@@ -168,7 +134,8 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
             tokenizer.save_pretrained(tmp)
         (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
         base = HUB_IDS.get(loaded.spec.spec, loaded.spec.spec)
-        (tmp / "README.md").write_text(_model_card(base, coefs, meta["verification"], arch))
+        (tmp / "README.md").write_text(model_card("hf", base, meta["heads"], arch, meta,
+                                                  {"folded_vs_hooked": meta["verification"]}))
     return Path(out)
 
 
@@ -195,14 +162,25 @@ def add_cli(sub) -> None:
                    help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    add_format_arg(p)
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |folded - hooked| logit difference (default: relative to the logit scale, by dtype)")
     p.set_defaults(func=_cli_fold)
 
 
+def add_format_arg(p) -> None:
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "peft"],
+                   help="hf: a Hugging Face folder (default); gguf: the base GGUF file with re-weighted attention "
+                   "output tensors (needs a GGUF base); peft: an IA3 adapter for PeftModel.from_pretrained")
+
+
 def _cli_fold(args: argparse.Namespace) -> int:
     coefs = read_coefficients(args.coefficients)
     check_out_dir(args.out, args.force)
+    if args.format != "hf":
+        from .export.formats import fold_to_format
+
+        return fold_to_format(args, coefs)
     out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance,
                            dtype=args.dtype, device=args.device, device_map=args.device_map)
     print(f"folded {len(coefs)} heads; max |folded - hooked| logit diff {v.max_abs_diff:.3g} "

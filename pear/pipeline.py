@@ -34,13 +34,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import AtomicDir, check_out_dir, save_checkpoint, verify_fold
+from .checkpoint import AtomicDir, add_format_arg, check_out_dir, save_checkpoint, verify_fold
+from .errors import PearError
+from .export.formats import check_format, save_gguf, save_peft
+from .export.scales import snapshot_out_projs
 from .fit import (K_AUTO_RANGE, FitSettings, add_fit_args, all_heads, compute_dtype, fit, heldout_batch, k_from_args,
                   parse_k, proxy_metrics, select_heads, settings_from_args)
 from .loading import DTYPES, load_model, parse_dtype, resolve_spec
 from .recipes import DEFAULT_RECIPE
 from .scaling import HeadKey, granularity, summary_value
 
+SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
 CPU_TOP_M = 16  # fast discovery on CPU with --k auto: heads re-scored exactly at first (see run())
 
 
@@ -140,7 +144,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         bounds: str | None = None, settings: FitSettings | None = None, recipe: str | None = None,
         discovery_settings=None, top_m: int | None = None, seed: int | None = None, dtype: str = "auto",
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
-        progress: bool = True, data_dir=None, command: str | None = None, **fit_overrides) -> RunResult:
+        progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
+        **fit_overrides) -> RunResult:
     """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult`.
 
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
@@ -151,6 +156,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     given, override those in settings. With scales "all-heads" or "channels" every head is
     scaled and discovery is skipped (its scores choose nothing).
     discovery_settings: proxy (N, n) settings for discovery (default: the paper's four);
+    format: what `model/` holds: "hf" (a HF folder), "gguf" (the base GGUF re-weighted; needs a GGUF
+    base) or "peft" (an IA3 adapter).
     top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); for k="auto", 32,
     the largest K it can choose; on CPU first 16, then 32 only if K auto picks a head past them).
     """
@@ -164,6 +171,10 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     k = parse_k(str(k if k is not None else rec.k))
     out = Path(out) if out is not None else default_out(model)
     check_out_dir(out, force)
+    check_format(format, model)
+    if format == "gguf" and save_dtype not in ("auto", "fp32"):
+        raise PearError("--format gguf compares the written file with the folded model in fp32; "
+                        "leave --save-dtype auto")
     given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
     fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
     seed = fs.seed
@@ -215,9 +226,12 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         heldout = heldout_batch(loaded.model, loaded.tokenizer, fs)
         saved_base = proxy_metrics(loaded.model, heldout, fs.micro_batch)
         bar.update(1)
+        restore = snapshot_out_projs(loaded.model) if format == "peft" else None  # the adapter needs the base
         verification = verify_fold(loaded.model, fr.coefficients)  # folds in place, or raises
         bar.update(1)
         saved_folded = proxy_metrics(loaded.model, heldout, fs.micro_batch)
+        if restore:
+            restore()
         bar.update(1)
         bar.close()
 
@@ -232,8 +246,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
         settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
-                  "seed": seed, "k": k, "method": method, "recipe": recipe_name},
-        command=command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m),
+                  "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format},
+        command=(command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m)
+                 + (f" --format {format}" if format != "hf" and command is None else "")),
         discovery={} if disc is None else {"seconds": round(disc.seconds, 2),
                                            "forward_equivalents": round(disc.forward_equivalents, 2),
                                            "settings": [list(s) for s in disc.settings]},
@@ -244,7 +259,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     with stages("save", str(out)):
         bar = stages.bar(4, "save")
         with AtomicDir(out, force) as tmp:
-            save_checkpoint(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
+            save = SAVERS[format]
+            save(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
                 "pear_run": {"recipe": recipe_name, "objective": fs.objective,
                              "scales": fs.scales, "granularity": granularity(fr.coefficients),
                              "method": None if disc is None else method, "k": len(heads),
@@ -325,6 +341,7 @@ def add_cli(sub) -> None:
     p.add_argument("--save-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="dtype of the saved model (default: the checkpoint's own; fp32 for GGUF)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    add_format_arg(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_fit_args(p)
     p.set_defaults(func=_cli_run)
@@ -336,7 +353,7 @@ def _cli_run(args: argparse.Namespace) -> int:
     res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings_from_args(args),
               recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=args.dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
-              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir)
+              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
     print(res.summary())
     print(f"report: {res.report_path}")
     return 0

@@ -34,6 +34,22 @@ _COLOURS = {"FLIPPED": "#d62728", "removed": "#7f7f7f", "weakened": "#1f77b4", "
             "amplified": "#ff7f0e"}
 
 
+def _model_text(r) -> str:
+    """What `model/` holds, by `pear run --format`."""
+    fmt = r.settings.get("format", "hf")
+    if fmt == "gguf":
+        return (f"`model/` holds the base GGUF file with the attention output tensors of the {r.k} re-weighted heads "
+                "rescaled (re-quantised; pear.json says in which type) for llama.cpp, Ollama and LM Studio; its "
+                "logits were checked against the folded model, whose numbers are those below.")
+    if fmt == "peft":
+        return (f"`model/` is a PEFT IA3 adapter that re-weights {r.k} attention heads at run time: "
+                f'`PeftModel.from_pretrained(base_model, "{r.model_dir.name}")`; `merge_and_unload()` gives the folded '
+                "weights measured below.")
+    return (f"`model/` is an ordinary checkpoint of the base model with {r.k} attention heads re-weighted (the\n"
+            "coefficients are folded into the attention output projection): same architecture, parameter count\n"
+            f'and speed. Load it with `AutoModelForCausalLM.from_pretrained("{r.model_dir.name}")` from this folder.')
+
+
 MAX_BARS = 40  # more heads than this (every head scaled): a layers x heads map of α - 1 instead of bars
 
 
@@ -146,9 +162,7 @@ def render(r) -> str:
 
 `{r.command}` — {r.seconds['total']:.0f} s in all.
 
-`model/` is an ordinary checkpoint of the base model with {r.k} attention heads re-weighted (the
-coefficients are folded into the attention output projection): same architecture, parameter count
-and speed. Load it with `AutoModelForCausalLM.from_pretrained("{r.model_dir.name}")` from this folder.
+{_model_text(r)}
 
 ## Proxy task: copying a random sequence (held-out batch)
 

@@ -1,0 +1,168 @@
+"""Write the re-weighting into a GGUF file, for llama.cpp, Ollama and LM Studio.
+
+The output is the base GGUF file with every key, every tensor and every byte kept, except the
+attention output tensors (``blk.N.attn_output.weight``) of the layers that have scales. In
+those, only the quantisation blocks whose input channels are scaled are rewritten: each is
+dequantised, multiplied by its channels' scales, and quantised again in the original type.
+The `gguf` package can quantise Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (and the float types); a tensor in
+any other type (K-quants, i-quants) is re-quantised whole to Q8_0 (F16 where a row is not a
+multiple of 32), which the metadata (``pear.attn_output_types``) and the report say.
+
+Why this is nearly lossless: a per-head scale is constant over a head's head_dim channels, and
+a quantisation block (32 channels) lies inside one head when head_dim is a multiple of 32; a
+block x = d*q (+ m) scaled by alpha is the block with d (and m) scaled by alpha, so the
+quantiser finds the same integers and only the fp16 block scales round again.
+
+Orientation: GGUF stores attn_output as ne = [in, out], i.e. numpy [out, in], the same as
+torch's Linear weight; llama.cpp permutes q/k for llama, never attn_output. A quantisation
+block runs along the last numpy axis, the input channels. `verify` checks all of it end to
+end: the written file, loaded back with transformers, against the folded model's logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import PearError
+
+REQUANTISABLE = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F32", "F16", "BF16"}
+
+# Accepted max |GGUF - folded| logit difference relative to max |logit|, by how the scaled
+# attn_output tensors were stored (benchmarks/results/export_formats_cpu.md). Measured: repacked,
+# SmolLM2-135M Q4_1 (12 heads) 1.7e-4, Qwen2.5-Coder-0.5B Q5_0 1.6e-5; re-quantised whole to Q8_0,
+# which rounds unscaled channels too: Gemma-3-270M Q4_K 5.1e-3, SmolLM2 Q4_1 (forced) 2.6e-3.
+GGUF_TOLERANCE = {"repacked": 2e-3, "Q8_0": 2e-2, "F16": 5e-3}
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # a truncated or foreign file: gguf raises ValueError, struct.error, ...
+        raise PearError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def _target_type(qtype, n_in: int):
+    """(type to write, how): the original type where gguf can quantise it, else Q8_0 or F16."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    if qtype.name in REQUANTISABLE:
+        return qtype, "repacked"
+    fallback = T.Q8_0 if n_in % GGML_QUANT_SIZES[T.Q8_0][0] == 0 else T.F16
+    return fallback, fallback.name
+
+
+def scale_tensor(tensor, v: torch.Tensor) -> tuple[np.ndarray, object, str]:
+    """New data for one GGUF attn_output tensor with input channels scaled by `v` (in,).
+    Returns (data as gguf stores it, its GGML type, "repacked" | "Q8_0" | "F16")."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    qtype = tensor.tensor_type
+    w = quants.dequantize(tensor.data, qtype).astype(np.float32)  # (out, in)
+    scale = v.numpy().astype(np.float32)
+    if w.ndim != 2 or w.shape[1] != scale.size:
+        raise PearError(f"{tensor.name}: shape {tuple(w.shape)} does not match {scale.size} input channels "
+                        "(heads x head_dim); is this GGUF file the same model?")
+    target, how = _target_type(qtype, w.shape[1])
+    new = quants.quantize(w * scale[None, :], target)
+    if how == "repacked" and new.dtype == np.uint8:  # keep the bytes of blocks with no scaled channel
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        touched = (scale.reshape(-1, bs) != 1).any(axis=1)  # (in / bs,)
+        old = np.asarray(tensor.data).reshape(w.shape[0], -1, ts)  # (out, blocks, bytes)
+        new = np.where(touched[None, :, None], new.reshape(old.shape), old).reshape(np.asarray(tensor.data).shape)
+    return np.ascontiguousarray(new), target, how
+
+
+def write_gguf(base: str | Path, scales: Mapping[int, torch.Tensor], out: str | Path,
+               metadata: Mapping[str, str]) -> dict:
+    """Write `out`: `base` with the attn_output tensors of `scales`' layers rescaled and
+    `metadata` (str -> str, keys under "pear.") added. Returns what was stored per tensor."""
+    import gguf
+
+    base, out = Path(base), Path(out)
+    reader = _reader(base)
+    names = {f"blk.{layer}.attn_output.weight": layer for layer in scales}
+    tensors = {t.name: t for t in reader.tensors}
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise PearError(f"{base.name} has no tensor {missing[0]}: cannot place the attention output scales")
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch, endianess=reader.endianess)
+    if "general.alignment" in reader.fields:
+        writer.data_alignment = int(reader.fields["general.alignment"].contents())
+    for field in reader.fields.values():  # as gguf's own gguf_new_metadata script copies them
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    stored, data = {}, {}
+    for name, layer in names.items():
+        t = tensors[name]
+        new, qtype, how = scale_tensor(t, scales[layer])
+        data[name] = (new, qtype)
+        stored[name] = {"original": t.tensor_type.name, "written": qtype.name, "how": how}
+    for k, v in {**metadata, "pear.attn_output_types": json.dumps(stored)}.items():
+        writer.add_string(k, v)
+    for t in reader.tensors:
+        arr, qtype = data.get(t.name, (t.data, t.tensor_type))
+        writer.add_tensor_info(t.name, arr.shape, arr.dtype, arr.nbytes, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(data.get(t.name, (t.data,))[0], tensor_endianess=reader.endianess)
+    writer.close()
+    return stored
+
+
+def tolerance_for(stored: Mapping[str, dict]) -> float:
+    """Relative logit tolerance for the least faithful way a tensor was stored."""
+    return max(GGUF_TOLERANCE[s["how"]] for s in stored.values())
+
+
+def load_back(path: Path):
+    """The written file as transformers reads it (dequantised to fp32)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@torch.no_grad()
+def verify(path: Path, reference_model, input_ids: torch.Tensor, rel_tolerance: float) -> dict:
+    """Load `path` with transformers (dequantised, fp32) and compare its logits with
+    `reference_model`'s (the folded model) on `input_ids`. Raises PearError if too far."""
+    back = load_back(path)
+    ref = reference_model(input_ids.to(reference_model.device), use_cache=False).logits.float().cpu()
+    got = back(input_ids, use_cache=False).logits.float()
+    del back
+    scale = max(1.0, float(ref.abs().max()))
+    diff = float((got - ref).abs().max())
+    v = {"max_abs_logit_diff": diff, "tolerance": rel_tolerance * scale, "logits_max_abs": scale,
+         "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+         "compared_with": "the folded model (transformers), on the same input"}
+    if diff > v["tolerance"]:
+        raise PearError(f"GGUF verification failed: logits of the written file differ from the folded model's by "
+                        f"{diff:.3g} > tolerance {v['tolerance']:.3g}; nothing saved")
+    return v

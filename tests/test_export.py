@@ -1,0 +1,242 @@
+"""Output formats: channel scales, the PEFT IA3 adapter, GGUF tensors, the model card, --format."""
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import pear
+from pear.cli import main
+from pear.errors import PearError
+from pear.export import gguf_file
+from pear.export.scales import ChannelScaling, channel_scales, check_channel_scales
+from pear.families import resolve
+from pear.scaling import HeadScaling, fold
+from tiny_models import tiny_model
+
+COEFS = {(0, 1): 0.5, (1, 3): -0.7, (1, 0): 1.3}
+
+
+def _coef_file(tmp_path, coefs=COEFS):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in coefs.items()]}))
+    return f
+
+
+def _ids(vocab, seed=0):
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- channel scales
+@pytest.mark.parametrize("mt", ["llama", "gemma", "gpt2"])
+def test_channel_scales_repeat_each_head_coefficient_and_match_head_scaling(mt):
+    model = tiny_model(mt)
+    arch = resolve(model)
+    sc = channel_scales(arch, COEFS)
+    assert sorted(sc) == [0, 1] and all(v.shape == (arch.n_heads * arch.head_dim,) for v in sc.values())
+    d = arch.head_dim
+    assert torch.all(sc[0][d:2 * d] == 0.5) and torch.all(sc[0][:d] == 1) and torch.all(sc[0][2 * d:] == 1)
+    assert torch.equal(sc[1][3 * d:4 * d], torch.full((d,), -0.7)) and torch.equal(sc[1][:d], torch.full((d,), 1.3))
+    ids = _ids(128)
+    with torch.no_grad():
+        base = model(ids).logits
+        with HeadScaling(model, COEFS, trainable=False):
+            heads = model(ids).logits
+        with ChannelScaling(model, sc):
+            chans = model(ids).logits
+    torch.testing.assert_close(chans, heads, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(chans, base, atol=1e-3)  # the scales do something
+
+
+def test_channel_scales_bad_input_is_one_clear_error():
+    arch = resolve(tiny_model("llama"))
+    n = arch.n_heads * arch.head_dim
+    for scales, needle in [({0: torch.ones(n - 1)}, "expected heads x head_dim"),
+                           ({5: torch.ones(n)}, "layer 5 out of range"),
+                           ({0: torch.full((n,), float("nan"))}, "not all finite"), ({}, "nothing to export")]:
+        with pytest.raises(PearError, match=needle):
+            check_channel_scales(arch, scales)
+
+
+# ---------------------------------------------------------------------------- PEFT
+@pytest.fixture
+def tiny_folder(tmp_path):
+    def make(mt="llama", dtype=torch.float32):
+        d = tmp_path / f"tiny-{mt}-{str(dtype)[6:]}"
+        tiny_model(mt, dtype=dtype).save_pretrained(d)
+        return d
+    return make
+
+
+@pytest.mark.parametrize("mt,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("gemma", torch.float32),
+                                      ("llama", torch.bfloat16)])
+def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_folder, mt, dtype, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_folder(mt, dtype)
+    before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    coefs = _coef_file(tmp_path)
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(coefs), "--out", str(tmp_path / "ad"),
+                 "--format", "peft"]) == 0
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(coefs), "--out", str(tmp_path / "hf")]) == 0
+    assert {p.name: p.read_bytes() for p in base_dir.iterdir()} == before, "the input model must not change"
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "IA3" and cfg["target_modules"] == cfg["feedforward_modules"]
+    assert "base_model_relation: adapter" not in (tmp_path / "ad" / "README.md").read_text()  # a path: no hub id
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = _ids(128, 1)
+    with torch.no_grad():
+        ref = folded(ids).logits.float()
+        got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")(input_ids=ids).logits.float()
+        off = base(ids).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2 * max(1.0, float(ref.abs().max()))
+    assert float((got - ref).abs().max()) <= tol
+    assert float((off - ref).abs().max()) > 3 * tol  # the adapter does something
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").merge_and_unload().state_dict()
+    want = folded.state_dict()
+    assert set(merged) == set(want)
+    for k in want:  # merge_and_unload() is `pear fold`, weight for weight
+        assert merged[k].dtype == want[k].dtype and torch.equal(merged[k], want[k]), k
+
+
+def test_peft_adapter_card_names_the_hub_base(tmp_path, monkeypatch, tiny_folder):
+    from pear import checkpoint
+
+    d = tiny_folder()
+    monkeypatch.setitem(checkpoint.HUB_IDS, str(d), "owner/tiny-llama")
+    assert main(["fold", "--model", str(d), "--coefficients", str(_coef_file(tmp_path)), "--out", str(tmp_path / "a"),
+                 "--format", "peft"]) == 0
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "base_model: owner/tiny-llama\nbase_model_relation: adapter\nlibrary_name: peft" in card
+    assert "| 1 | 3 | -0.7000 |" in card and "PeftModel.from_pretrained" in card
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "owner/tiny-llama"
+
+
+# ---------------------------------------------------------------------------- GGUF tensors
+def _quantised(qtype_name, out=8, n_in=128, seed=0):
+    from gguf import GGMLQuantizationType, quants
+
+    q = GGMLQuantizationType[qtype_name]
+    w = np.random.default_rng(seed).normal(size=(out, n_in)).astype(np.float32)
+    return SimpleNamespace(name="blk.0.attn_output.weight", tensor_type=q, data=quants.quantize(w, q))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "F32"])
+def test_gguf_tensor_keeps_type_and_untouched_blocks_and_scales_the_head(qtype):
+    from gguf import quants
+
+    t = _quantised(qtype)
+    v = torch.ones(128)
+    v[64:] = 0.5  # head 1 of 2 (head_dim 64)
+    new, written, how = gguf_file.scale_tensor(t, v)
+    assert written == t.tensor_type and how == "repacked" and new.shape == t.data.shape
+    old_w, new_w = quants.dequantize(t.data, t.tensor_type), quants.dequantize(new, written)
+    assert np.array_equal(new_w[:, :64], old_w[:, :64])  # head 0's blocks: the same bytes
+    if new.dtype == np.uint8:
+        assert np.array_equal(new[:, :new.shape[1] // 2], t.data[:, :t.data.shape[1] // 2])
+    # a block scaled as a whole re-quantises to the same integers: only fp16 block scales round
+    np.testing.assert_allclose(new_w[:, 64:], 0.5 * old_w[:, 64:], atol=2e-3 * np.abs(old_w).max())
+
+
+def test_gguf_tensor_in_a_type_gguf_cannot_quantise_falls_back_to_q8_0(monkeypatch):
+    from gguf import GGMLQuantizationType as T, quants
+
+    monkeypatch.setattr(gguf_file, "REQUANTISABLE", {"Q8_0"})  # as if Q4_1 were a K-quant
+    t = _quantised("Q4_1")
+    new, written, how = gguf_file.scale_tensor(t, torch.full((128,), 0.5))
+    assert (written, how) == (T.Q8_0, "Q8_0")
+    np.testing.assert_allclose(quants.dequantize(new, written), 0.5 * quants.dequantize(t.data, T.Q4_1), atol=0.02)
+    assert gguf_file._target_type(T.Q4_K, 48) == (T.F16, "F16")  # rows not a multiple of 32
+    with pytest.raises(PearError, match="does not match 64 input channels"):
+        gguf_file.scale_tensor(t, torch.ones(64))
+
+
+def test_format_gguf_needs_a_gguf_base_and_writes_nothing(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "g"
+    assert main(["fold", "--model", str(tiny_folder()), "--coefficients", str(_coef_file(tmp_path)), "--out", str(out),
+                 "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs a GGUF base model" in err and "convert_hf_to_gguf" in err
+    assert not out.exists()
+    with pytest.raises(PearError, match="needs a GGUF base model"):  # pear run refuses before any work
+        pear.run(str(tiny_folder()), tmp_path / "r", format="gguf", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_format_peft_writes_adapter_with_effect_in_card(tmp_path, tiny_folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_folder()
+    res = pear.run(str(d), tmp_path / "run", k=2, method="fast", discovery_settings="6x8", top_m=8, steps=3, batch=4,
+                   length=16, eval_batch=4, lr=0.1, progress=False, format="peft")
+    m = res.model_dir
+    assert (m / "adapter_model.safetensors").is_file() and not (m / "model.safetensors").exists()
+    card = (m / "README.md").read_text()
+    sf = res.saved["folded"]
+    assert "## Measured effect" in card and f"{sf['proxy_loss']:.4f}" in card and "`pear run`" in card
+    assert "IA3 adapter" in res.report_path.read_text() and res.command.endswith("--format peft")
+    base = AutoModelForCausalLM.from_pretrained(d).eval()
+    ids = _ids(128, 2)
+    with torch.no_grad():
+        want = fold(copy.deepcopy(base), res.coefficients)(ids).logits
+        got = PeftModel.from_pretrained(base, m)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GGUF, real model
+@pytest.mark.real
+def test_gguf_real_default_model_only_attention_outputs_change(tmp_path, smollm2, monkeypatch):
+    import gguf
+
+    from pear.export.formats import save_gguf
+    from pear.export.scales import snapshot_out_projs
+
+    coefs = {(16, 0): 0.6, (24, 4): 0.5, (29, 0): 1.4}
+    base_file = Path(smollm2.spec.path) / smollm2.spec.gguf_file
+    restore = snapshot_out_projs(smollm2.model)
+    try:
+        fold(smollm2.model, coefs)
+        path, v = save_gguf(smollm2, coefs, tmp_path / "g")
+        folded_w = {l: smollm2.model.model.layers[l].self_attn.o_proj.weight.detach().numpy().copy() for l in (16, 24)}
+    finally:
+        restore()
+    assert v["max_abs_logit_diff"] <= v["tolerance"] and v["argmax_agreement"] == 1.0
+    assert {s["written"] for s in v["stored"].values()} == {"Q4_1"}
+    a, b = gguf.GGUFReader(str(base_file)), gguf.GGUFReader(str(path))
+    changed = {f"blk.{l}.attn_output.weight" for l in (16, 24, 29)}
+    tb = {t.name: t for t in b.tensors}
+    assert [t.name for t in a.tensors] == list(tb)
+    for t in a.tensors:
+        same = t.tensor_type == tb[t.name].tensor_type and np.array_equal(t.data, tb[t.name].data)
+        assert same != (t.name in changed), t.name
+    for name, f in a.fields.items():  # every key kept, byte for byte
+        if name != "GGUF.kv_count":
+            assert all(np.array_equal(x, y) for x, y in zip(f.parts, b.fields[name].parts)), name
+    assert b.fields["pear.base_sha256"].contents() == gguf_file.sha256(base_file)
+    assert json.loads(b.fields["pear.coefficients"].contents())[1] == {"layer": 24, "head": 4, "coefficient": 0.5}
+    # orientation: the stored tensor, dequantised, is the folded [out, in] weight (within Q4_1 block rounding)
+    for l, w in folded_w.items():
+        t = tb[f"blk.{l}.attn_output.weight"]
+        got = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert np.abs(got - w).max() <= 2e-3 * np.abs(w).max()
+    meta = json.loads((tmp_path / "g" / "pear.json").read_text())
+    assert meta["gguf"]["base_sha256"] == b.fields["pear.base_sha256"].contents()
+    assert "Q4_1 -> Q4_1" in (tmp_path / "g" / "README.md").read_text()
+    # the check can fail: a file whose weights are the base's is refused, and nothing is written
+    unfolded = copy.deepcopy(smollm2.model)
+    monkeypatch.setattr(gguf_file, "load_back", lambda p: unfolded)
+    try:
+        fold(smollm2.model, coefs)
+        with pytest.raises(PearError, match="GGUF verification failed"):
+            save_gguf(smollm2, coefs, tmp_path / "bad")
+    finally:
+        restore()
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
