@@ -91,7 +91,7 @@ def _load_builtin() -> None:
     """Import the modules that register the built-in variants (kept lazy: they import torch)."""
     import importlib
 
-    for mod in ("ms_poe", "attention_buckets"):
+    for mod in ("ms_poe", "attention_buckets", "moice"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
