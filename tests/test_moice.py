@@ -196,18 +196,16 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
 @pytest.mark.real
 def test_real_model_train_save_and_evaluate(smollm2, tmp_path, data_dir):
     """SmolLM2: SQuAD sequences, one router step, saved; eval's variant loads them; the model is untouched."""
-    from pear.baselines.moice_train import build_sequences, train_moice
+    from pear.baselines.moice_train import render_example, train_moice
 
     tok = smollm2.tokenizer
-    seqs, info = build_sequences(tok, data_dir, 3, 300, seed=0)
-    assert len(seqs) == 3 and all(len(s) <= 300 for s in seqs) and info["passages_mean"] >= 1
-    text = tok.decode(seqs[0])
-    assert "Question:" in text and "Passage 1 (" in text
+    text = render_example(tok, [("A", "first passage."), ("B", "second passage.")], "What?", "That.")
+    assert "Passage 2 (B): second passage.\n\nQuestion: What?" in text and text.rstrip().endswith("That.<|im_end|>")
     before = smollm2.model.model.layers[0].self_attn.o_proj.weight.clone()
-    s = train_moice("smollm2-135m", tmp_path / "r", steps=1, batch=1, seq_len=200, dtype="fp32", device="cpu",
+    s = train_moice("smollm2-135m", tmp_path / "r", steps=1, batch=1, seq_len=160, dtype="fp32", device="cpu",
                     data_dir=data_dir)
-    assert s["n_layers"] == 30 and s["bases_scaled_to_model"][None if None in s["bases_scaled_to_model"] else
-                                                               "null"][0] == 100000.0
+    assert s["n_layers"] == 30 and s["bases_scaled_to_model"]["all"][0] == 100000.0  # SmolLM2's own base
+    assert s["data"]["tokens_mean"] <= 160 and s["data"]["passages_mean"] >= 1
     assert s["history"][0]["aux"] == pytest.approx(7.0) and s["training"]["lr"] == 1e-4
     enc = tok(["The capital of France is"], return_tensors="pt")
     base = decode(smollm2.model, enc.input_ids, enc.attention_mask, steps=2)

@@ -171,7 +171,7 @@ def train_moice(model_spec: str | None, out, *, steps: int = DEFAULTS["steps"], 
     from .. import __version__
 
     routers.info = {"model": str(model_spec or "smollm2-135m"), "model_type": loaded.model.config.model_type,
-                    "bases_scaled_to_model": MoICE(loaded.model, routers).bases,
+                    "bases_scaled_to_model": {lt or "all": b for lt, b in MoICE(loaded.model, routers).bases.items()},
                     "training": {"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "schedule": "constant",
                                  "optimizer": "AdamW (weight decay 0)", "aux_coef": aux_coef,
                                  "max_grad_norm": max_grad_norm, "loss": "cross-entropy on every token + aux_coef x "
