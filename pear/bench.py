@@ -1,9 +1,10 @@
 """`pear bench overhead`: what each way of helping a model read its context costs at inference.
 
-Four variants in one process and one run: the base model, the PEAR-folded checkpoint (loaded
-as an ordinary model), Ms-PoE and Attention Buckets (pear.baselines, on the base model). Trials
-are interleaved, each round in a rotated order (base, pear, ms-poe, buckets; then pear, ms-poe,
-buckets, base; ...), so that drift on a noisy machine (thermal, other jobs) hits every variant
+Five variants in one process and one run: the base model, the PEAR-folded checkpoint (loaded
+as an ordinary model), Ms-PoE, Attention Buckets and MoICE (pear.baselines, on the base model;
+MoICE with untrained routers unless --moice-routers DIR: its cost does not depend on their
+values). Trials are interleaved, each round in a rotated order (base, pear, ms-poe, buckets,
+moice; then pear, ms-poe, buckets, moice, base; ...), so that drift on a noisy machine (thermal, other jobs) hits every variant
 alike and no variant always runs in the same slot. Each trial: prefill `context` random
 tokens, then `new_tokens` greedy decoding steps with the cache, through the same variant
 contract the evaluation harness uses. Reported per variant: median prefill tokens/s, decode
@@ -38,10 +39,10 @@ import torch
 from .atomic import write_text
 from .errors import PearError
 
-VARIANTS = ("base", "pear", "ms-poe", "attention-buckets")
+VARIANTS = ("base", "pear", "ms-poe", "attention-buckets", "moice")
 # variant name -> (registry variant, which model it runs on)
 _RUNS = {"base": ("none", "base"), "pear": ("none", "pear"), "ms-poe": ("ms-poe", "base"),
-         "attention-buckets": ("attention-buckets", "base")}
+         "attention-buckets": ("attention-buckets", "base"), "moice": ("moice", "base")}
 METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")
 
 
@@ -204,7 +205,8 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
     vocab = base.model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
-    options = variant_options or {}
+    options = dict(variant_options or {})
+    options.setdefault("moice", {"routers": "init"})  # its cost does not depend on the routers' values
 
     runnable, skipped = [], {}
     for v in variants:  # refuse early (and record why) variants that do not apply to this family
@@ -333,6 +335,8 @@ def add_cli(sub) -> None:
     o.add_argument("--batch", type=int, default=1, help="rows per forward (default 1)")
     o.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)})")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--moice-routers", default="init", metavar="DIR",
+                   help="MoICE routers (pear baseline train moice); default: untrained, same cost")
     o.add_argument("--out", required=True, metavar="FILE.json")
     o.set_defaults(func=_cli_overhead)
 
@@ -348,7 +352,7 @@ def _cli_overhead(args: argparse.Namespace) -> int:
 
     res = overhead(args.model, args.pear, context=args.context, new_tokens=args.new_tokens, trials=args.trials,
                    warmup=args.warmup, batch=args.batch, variants=variants, dtype=args.dtype, device=args.device,
-                   seed=args.seed, progress=progress)
+                   seed=args.seed, variant_options={"moice": {"routers": args.moice_routers}}, progress=progress)
     res["cli_args"] = {k: v for k, v in vars(args).items() if k != "func"}
     print(format_table(res))
     print(f"memory: {res['memory_method']}; saved {write_json_atomic(args.out, res)}")

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "pear.pipeline",  # pear run
     "pear.evaluate.cli",  # pear eval
     "pear.bench",  # pear bench overhead
+    "pear.baselines.moice_train",  # pear baseline train moice
 ]
 
 

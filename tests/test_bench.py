@@ -59,6 +59,7 @@ def test_bench_skips_baselines_that_do_not_apply(tmp_path):
     assert set(res["variants"]) == {"base", "pear"}
     assert "not applicable to gpt2" in res["not_applicable"]["ms-poe"]
     assert "not applicable to gpt2" in res["not_applicable"]["attention-buckets"]
+    assert "not applicable to gpt2" in res["not_applicable"]["moice"]
     assert "not applicable" in format_table(res)
 
 

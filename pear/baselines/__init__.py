@@ -2,7 +2,8 @@
 
 A variant changes how a loaded model computes, without changing its weights: Ms-PoE
 (per-head position rescaling in RoPE), Attention Buckets (parallel runs with different RoPE
-bases). PEAR itself needs no variant: its output is an ordinary checkpoint.
+bases), MoICE (per-head mixture of RoPE bases, routers trained by `pear baseline train moice`).
+PEAR itself needs no variant: its output is an ordinary checkpoint.
 
 Contract used by the evaluation harness and the overhead benchmark:
 
@@ -91,7 +92,7 @@ def _load_builtin() -> None:
     """Import the modules that register the built-in variants (kept lazy: they import torch)."""
     import importlib
 
-    for mod in ("ms_poe", "attention_buckets"):
+    for mod in ("ms_poe", "attention_buckets", "moice"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

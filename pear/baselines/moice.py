@@ -1,0 +1,364 @@
+"""MoICE (Lin et al. 2024, "Mixture of In-Context Experts", arXiv 2406.19598) as an inference-time variant.
+
+Every attention head attends once per RoPE base of a small set (each base is an "in-context
+expert"); a router per layer, shared by the layer's heads, reads the head's rotated query and
+mixes the experts' outputs per token and head. Only the routers are trained, the model frozen
+(`pear baseline train moice`, pear.baselines.moice_train); this module runs them.
+
+What we follow, from the reference code (github.com/p1nksnow/MoICE, modeling/modeling_llama.py,
+``LlamaFlashAttention2.forward``, and training/train.sh; the copy in TTArch/PEAR-RAG
+evaluation/models/modeling_llama_moice*.py is the same code, plus an eager-attention version):
+- bases 10000, 17500, 18000, 19000, 20000, 22500, 25000 (N = 7); top-k K = 7 (train.sh:
+  ``--expert_nums 7 --topk 7``, so every expert is used); router on every layer;
+- router: ``gate_2(act(gate_1(q)) * gate_3(q))``, gate_1/gate_3 ``head_dim -> N``, gate_2
+  ``N -> N``, no biases, ``act`` the model's own MLP activation (``config.hidden_act``), weights
+  initialised as transformers initialises a missing Linear (normal, std ``initializer_range``);
+  its input is the query rotated with the first base of the set (the model's own base);
+- routing: ``softmax(logits)`` in fp32, the top-K experts by logit kept, renormalised, cast to
+  the model's dtype; output = sum over experts of weight x that expert's attention output;
+- load-balancing loss (``load_balancing_loss_func``): Switch-Transformer loss over the
+  concatenated logits of all layers, one row per (token, head), ``N * sum(f * P)`` with ``f``
+  the top-K one-hot frequencies (K, N) and ``P`` the mean probabilities (N,). With K = N it is
+  the constant N (every expert is always selected), so it adds no gradient: we keep it, as
+  the reference does, and record it.
+Deviations (ours):
+- bases are scaled to the model's own base, ``b * model_base / 10000`` (the reference set is
+  for Llama-2, base 10000; SmolLM2 has 100000, Qwen2.5 1000000, Gemma 3 one base per layer
+  type, each scaled against its own), as our Attention Buckets does, so the first expert is
+  always the model itself;
+- keys: the reference caches keys *before* RoPE and rotates them per expert at every step; the
+  model here caches them rotated at its own base, and we rotate by the extra angle
+  ``p * (inv_freq_e - inv_freq_own)`` (rotations compose, so this is RoPE with base e at the
+  same positions, up to rounding); key positions come from the tracked cache (left padding
+  included), where the reference assumes positions 0..S-1 for keys and row 0's positions for
+  queries;
+- grouped-query attention: the reference repeats K/V to the query heads before rotating; the
+  extra rotation depends only on position and expert, so we rotate the KV heads themselves
+  and let the model's attention function group them (same result, less memory);
+- the router runs in fp32 (reference: the model's dtype, bf16); partial rotary (Phi,
+  GPT-NeoX) rotates only the rotary part, as the model does;
+- experts run one after the other (the reference stacks them in the batch of one flash call):
+  the same arithmetic, with one expert's attention in memory at a time.
+An expert whose base is the model's own makes the original attention call unchanged, so with
+bases=[10000] (one expert, weight 1) logits are exactly the base model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.activations import ACT2FN
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..errors import PearError
+from . import Variant, WrappedModel, register
+from .attention_buckets import REFERENCE_BASE
+from .ms_poe import _ModuleView, _original_function
+from .rope import Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, unwrap
+
+DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0)
+DEFAULT_TOP_K = 7
+ROUTERS_FILE, SETTINGS_FILE = "routers.safetensors", "moice.json"
+_ATTR = "_pear_moice"
+_PREFIX = "pear_moice_"
+
+
+# ---------------------------------------------------------------------------- routers
+class Router(nn.Module):
+    """One layer's router, shared by its heads: (..., head_dim) rotated query -> (..., N) logits."""
+
+    def __init__(self, head_dim: int, n: int, act: str):
+        super().__init__()
+        self.gate_1 = nn.Linear(head_dim, n, bias=False)
+        self.gate_2 = nn.Linear(n, n, bias=False)
+        self.gate_3 = nn.Linear(head_dim, n, bias=False)
+        self.act = ACT2FN[act]
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.gate_2(self.act(self.gate_1(q)) * self.gate_3(q))
+
+
+def _activation(config) -> str:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or "silu"
+
+
+class Routers(nn.Module):
+    """The routers of every layer, fp32, plus the settings they were made for."""
+
+    def __init__(self, n_layers: int, head_dim: int, bases, top_k: int, act: str, std: float = 0.02,
+                 seed: int = 0, info: dict | None = None):
+        super().__init__()
+        bases = [float(b) for b in bases]
+        if not bases or any(b <= 1 for b in bases):
+            raise PearError(f"moice bases must be numbers > 1, got {bases}")
+        if not 1 <= int(top_k) <= len(bases):
+            raise PearError(f"moice top_k must be in 1..{len(bases)} (the number of bases), got {top_k}")
+        self.bases, self.top_k, self.act_name, self.info = bases, int(top_k), act, dict(info or {})
+        self.head_dim = int(head_dim)
+        g = torch.Generator().manual_seed(int(seed))
+        self.layers = nn.ModuleList(Router(head_dim, len(bases), act) for _ in range(n_layers))
+        with torch.no_grad():
+            for p in self.layers.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    @classmethod
+    def for_model(cls, model, bases=DEFAULT_BASES, top_k: int | None = None, seed: int = 0) -> "Routers":
+        arch, _ = require_rope("moice", model)
+        top_k = len(bases) if top_k is None else top_k
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+        return cls(arch.n_layers, arch.head_dim, bases, top_k, _activation(model.config), std=std, seed=seed)
+
+    def settings(self) -> dict:
+        return {"bases": self.bases, "top_k": self.top_k, "n_layers": len(self.layers),
+                "head_dim": self.head_dim, "act": self.act_name, **self.info}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / ROUTERS_FILE))
+        (folder / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder) -> "Routers":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / ROUTERS_FILE).is_file() or not (folder / SETTINGS_FILE).is_file():
+            raise PearError(f"moice routers: {folder} has no {ROUTERS_FILE} and {SETTINGS_FILE} "
+                            "(make them with `pear baseline train moice`)")
+        s = json.loads((folder / SETTINGS_FILE).read_text())
+        info = {k: v for k, v in s.items() if k not in ("bases", "top_k", "n_layers", "head_dim", "act")}
+        r = cls(s["n_layers"], s["head_dim"], s["bases"], s["top_k"], s["act"], info=info)
+        try:
+            r.load_state_dict(load_file(str(folder / ROUTERS_FILE)))
+        except RuntimeError as e:
+            raise PearError(f"moice routers in {folder} do not match their settings: {str(e).splitlines()[0]}") from None
+        return r
+
+
+def routing_weights(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(..., N) logits -> (..., N) fp32 weights: softmax, top-k by logit kept, renormalised."""
+    w = logits.float().softmax(-1)
+    if top_k < logits.shape[-1]:
+        keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        w = torch.where(keep, w, 0.0)
+        w = w / w.sum(-1, keepdim=True)
+    return w
+
+
+def load_balancing_loss(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """The reference's Switch-Transformer loss over all layers' logits, each (..., N), rows = (token, head)."""
+    n = logits[0].shape[-1]
+    z = torch.cat([x.reshape(-1, n).float() for x in logits])  # (R, N)
+    w = z.softmax(-1)
+    chosen = torch.nn.functional.one_hot(w.topk(top_k, dim=-1).indices, n).float()  # (R, K, N)
+    return (chosen.mean(0) * w.mean(0)[None]).sum() * n
+
+
+# ---------------------------------------------------------------------------- attention function
+def _make_attention(original: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        fn = _original_function(module, original)
+        st = getattr(module, _ATTR, None)
+        view = _ModuleView(module, original, False)
+        if st is None or st[0].session is None:  # a call outside the wrapper
+            return fn(view, query, key, value, attention_mask, **kwargs)
+        return st[0]._attend(st[1], fn, view, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _register(original: str) -> str:
+    name = _PREFIX + original.replace("|", "_")
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(original))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+@dataclass
+class _Experts:
+    delta: torch.Tensor  # (N, F) fp32: inv_freq of each expert minus the model's own
+    own: list[bool]  # expert at the model's own base: the original call
+    bases: list[float]
+
+
+class _Session:
+    """One batch's positions (the cache's, for decoding) and, when training, the router logits."""
+
+    def __init__(self):
+        self.positions: Positions | None = None
+        self.logits: list[torch.Tensor] | None = None
+
+
+# ---------------------------------------------------------------------------- the wrapped model
+class MoICE(WrappedModel):
+    """Callable with the HF causal-LM forward signature; use inside `wrap(...)`."""
+
+    name = "moice"
+
+    def __init__(self, model, routers: Routers):
+        self.arch, self.rotary = require_rope("moice", model)
+        if not model._can_set_attn_implementation():
+            raise PearError(f"moice is not supported for {self.arch.model_type} models: their attention does not "
+                            "go through transformers' AttentionInterface")
+        if (len(routers.layers), routers.head_dim) != (self.arch.n_layers, self.arch.head_dim):
+            raise PearError(f"moice routers are for {len(routers.layers)} layers of head_dim {routers.head_dim}; "
+                            f"this model has {self.arch.n_layers} layers of head_dim {self.arch.head_dim}")
+        dev = next(model.parameters()).device
+        self.model, self.routers = model, routers.to(dev)
+        types = getattr(self.rotary, "layer_types", None)  # Gemma 3: one RoPE per layer type
+        self.experts = {lt: self._experts(lt, routers.bases) for lt in (types or [None])}
+        self.session: _Session | None = None
+        self.collect_logits = False  # training: keep every layer's router logits in the session
+
+    def _experts(self, ltype, bases) -> _Experts:
+        own = base_of(self.rotary, ltype)
+        own_inv = inv_freq(self.rotary, ltype).float()
+        check, _ = inv_freq_for_base(self.rotary, own, ltype)
+        if check.shape != own_inv.shape or not torch.allclose(check, own_inv, rtol=1e-4):
+            raise PearError("moice: could not reproduce this model's RoPE frequencies "
+                            f"(rope type {self.rotary.rope_type}); not supported")
+        deltas, is_own, used = [], [], []
+        for b in bases:
+            b = b * own / REFERENCE_BASE
+            same = abs(b - own) <= 1e-9 * own
+            inv = own_inv if same else inv_freq_for_base(self.rotary, b, ltype)[0]
+            deltas.append(inv - own_inv)
+            is_own.append(same)
+            used.append(b)
+        return _Experts(torch.stack(deltas), is_own, used)
+
+    @property
+    def bases(self) -> dict:
+        return {lt: e.bases for lt, e in self.experts.items()}
+
+    def _attention_modules(self):
+        blocks = self.model.get_submodule(self.arch.family.blocks)
+        proj = self.arch.family.out_proj.rsplit(".", 1)[0]  # "self_attn.o_proj" -> "self_attn"
+        return [blocks[l].get_submodule(proj) for l in range(self.arch.n_layers)]
+
+    @contextlib.contextmanager
+    def active(self):
+        original = self.model.config._attn_implementation
+        if original.startswith(_PREFIX):
+            raise PearError("moice is already active on this model")
+        mods = self._attention_modules()
+        name = _register(original)
+        self.model.set_attn_implementation(name)
+        if self.model.config._attn_implementation != name:
+            raise PearError(f"moice: could not switch this {self.arch.model_type} model to a custom attention function")
+        try:
+            for l, m in enumerate(mods):
+                setattr(m, _ATTR, (self, l))
+            yield self
+        finally:
+            for m in mods:
+                if hasattr(m, _ATTR):
+                    delattr(m, _ATTR)
+            self.model.set_attn_implementation(original)
+
+    # -- forward: track positions (queries and every key in the cache), then run the model
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache=None, inputs_embeds=None, **kwargs):
+        x = input_ids if input_ids is not None else inputs_embeds
+        B, T = x.shape[:2]
+        dev = x.device
+        prev = getattr(past_key_values, _ATTR, None) if past_key_values is not None else None
+        if past_key_values is not None and prev is None and past_key_values.get_seq_length() > 0:
+            raise PearError("moice: this cache was not filled through the moice wrapper; start from past_key_values=None")
+        past = prev.keys.shape[1] if prev is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
+        position_ids = position_ids.to(dev).expand(B, T)
+        keys = position_ids if prev is None else torch.cat([prev.keys, position_ids], dim=1)
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == past + T:
+            valid = attention_mask.to(dev).bool()
+        else:
+            new = torch.ones(B, T, dtype=torch.bool, device=dev)
+            valid = new if prev is None else torch.cat([prev.key_valid, new], dim=1)
+        self.session = _Session()
+        self.session.positions = pos = Positions(query=position_ids, keys=keys, key_valid=valid)
+        self.session.logits = [] if self.collect_logits else None
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
+                             **kwargs)
+            self.last_logits = self.session.logits
+        finally:
+            self.session = None
+        if getattr(out, "past_key_values", None) is not None:
+            setattr(out.past_key_values, _ATTR, pos)
+        return out
+
+    def select_cache_rows(self, past, keep: torch.Tensor, rows: int) -> bool:
+        """Keep only batch rows `keep` of a cache filled through this wrapper (and their positions)."""
+        p = getattr(past, _ATTR, None)
+        if p is None or not hasattr(past, "batch_select_indices"):
+            return False
+        past.batch_select_indices(keep)
+        setattr(past, _ATTR, Positions(query=p.query[keep], keys=p.keys[keep], key_valid=p.key_valid[keep]))
+        return True
+
+    # -- one layer: route, run each expert, mix; called from the registered attention function
+    def _attend(self, layer, fn, module, query, key, value, attention_mask, **kwargs):
+        pos = self.session.positions
+        B, H, T, _ = query.shape
+        S = key.shape[2]
+        if pos.keys.shape[1] < S or pos.query.shape[1] != T:
+            raise PearError(f"moice: layer {layer} got {T} queries and {S} keys but the wrapper tracked "
+                            f"{pos.query.shape[1]} and {pos.keys.shape[1]} positions (unsupported cache type?)")
+        kpos = pos.keys[:, -S:]  # sliding-window layers keep the last keys
+        ex = self.experts[layer_type(self.model.config, layer) if None not in self.experts else None]
+        logits = self.routers.layers[layer](query.transpose(1, 2).float())  # (B, T, H, N)
+        if self.session.logits is not None:
+            self.session.logits.append(logits)
+        w = routing_weights(logits, self.routers.top_k).to(query.dtype)  # (B, T, H, N)
+        out = None
+        for e in range(len(ex.own)):
+            if ex.own[e]:
+                o = fn(module, query, key, value, attention_mask, **kwargs)[0]
+            else:
+                d = ex.delta[e].to(query.device)
+                q = rotate(query, pos.query[:, None, :, None].float() * d)  # (B, H, T, D)
+                k = rotate(key, kpos[:, None, :, None].float() * d)  # (B, KVH, S, D)
+                o = fn(module, q, k, value, attention_mask, **kwargs)[0]  # (B, T, H, D)
+            o = w[..., e, None] * o
+            out = o if out is None else out + o
+        return out, None
+
+
+# ---------------------------------------------------------------------------- registry
+@contextlib.contextmanager
+def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: int = 0):
+    """``with wrap(loaded, routers=DIR) as lm:`` -- `lm(...)` runs the model under MoICE.
+
+    routers: a folder from `pear baseline train moice`, a `Routers` object, or "init" for
+    untrained routers (seeded; for tests and cost measurements, not for accuracy).
+    bases / top_k: only with routers="init" (trained routers carry their own)."""
+    model = unwrap(loaded)
+    if routers is None:
+        raise PearError("moice needs trained routers: --variant-option routers=DIR (from `pear baseline train "
+                        "moice`), or routers=init for untrained ones")
+    if isinstance(routers, (str, Path)) and str(routers) == "init":
+        r = Routers.for_model(model, bases=DEFAULT_BASES if bases is None else bases, top_k=top_k, seed=seed)
+    else:
+        if bases is not None or top_k is not None:
+            raise PearError("moice: bases and top_k come with trained routers; set them only with routers=init")
+        r = routers if isinstance(routers, Routers) else Routers.load(routers)
+    lm = MoICE(model, r)
+    with lm.active():
+        yield lm
+
+
+register(Variant("moice", "MoICE: each head attends with 7 RoPE bases (scaled to the model's), mixed per token "
+                 "and head by trained routers (arXiv 2406.19598)", wrap, needs_rope=True))
