@@ -54,12 +54,12 @@ def plot_positions(summary: dict, path) -> Path:
                 continue
             conds = [c for c in t["by_position"]]
             x = [int(c) for c in conds]
-            for lab in ("base", "pear"):
+            for dx, lab in ((-0.06, "base"), (0.06, "pear")):  # side by side, so equal values stay visible
                 ys = [t["by_position"][c][lab]["accuracy"] for c in conds]
                 lo = [t["by_position"][c][lab]["ci95"][0] for c in conds]
                 hi = [t["by_position"][c][lab]["ci95"][1] for c in conds]
                 err = [[max(0.0, y - a) for y, a in zip(ys, lo)], [max(0.0, b - y) for y, b in zip(ys, hi)]]
-                ax.errorbar(x, ys, yerr=err, marker="o", ms=3, capsize=2, color=COLOURS[lab],
+                ax.errorbar([v + dx * max(1, x[-1] - x[0]) / 4 for v in x], ys, yerr=err, marker="o", ms=3, capsize=2, color=COLOURS[lab],
                             label="PEAR" if lab == "pear" else "base")
             ax.set_ylim(-0.03, 1.03)
             ax.set_xticks(x)

@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"warm-up steps (default {d.warmup})")
     p.add_argument("--mix", default=None, help="data mix, e.g. text=0.4,copy=0.2,kv=0.2,passkey=0.2 (the default)")
     p.add_argument("--max-passages", type=int, default=None, help="use only the first N training passages")
+    p.add_argument("--heldout-windows", type=int, default=d.heldout_windows,
+                   help=f"held-out windows for the loss curve (default {d.heldout_windows})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"evaluation tasks (default {DEFAULT_TASKS})")
     p.add_argument("--positions", default=DEFAULT_POSITIONS, help=f"gold positions (default {DEFAULT_POSITIONS})")
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_size(args.size)
         settings = TrainSettings(size=args.size, steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
                                  warmup=args.warmup, seed=args.seed, mix=parse_mix(args.mix) if args.mix else None,
-                                 max_passages=args.max_passages)
+                                 max_passages=args.max_passages, heldout_windows=args.heldout_windows)
         study(args.out, archs=args.archs, settings=settings, tasks=args.tasks, positions=args.positions,
               limit=args.limit, recipe=args.recipe, run_options=parse_run_options(args.run_option),
               stages=[x.strip() for x in args.stages.split(",") if x.strip()], tokenizer=args.tokenizer,

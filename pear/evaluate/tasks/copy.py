@@ -6,6 +6,8 @@ depth; the model must go on with the sentence's next `ANSWER_WORDS` words. The p
 once in the haystack, so the continuation is determined by the context alone. Scored 1 if
 the output, normalised (SQuAD: lower case, no punctuation or articles), starts with the
 normalised continuation. This is the proxy task's skill (copying from far back) on real text.
+It is a continuation task, so the prompt is never wrapped in a chat template (an instruct
+model answering in a chat turn restates the prompt instead of continuing it).
 """
 
 from __future__ import annotations
@@ -70,6 +72,6 @@ def copy(param: str | None, ctx: BuildContext) -> Task:
     return Task(name="copy", kind="generate", examples=examples, metric="continues_sentence",
                 score=lambda out, ex: copy_score(out, ex.answers[0]),
                 done=lambda out, ex: len(out.split()) > ANSWER_WORDS,
-                max_new_tokens=4 * ANSWER_WORDS, positional=True,
+                max_new_tokens=4 * ANSWER_WORDS, chat=False, positional=True,
                 info={"words": words, "records": n, "slots": N_SLOTS, "prefix_words": PREFIX_WORDS,
                       "answer_words": ANSWER_WORDS, "source": ESSAYS, "positions": [s + 1 for s in slots]})
