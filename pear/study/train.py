@@ -70,14 +70,17 @@ def study_tokenizer(spec: str | None = None):
 
     from ..loading import _converted_gguf, resolve_spec
 
-    ms = resolve_spec(spec)
-    if ms.gguf_file and os.environ.get("PEAR_GGUF_CACHE", "1") != "0":
-        tok = AutoTokenizer.from_pretrained(str(_converted_gguf(ms)))
+    if spec is not None and (Path(spec) / "tokenizer_config.json").is_file():  # a tokenizer folder alone
+        tok = AutoTokenizer.from_pretrained(str(spec))
     else:
-        tok = AutoTokenizer.from_pretrained(ms.path, **ms.pretrained_kwargs())
+        ms = resolve_spec(spec)
+        if ms.gguf_file and os.environ.get("PEAR_GGUF_CACHE", "1") != "0":
+            tok = AutoTokenizer.from_pretrained(str(_converted_gguf(ms)))
+        else:
+            tok = AutoTokenizer.from_pretrained(ms.path, **ms.pretrained_kwargs())
     sep = SEPARATOR if SEPARATOR in tok.get_vocab() else tok.eos_token
     if sep is None:
-        raise PearError(f"tokenizer of {ms.spec} has neither {SEPARATOR} nor an EOS token")
+        raise PearError(f"tokenizer of {spec or 'the default model'} has neither {SEPARATOR} nor an EOS token")
     tok.bos_token = tok.eos_token = tok.pad_token = sep
     tok.chat_template = None
     return tok
@@ -138,6 +141,8 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
     opt = _optimizer(model, s, cuda)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(s))
     n_workers = workers if workers is not None else (min(8, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0)
+    if n_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers each tokenize on one thread
     loader = torch.utils.data.DataLoader(mix, batch_size=s.batch, shuffle=False, num_workers=n_workers,
                                          pin_memory=cuda, persistent_workers=False,
                                          prefetch_factor=4 if n_workers else None)
