@@ -147,3 +147,18 @@ def test_bad_input_fails_before_work(tmp_path, capsys):
     assert main(["--out", str(out), "--size", "huge"]) == 2
     assert not out.exists()
     assert parse_run_options(["bounds=unit", "k=8", "lr=0.01"]) == {"bounds": "unit", "k": 8, "lr": 0.01}
+
+
+def test_discovery_exact_on_study_configs(study_dir):
+    """The study's configurations (full rotary and sequential residual for GPT-NeoX, among
+    others) through discovery's cached suffix re-runs: the same scores as one forward per head."""
+    from pear.discover import discover, naive_scores
+
+    settings = [(3, 5), (2, 4)]
+    for arch in CLASSES:
+        loaded = pear.load_model(str(study_dir / arch / "base"), device="cpu")
+        res = discover(loaded.model, loaded.tokenizer, settings=settings, method="exact", batch_heads=3,
+                       progress=False)
+        ref = naive_scores(loaded.model, loaded.tokenizer, settings=settings)
+        assert ref.abs().max() > 1e-5
+        torch.testing.assert_close(res.scores, ref, rtol=0, atol=1e-6 + 1e-4 * float(ref.abs().max()))
