@@ -85,3 +85,10 @@ def test_bad_parameters(data_dir):
 def test_missing_essays(tmp_path):
     with pytest.raises(PearError, match="haystack/PaulGrahamEssays.json.gz' not found"):
         build_task("passkey", BuildContext(tmp_path, limit=1))
+
+
+def test_lm_eval_export_refuses_what_it_cannot_score(data_dir, tmp_path):
+    from pear.evaluate.lm_eval_export import export
+
+    with pytest.raises(PearError, match="cannot be exported"):
+        export(["passkey-40"], tmp_path, BuildContext(data_dir, limit=1))
