@@ -143,9 +143,15 @@ def test_bad_input_fails_before_work(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["--out", str(out), "--run-option", "nonsense=1"]) == 2
     assert main(["--out", str(out), "--tasks", "kv-2,nosuchtask"]) == 2
+    for bad in ("bounds=sideways", "k=0", "method=slow", "steps=0", "discovery_settings=5"):
+        assert main(["--out", str(out), "--run-option", bad]) == 2
+    assert main(["--out", str(out), "--stages", "eval"]) == 2 and "run the train and pear stages" in capsys.readouterr().err
     assert main(["--out", str(out), "--archs", "rope,sinusoidal"]) == 2
     assert main(["--out", str(out), "--size", "huge"]) == 2
     assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--run-option" in capsys.readouterr().out
     assert parse_run_options(["bounds=unit", "k=8", "lr=0.01"]) == {"bounds": "unit", "k": 8, "lr": 0.01}
 
 

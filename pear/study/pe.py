@@ -50,7 +50,26 @@ def parse_run_options(items: list[str] | None) -> dict:
         if not eq or key not in allowed:
             raise PearError(f"--run-option {item!r}: use KEY=VALUE with KEY among {', '.join(sorted(allowed))}")
         out[key] = _value(raw.strip())
+    _check_run_options(out)
     return out
+
+
+def _check_run_options(opts: dict) -> None:
+    """The values pear.run would refuse, refused now (before hours of training)."""
+    from ..fit import FitSettings, parse_k
+    from ..loading import parse_dtype
+    from ..proxy import parse_settings
+
+    FitSettings(**{k: v for k, v in opts.items() if k in {f.name for f in dataclasses.fields(FitSettings)}})
+    if "k" in opts:
+        parse_k(str(opts["k"]))
+    if opts.get("method", "fast") not in ("fast", "exact"):
+        raise PearError(f"--run-option method={opts['method']}: use fast or exact")
+    for name in ("dtype", "save_dtype"):
+        if name in opts:
+            parse_dtype(str(opts[name]))
+    if "discovery_settings" in opts:
+        parse_settings(str(opts["discovery_settings"]))
 
 
 def _value(raw: str):
@@ -95,6 +114,8 @@ def study(out, *, archs=None, settings: TrainSettings | None = None, tasks: str 
     pos = parse_positions(positions)
     for t in task_names:  # unknown tasks or sizes fail here, before any training
         build_task(t, BuildContext(ddir, limit=1, positions=pos, seed=s.seed))
+    if "train" not in stages and not out.is_dir():
+        raise PearError(f"study folder {out} does not exist: run the train and pear stages first")
     out.mkdir(parents=True, exist_ok=True)
     tok, passages = None, None
     for arch in archs:
@@ -140,8 +161,11 @@ def _evaluate(out, arch, base, pdir, recipe, tasks, positions, limit, seed, ddir
     from ..evaluate.runner import ModelEntry, evaluate, save_results
 
     path = out / f"eval-{recipe}-{arch}.json"
+    run_file = pdir.with_name(pdir.name + ".run.json")
+    if not run_file.is_file() or not (base / "config.json").is_file():
+        raise PearError(f"no trained model or PEAR run for {arch} in {out}: run the train and pear stages first")
     key = {"tasks": tasks, "positions": positions, "limit": limit, "seed": seed,
-           "pear_run": json.loads(pdir.with_name(pdir.name + ".run.json").read_text())["key"]}
+           "pear_run": json.loads(run_file.read_text())["key"]}
     if path.is_file() and json.loads(path.read_text()).get("study_key") == json.loads(json.dumps(key)):
         return
     models = [ModelEntry(str(base), label="base"), ModelEntry(str(pdir / "model"), label="pear")]
@@ -217,13 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"held-out windows for the loss curve (default {d.heldout_windows})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"evaluation tasks (default {DEFAULT_TASKS})")
-    p.add_argument("--positions", default=DEFAULT_POSITIONS, help=f"gold positions (default {DEFAULT_POSITIONS})")
+    p.add_argument("--positions", default=DEFAULT_POSITIONS, help=f"gold positions (default {DEFAULT_POSITIONS.replace('%', '%%')})")
     p.add_argument("--limit", type=int, default=100, help="records per task (default 100; x positions examples)")
     p.add_argument("--recipe", default="paper", help="name of the PEAR recipe (default paper: pear run's defaults)")
     p.add_argument("--run-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of pear.run for this recipe, e.g. bounds=unit, k=8, steps=60 (repeatable)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated among {', '.join(STAGES)}")
-    p.add_argument("--tokenizer", default=None, help="model spec whose tokenizer is used (default smollm2-135m)")
+    p.add_argument("--tokenizer", default=None, help="model spec or tokenizer folder whose tokenizer is used (default smollm2-135m)")
     p.add_argument("--data-dir", default=None, help="data folder (default $PEAR_DATA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: 8 on GPU, 0 on CPU)")
