@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import PearError
 from .registry import BuildContext, Task, build_task
 
 UTILS = '''"""Scoring for pear's exported tasks: pear's own metric functions."""
@@ -66,6 +67,8 @@ def export(tasks: list[str], out_dir, ctx: BuildContext) -> list[str]:
     names = []
     for t in tasks:
         task = build_task(t, ctx)
+        if task.kind == "generate" and task.metric not in ("best_subspan_em", "value_in_output"):
+            raise PearError(f"task {task.name} ({task.metric}) cannot be exported to lm-eval-harness yet")
         for cond in task.conditions:
             name = f"pear_{task.name}" + (f"_pos{cond}" if cond != "all" and len(task.conditions) > 1 else "")
             exs = [e for e in task.examples if e.condition == cond]

@@ -2,7 +2,7 @@
 
 import importlib
 
-BUILTIN = ("mdqa", "kv", "hotpotqa", "closedbook", "mmlu")
+BUILTIN = ("mdqa", "kv", "hotpotqa", "closedbook", "mmlu", "passkey", "copy")
 
 
 def register_all() -> None:
