@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import os
 import platform
 import sys
 import time
@@ -241,23 +240,11 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                                                                - sum(stages.seconds.values()), 2)}
             result.seconds["total"] = round(time.perf_counter() - t_total, 2)
             write_report(result, tmp)
-            _plain_permissions(tmp)
             bar.update(1)
         bar.close()
     ckpt.unlink(missing_ok=True)
     result.seconds["total"] = round(time.perf_counter() - t_total, 2)
     return result
-
-
-def _plain_permissions(folder: Path) -> None:
-    """Temporary folders and files are created private (0700/0600); give the finished run
-    folder the permissions ordinary mkdir/open would (umask applies)."""
-    from .atomic import umask
-
-    mask = umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discovery_settings, top_m) -> str:
