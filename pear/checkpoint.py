@@ -200,8 +200,11 @@ def add_cli(sub) -> None:
 
 
 def _cli_fold(args: argparse.Namespace) -> int:
+    from .preflight import check_heads, check_out_folder
+
     coefs = read_coefficients(args.coefficients)
-    check_out_dir(args.out, args.force)
+    check_out_folder(args.out, args.force)
+    check_heads(args.model, coefs)
     out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance,
                            dtype=args.dtype, device=args.device, device_map=args.device_map)
     print(f"folded {len(coefs)} heads; max |folded - hooked| logit diff {v.max_abs_diff:.3g} "

@@ -675,15 +675,17 @@ def add_cli(sub) -> None:
 def _cli_discover(args: argparse.Namespace) -> int:
     from .loading import load_model
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".json":
-        raise PearError(f"--out must be a .json file, got {out}")
-    if out.is_dir():
-        raise PearError(f"--out {out} is a folder; give a file name like heads.json")
-    if (out.exists() or out.with_suffix(".png").exists()) and not args.force:
-        raise PearError(f"{out} (or its .png) exists; pass --force to overwrite")
-    settings = parse_settings(args.settings)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    from .hardware import announce
+    from .preflight import check_discovery_settings, check_k, check_out_file
+
+    out = check_out_file(args.out, args.force, also=(".png",), example="heads.json")
+    settings = check_discovery_settings(parse_settings(args.settings))
+    for name in ("k", "top_m", "batch_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise PearError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_k(args.model, args.k, top_m=args.top_m)
+    choice = announce(args.device, args.dtype)
+    loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
     res = discover(loaded.model, loaded.tokenizer, settings=settings, method=args.method, seed=args.seed,
                    top_m=args.top_m, k=args.k, batch_heads=args.batch_heads, progress=not args.no_progress,
                    model_spec=loaded.spec.spec)

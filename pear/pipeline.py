@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import AtomicDir, check_out_dir, save_checkpoint, verify_fold
+from .checkpoint import AtomicDir, save_checkpoint, verify_fold
 from .fit import (DEFAULT_BOUNDS, K_AUTO_RANGE, FitSettings, add_fit_args, compute_dtype, fit, heldout_batch, parse_k,
                   proxy_metrics, select_heads, settings_from_args)
+from .errors import PearError
 from .loading import DTYPES, load_model, parse_dtype, resolve_spec
 from .scaling import HeadKey
 
@@ -152,11 +153,20 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     from .discover import discover
 
     t_total = time.perf_counter()
+    from .preflight import check_discovery_settings, check_k, check_out_folder
+    from .proxy import parse_settings
+
     k = parse_k(str(k))
     out = Path(out) if out is not None else default_out(model)
-    check_out_dir(out, force)
+    check_out_folder(out, force)
+    if isinstance(discovery_settings, str) or discovery_settings is None:
+        discovery_settings = parse_settings(discovery_settings)
+    check_discovery_settings(discovery_settings)
+    if top_m is not None and top_m < 1:
+        raise PearError(f"--top-m must be >= 1, got {top_m}")
+    check_k(model, k, top_m=top_m)
     fs = dataclasses.replace(settings or FitSettings(), **fit_overrides, bounds=bounds, seed=seed)
-    cdtype = parse_dtype(compute_dtype(dtype))
+    cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load", "discover", "fit", "fold + verify", "save"], progress)
 
     with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
@@ -296,10 +306,15 @@ def add_cli(sub) -> None:
 
 
 def _cli_run(args: argparse.Namespace) -> int:
+    from .hardware import announce
+    from .preflight import check_out_folder
+
     out = Path(args.out) if args.out else default_out(args.model)
-    check_out_dir(out, args.force)
-    res = run(args.model, out, k=args.k, method=args.method, bounds=args.bounds, settings=settings_from_args(args),
-              discovery_settings=args.discovery_settings, top_m=args.top_m, seed=args.seed, dtype=args.dtype,
+    check_out_folder(out, args.force)
+    settings = settings_from_args(args)
+    dtype = announce(args.device, args.dtype).dtype  # and the thread count
+    res = run(args.model, out, k=args.k, method=args.method, bounds=args.bounds, settings=settings,
+              discovery_settings=args.discovery_settings, top_m=args.top_m, seed=args.seed, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress)
     print(res.summary())
