@@ -10,6 +10,7 @@ weights records where it came from.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -99,8 +100,44 @@ def AtomicDir(out: str | Path, force: bool = False):
     return atomic_dir(check_out_dir(out, force))
 
 
-def _model_card(base: str, coefs: Mapping[HeadKey, float], verification: dict, arch) -> str:
+def base_file_info(spec) -> dict | None:
+    """Which exact file the base weights came from, for a GGUF spec: name, quantisation type,
+    size, sha256 (the hub id alone does not say that the weights are a dequantised Q4_1, say).
+    Cached beside the converted copy, keyed like it by the file's size and mtime."""
+    if not spec.gguf_file:
+        return None
+    from .atomic import write_text
+    from .loading import converted_folder
+    from .preflight import gguf_metadata
+
+    f = Path(spec.path) / spec.gguf_file
+    cache = converted_folder(f).with_name(converted_folder(f).name + ".source.json")
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    meta = gguf_metadata(f)
+    info = {"file": f.name, "format": "gguf", "quantisation": meta["file_type"], "size": f.stat().st_size,
+            "sha256": h.hexdigest(), "dequantised_to": "float32"}
+    try:
+        write_text(cache, json.dumps(info, indent=2) + "\n")
+    except OSError:
+        pass
+    return info
+
+
+def _model_card(base: str, coefs: Mapping[HeadKey, float], verification: dict, arch,
+                source: dict | None = None) -> str:
     from . import __version__
+
+    origin = "" if source is None else (
+        f"\nThe base weights are `{source['file']}` ({source['quantisation']} quantisation, sha256 "
+        f"`{source['sha256']}`), dequantised to {source['dequantised_to']}: this is that file's model, "
+        f"not the original {base} weights.\n")
 
     rows = "\n".join(f"| {l} | {h} | {a:.4f} |" for (l, h), a in sorted(coefs.items()))
     return f"""---
@@ -116,7 +153,9 @@ tags:
 This is an ordinary `{arch.model_type}` checkpoint: {len(coefs)} of its {arch.n_total_heads}
 attention heads had their output scaled by a learned coefficient, and the scales were folded
 into the attention output projection (PEAR, arXiv 2409.19745). Architecture, parameter count,
-speed and memory are those of the base model. Load it with plain transformers:
+speed and memory are those of the base model.
+{origin}
+Load it with plain transformers:
 
 ```python
 from transformers import AutoModelForCausalLM
@@ -154,6 +193,8 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
         "pear_version": __version__,
         "base_model": loaded.spec.spec,
         "base_model_kind": loaded.spec.kind,
+        "base_model_hub_id": HUB_IDS.get(loaded.spec.spec),
+        "base_model_file": base_file_info(loaded.spec),
         "model_type": arch.model_type,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "heads": coefficients_json(coefs)["heads"],
@@ -167,7 +208,7 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
             tokenizer.save_pretrained(tmp)
         (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
         base = HUB_IDS.get(loaded.spec.spec, loaded.spec.spec)
-        (tmp / "README.md").write_text(_model_card(base, coefs, meta["verification"], arch))
+        (tmp / "README.md").write_text(_model_card(base, coefs, meta["verification"], arch, meta["base_model_file"]))
     return Path(out)
 
 

@@ -299,7 +299,10 @@ def _converted_gguf(ms: ModelSpec) -> Path:
 
 def strip_quantization(model) -> None:
     """Make a GGUF-loaded model saveable: its weights are already plain dequantised tensors,
-    only the GGUF marker on the config and the quantizer object make save_pretrained refuse."""
+    only the GGUF marker on the config and the quantizer object make save_pretrained refuse.
+    The config's `_model_name_or_path` (GGUF metadata's free-text name) goes too."""
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's general.name, not a path: misleading
+        del model.config._model_name_or_path
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and "gguf" in str(getattr(qc, "quant_method", "")).lower():
         del model.config.quantization_config

@@ -307,11 +307,14 @@ def add_cli(sub) -> None:
 
 def _cli_run(args: argparse.Namespace) -> int:
     from .hardware import announce
-    from .preflight import check_out_folder
+    from .preflight import check_discovery_settings, check_k, check_out_folder
+    from .proxy import parse_settings
 
     out = Path(args.out) if args.out else default_out(args.model)
     check_out_folder(out, args.force)
     settings = settings_from_args(args)
+    check_discovery_settings(parse_settings(args.discovery_settings))
+    check_k(args.model, parse_k(args.k), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
     dtype = announce(args.device, args.dtype).dtype  # and the thread count
     res = run(args.model, out, k=args.k, method=args.method, bounds=args.bounds, settings=settings,
               discovery_settings=args.discovery_settings, top_m=args.top_m, seed=args.seed, dtype=dtype,

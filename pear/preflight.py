@@ -8,6 +8,7 @@ with nothing written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -66,6 +67,7 @@ def check_out_folder(path: str | os.PathLike, force: bool) -> Path:
 
 
 # ---------------------------------------------------------------------------- the model's shape
+@functools.lru_cache(maxsize=16)
 def model_shape(spec: str | None) -> tuple[int, int] | None:
     """(layers, heads per layer) from the config alone, without loading weights; None when it
     cannot be known cheaply (a hub id, an unusual config). Raises PearError for a bad spec."""

@@ -189,6 +189,15 @@ def _cli_eval(args: argparse.Namespace) -> int:
     # a results file is re-assembled from its parts by running the same command again
     replace_ok = args.force or args.resume or args.parts_dir is not None
     out = check_out_file(args.out, replace_ok, also=(".png", ".md"), example="results.json")
+    from .registry import TASKS, split_task_name
+
+    _load_builtin()
+    unknown = [t for t in tasks if split_task_name(t)[0] not in TASKS]
+    if unknown:
+        raise PearError(f"unknown task '{unknown[0]}'; available: {', '.join(sorted(TASKS))} "
+                        "(pear eval --list-tasks describes them)")
+    if args.limit is not None and args.limit < 1:
+        raise PearError(f"--limit must be >= 1, got {args.limit}")
     for e in entries:  # every model before the first is loaded: a typo in the last costs nothing
         resolve_spec(e.spec)
     if args.parts_dir:
