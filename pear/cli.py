@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    _watch_interrupts()
     try:
         rc = args.func(args)
     except PearError as e:
@@ -94,6 +95,63 @@ def main(argv: list[str] | None = None) -> int:
         print("pear: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+INTERRUPT_GRACE_S = 3.0
+_WAKEUP: list = []
+
+
+def _watch_interrupts(grace: float = INTERRUPT_GRACE_S) -> None:
+    """Make Ctrl-C act within seconds, even inside one long C++ call.
+
+    Python handles SIGINT between bytecodes, so a backward pass or a big matmul that runs for
+    minutes (bf16 emulated on a CPU without it) ignores Ctrl-C until it returns. The C-level
+    handler still writes the signal number to the wakeup fd at once: a watcher thread reads it,
+    and if the Python handler has not run `grace` seconds later, exits (code 130). Nothing is
+    left that looks complete: outputs are written atomically, and the temporary files of a dead
+    process are removed by the next write of the same target; fits resume from their checkpoint.
+    """
+    import signal
+    import socket
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # already watched, or someone else (an embedding program) owns Ctrl-C
+    counts = {"received": 0, "handled": 0}
+
+    def on_sigint(signum, frame):
+        counts["handled"] += 1
+        raise KeyboardInterrupt
+
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    try:
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        return
+    signal.signal(signal.SIGINT, on_sigint)
+    _WAKEUP[:] = [r, w]  # the sockets must outlive this function: the C handler writes to w
+
+    def watch():
+        while True:
+            try:
+                data = r.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGINT not in data:
+                continue
+            counts["received"] += data.count(signal.SIGINT)
+            time.sleep(grace)
+            if counts["handled"] < counts["received"]:
+                os.write(2, b"pear: interrupted (in the middle of a computation)\n")
+                os._exit(130)
+
+    threading.Thread(target=watch, name="pear-interrupt-watch", daemon=True).start()
 
 
 def _fail(message: str, verbose: bool) -> int:

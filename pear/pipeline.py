@@ -173,6 +173,17 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
 
+    estimate = None
+    if progress:  # what the long part will cost, from one measured step
+        from .estimate import estimate_run
+
+        on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+        m_guess = top_m or (CPU_TOP_M if on_cpu and k == "auto" and method == "fast" else
+                            K_AUTO_RANGE[1] if k == "auto" else max(4 * k, 32))
+        estimate = estimate_run(loaded.model, loaded.tokenizer, fs, discovery_settings, method=method,
+                                top_m=m_guess, seed=seed)
+        print(estimate.line(), file=sys.stderr)
+
     with stages("discover", f"({method})"):
         m, staged = top_m, False
         if m is None and k == "auto":
@@ -226,7 +237,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
         settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
-                  "seed": seed, "k": k, "method": method},
+                  "seed": seed, "k": k, "method": method,
+                  **({"estimate": estimate.as_dict()} if estimate else {})},
         command=command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m),
         discovery={"seconds": round(disc.seconds, 2), "forward_equivalents": round(disc.forward_equivalents, 2),
                    "settings": [list(s) for s in disc.settings]},
