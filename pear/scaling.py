@@ -57,8 +57,8 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, float]:
             if key in coefs:
                 raise PearError(f"{path}: layer {key[0]} head {key[1]} appears twice")
             a = r["coefficient"]
-            if not isinstance(a, (int, float)) or isinstance(a, bool):
-                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number")
+            if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
+                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a finite number")
             coefs[key] = float(a)
     except json.JSONDecodeError as e:
         raise PearError(f"{path} is not valid JSON: {e}") from None
