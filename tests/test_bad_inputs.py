@@ -213,11 +213,14 @@ def test_ctrl_c_inside_a_long_c_call_acts_within_seconds():
             "from pear.cli import _watch_interrupts; _watch_interrupts(0.5); print('ready', flush=True); a @ a @ a")
     p = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=_sigint_default)
-    assert p.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
-    t = time.monotonic()
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()  # never leave it computing
     assert p.returncode == 130
     assert time.monotonic() - t < 5
     assert err.strip().splitlines() == ["pear: interrupted (in the middle of a computation)"]
@@ -232,12 +235,15 @@ def test_ctrl_c_mid_fit_then_resume(ws, tmp_path):
     p = subprocess.Popen(argv, env=_env(PEAR_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=_sigint_default)
     ckpt = out.with_name(out.name + ".ckpt")
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.exists(), "the fit never wrote a checkpoint"
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert ckpt.exists(), "the fit never wrote a checkpoint"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
     assert p.returncode == 130, err
     assert not out.exists()
     assert ckpt.exists()
@@ -260,8 +266,10 @@ def test_kill_9_mid_save_leaves_nothing_complete_and_next_run_cleans(tmp_path):
             "    (tmp / 'model.safetensors').write_bytes(b'x' * 100000)\n"
             "    print('ready', flush=True); time.sleep(600)\n")
     p = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "ready"
-    p.kill()
+    try:
+        assert p.stdout.readline().strip() == "ready"
+    finally:
+        p.kill()
     p.wait(timeout=30)
     left = [q.name for q in tmp_path.iterdir()]
     assert not target.exists() and len(left) == 1 and left[0].startswith(f".model.tmp-{p.pid}-")
