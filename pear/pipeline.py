@@ -7,9 +7,9 @@ card), ``heads.json`` (+ ``heads.png``, the Δπ heatmap), ``coefficients.json``
 ``report.md``, ``coefficients.png`` and ``fit_loss.png``. DIR is written atomically: it
 appears complete or not at all.
 
-Dtypes. Discovery and fitting run in ``--dtype`` (auto = bf16: ~3.5x faster than fp32 on
-CPU and the usual training dtype on GPUs; probabilities, losses and the coefficients stay
-fp32). The saved model is folded in ``--save-dtype`` (auto = the checkpoint's own dtype:
+Dtypes. Discovery and fitting run in ``--dtype`` (auto = what the hardware computes fastest,
+`pear.hardware`: bf16 on GPUs and on CPUs with native bf16, fp32 on CPUs without it, where
+emulated bf16 is several times slower; probabilities, losses and the coefficients stay fp32). The saved model is folded in ``--save-dtype`` (auto = the checkpoint's own dtype:
 fp32 for a GGUF file, whose dequantised weights are fp32 — the faithful copy of the base
 model — and usually bf16 for hub checkpoints), so folding adds no rounding beyond what the
 base model already has. When the two differ the model is loaded again in the saved dtype,
