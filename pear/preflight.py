@@ -146,9 +146,10 @@ def check_heads(spec: str | None, heads) -> None:
     if shape is None:
         return
     for layer, head in heads:
-        if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
-            raise PearError(f"head (layer {layer}, head {head}) does not exist in the model "
-                            f"({shape[0]} layers x {shape[1]} heads)")
+        if not 0 <= layer < shape[0]:
+            raise PearError(f"layer {layer} out of range: the model has {shape[0]} layers (0..{shape[0] - 1})")
+        if not 0 <= head < shape[1]:
+            raise PearError(f"head {head} out of range: the model has {shape[1]} heads per layer (0..{shape[1] - 1})")
 
 
 def check_discovery_settings(settings: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -58,7 +58,7 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, float]:
                 raise PearError(f"{path}: layer {key[0]} head {key[1]} appears twice")
             a = r["coefficient"]
             if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
-                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a finite number")
+                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number or not finite")
             coefs[key] = float(a)
     except json.JSONDecodeError as e:
         raise PearError(f"{path} is not valid JSON: {e}") from None

@@ -187,8 +187,6 @@ def _cli_eval(args: argparse.Namespace) -> int:
     from ..preflight import check_out_file
 
     # a results file is re-assembled from its parts by running the same command again
-    replace_ok = args.force or args.resume or args.parts_dir is not None
-    out = check_out_file(args.out, replace_ok, also=(".png", ".md"), example="results.json")
     from .registry import TASKS, split_task_name
 
     _load_builtin()
@@ -198,8 +196,13 @@ def _cli_eval(args: argparse.Namespace) -> int:
                         "(pear eval --list-tasks describes them)")
     if args.limit is not None and args.limit < 1:
         raise PearError(f"--limit must be >= 1, got {args.limit}")
+    from ..baselines import get_variant
+
     for e in entries:  # every model before the first is loaded: a typo in the last costs nothing
         resolve_spec(e.spec)
+        get_variant(e.variant).check_options(e.options)
+    replace_ok = args.force or args.resume or args.parts_dir is not None
+    out = check_out_file(args.out, replace_ok, also=(".png", ".md"), example="results.json")
     if args.parts_dir:
         check_out_file(Path(args.parts_dir) / "x", True, suffix=None)
     dtype = announce(args.device, args.dtype).dtype
