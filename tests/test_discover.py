@@ -194,8 +194,8 @@ def test_cli(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- the real default model
 @pytest.mark.real
-def test_real_model_has_suppression_heads(smollm2_bf16):
-    model, tok = smollm2_bf16
+def test_real_model_has_suppression_heads(smollm2_fast):
+    model, tok = smollm2_fast
     res = discover(model, tok, settings=[(10, 20)], method="fast", top_m=4, k=4, progress=False)
     checked = res.scores[res.exact]
     assert checked.numel() == 4
