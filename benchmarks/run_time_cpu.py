@@ -4,6 +4,9 @@
     python3 benchmarks/run_time_cpu.py --skip-setup    # pear run only
     python3 benchmarks/run_time_cpu.py -- --k 8        # extra arguments go to pear run
 
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python3 benchmarks/run_time_cpu.py --skip-setup \
+        --out benchmarks/results/run_time_cpu_avx2.json   # an AVX2-only CPU, simulated
+
 Target: <= 300 s on a 2-core machine. Runs both commands exactly as a user would (subprocess,
 fresh Python), into a temporary output folder, and saves
 ``benchmarks/results/run_time_cpu.json``: wall seconds of setup and of pear run, pear run's
@@ -47,6 +50,29 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _capability() -> str:
+    """PyTorch's CPU kernel level as pear run sees it (a fresh process: the env vars apply)."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def _bf16_flags() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx"))
+
+
+def _compute_choice() -> dict:
+    """What `pear.hardware` picks here (dtype, threads, and why)."""
+    code = ("import json; from pear.hardware import choose; c = choose('cpu'); "
+            "print(json.dumps({'dtype': c.dtype, 'threads': c.threads, 'reason': c.reason}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-200:]}
+
+
 def _stage_seconds(report: str) -> dict[str, float]:
     part = report.split("## Seconds per stage", 1)[-1].split("##", 1)[0]
     return {m[1].strip(): float(m[2]) for m in re.finditer(r"^\| ([^|]+) \| ([0-9.]+) \|$", part, re.M)}
@@ -86,7 +112,11 @@ def main() -> int:
         "heldout_proxy": {"fit_before": coefs["fit"]["before"], "fit_after": coefs["fit"]["after"],
                           "saved_model": pear_json["pear_run"]["heldout_proxy"]},
         "fit_settings": coefs["fit"]["settings"],
+        "compute": _compute_choice(),
         "machine": {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
+                    "cpu_capability": _capability(), "cpu_flags_bf16": _bf16_flags(),
+                    "simulated": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                                  if k in os.environ} or None,
                     "loadavg_before": [round(v, 2) for v in load_before],
                     "loadavg_after": [round(v, 2) for v in load_after]},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,11 +7,25 @@ checkpoint: same architecture, same speed, same memory as the base model.
 __version__ = "0.1.0"
 
 from .errors import PearError  # noqa: E402
-from .families import Arch, resolve  # noqa: E402
-from .loading import LoadedModel, load_model  # noqa: E402
-from .scaling import HeadScaling, fold, read_coefficients, unfold  # noqa: E402
-from .checkpoint import fold_and_save, save_checkpoint, verify_fold  # noqa: E402
-from .pipeline import RunResult, run  # noqa: E402
+
+# The rest loads on first use (PEP 562): `import pear` and `pear --help` stay fast (no torch).
+_LAZY = {
+    "Arch": "families", "resolve": "families", "LoadedModel": "loading", "load_model": "loading",
+    "HeadScaling": "scaling", "fold": "scaling", "read_coefficients": "scaling", "unfold": "scaling",
+    "fold_and_save": "checkpoint", "save_checkpoint": "checkpoint", "verify_fold": "checkpoint",
+    "RunResult": "pipeline", "run": "pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pear' has no attribute {name!r}")
+
 
 __all__ = [
     "PearError", "Arch", "resolve", "LoadedModel", "load_model", "HeadScaling", "fold", "unfold",

@@ -4,7 +4,12 @@ A temporary file is written beside the target, then renamed onto it (``os.replac
 within a folder); on any error, Ctrl-C included, the temporary file is removed and the
 target is untouched. The finished file gets the permissions a plain ``open()`` would give
 (0o666 minus the umask; ``mkstemp`` creates files 0o600). Folders: `atomic_dir`, the same with
-a temporary sibling folder.
+a temporary sibling folder; the finished folder and everything in it get ``mkdir``/``open``
+permissions too.
+
+A process killed outright (kill -9, power loss) cannot clean up: its temporary names carry its
+process id (``.NAME.tmp-PID-XXXX``), and the next write of the same target removes those whose
+process is gone (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,65 @@ def umask() -> int:
     return mask
 
 
+def _prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary siblings of `path` left by processes that no longer run; return them."""
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f".{glob_escape(path.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for p in siblings:
+        pid = p.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue  # an older pear's name (no pid), or a process still writing
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def plain_permissions(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything under it the permissions mkdir/open would (umask applies):
+    temporary folders and files are created private (0700/0600)."""
+    mask = umask()
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def open_atomic(path: str | os.PathLike, mode: str = "w", **kw):
     """``with open_atomic(path, "wb") as f: ...`` -- `f` is a temporary file beside `path`,
     renamed onto it when the block ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=path.suffix)
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
@@ -61,11 +118,13 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False):
     rename wins and the others' copies are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path)))
     try:
         yield tmp
+        plain_permissions(tmp)
         if path.exists() and not keep_existing:
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f"{_prefix(path)}old")  # a stale-looking name if we are killed here
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

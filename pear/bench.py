@@ -338,20 +338,31 @@ def add_cli(sub) -> None:
     o.add_argument("--moice-routers", default="init", metavar="DIR",
                    help="MoICE routers (pear baseline train moice); default: untrained, same cost")
     o.add_argument("--out", required=True, metavar="FILE.json")
+    o.add_argument("--force", action="store_true", help="overwrite an existing --out")
     o.set_defaults(func=_cli_overhead)
 
 
 def _cli_overhead(args: argparse.Namespace) -> int:
     if args.device_map is not None:
         raise PearError("pear bench overhead runs on one device; --device-map is not supported")
+    from .hardware import announce
+    from .loading import resolve_spec
+    from .preflight import check_out_file
+
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    check_out_file(args.out, args.force, example="bench.json")
+    if min(args.context, args.new_tokens, args.trials, args.batch) < 1 or args.warmup < 0:
+        raise PearError("--context, --new-tokens, --trials and --batch must be >= 1 (--warmup >= 0)")
+    resolve_spec(args.model)
+    resolve_spec(args.pear)
+    dtype = announce(args.device, args.dtype).dtype
 
     def progress(r, v, t):
         tag = "warmup" if r < args.warmup else f"trial {r - args.warmup + 1}/{args.trials}"
         print(f"  {tag:<12} {v:<18} prefill {t.prefill_s:7.3f} s  decode {t.decode_s:7.3f} s", file=sys.stderr)
 
     res = overhead(args.model, args.pear, context=args.context, new_tokens=args.new_tokens, trials=args.trials,
-                   warmup=args.warmup, batch=args.batch, variants=variants, dtype=args.dtype, device=args.device,
+                   warmup=args.warmup, batch=args.batch, variants=variants, dtype=dtype, device=args.device,
                    seed=args.seed, variant_options={"moice": {"routers": args.moice_routers}}, progress=progress)
     res["cli_args"] = {k: v for k, v in vars(args).items() if k != "func"}
     print(format_table(res))

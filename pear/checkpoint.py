@@ -10,6 +10,7 @@ weights records where it came from.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -101,6 +102,36 @@ def AtomicDir(out: str | Path, force: bool = False):
     return atomic_dir(check_out_dir(out, force))
 
 
+def base_file_info(spec) -> dict | None:
+    """Which exact file the base weights came from, for a GGUF spec: name, quantisation type,
+    size, sha256 (the hub id alone does not say that the weights are a dequantised Q4_1, say).
+    Cached beside the converted copy, keyed like it by the file's size and mtime."""
+    if not spec.gguf_file:
+        return None
+    from .atomic import write_text
+    from .loading import converted_folder
+    from .preflight import gguf_metadata
+
+    f = Path(spec.path) / spec.gguf_file
+    cache = converted_folder(f).with_name(converted_folder(f).name + ".source.json")
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    meta = gguf_metadata(f)
+    info = {"file": f.name, "format": "gguf", "quantisation": meta["file_type"], "size": f.stat().st_size,
+            "sha256": h.hexdigest(), "dequantised_to": "float32"}
+    try:
+        write_text(cache, json.dumps(info, indent=2) + "\n")
+    except OSError:
+        pass
+    return info
+
+
 HUB_IDS = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gemma3-270m": "google/gemma-3-270m",
@@ -121,6 +152,8 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
         "pear_version": __version__,
         "base_model": loaded.spec.spec,
         "base_model_kind": loaded.spec.kind,
+        "base_model_hub_id": HUB_IDS.get(loaded.spec.spec),
+        "base_model_file": base_file_info(loaded.spec),
         "model_type": arch.model_type,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "heads": coefficients_json(coefs)["heads"],
@@ -175,8 +208,11 @@ def add_format_arg(p) -> None:
 
 
 def _cli_fold(args: argparse.Namespace) -> int:
+    from .preflight import check_heads, check_out_folder
+
     coefs = read_coefficients(args.coefficients)
-    check_out_dir(args.out, args.force)
+    check_out_folder(args.out, args.force)
+    check_heads(args.model, coefs)
     if args.format != "hf":
         from .export.formats import fold_to_format
 

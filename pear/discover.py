@@ -664,7 +664,7 @@ def add_cli(sub) -> None:
     p.add_argument("--settings", default=None, metavar="NxLEN,...",
                    help="proxy settings, N samples x length (default 20x50,40x25,80x15,100x10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=10, help="top heads to outline and record as top_k (default 10)")
+    p.add_argument("--k", type=int, default=None, help="top heads to outline and record as top_k (default 10)")
     p.add_argument("--top-m", type=int, default=None, help="fast: heads re-checked exactly (default max(4k, 32))")
     p.add_argument("--batch-heads", type=int, default=None, help="ablations per batched re-run (default: auto)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -675,17 +675,19 @@ def add_cli(sub) -> None:
 def _cli_discover(args: argparse.Namespace) -> int:
     from .loading import load_model
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".json":
-        raise PearError(f"--out must be a .json file, got {out}")
-    if out.is_dir():
-        raise PearError(f"--out {out} is a folder; give a file name like heads.json")
-    if (out.exists() or out.with_suffix(".png").exists()) and not args.force:
-        raise PearError(f"{out} (or its .png) exists; pass --force to overwrite")
-    settings = parse_settings(args.settings)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    from .hardware import announce
+    from .preflight import check_discovery_settings, check_k, check_out_file
+
+    out = check_out_file(args.out, args.force, also=(".png",), example="heads.json")
+    settings = check_discovery_settings(parse_settings(args.settings))
+    for name in ("k", "top_m", "batch_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise PearError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_k(args.model, args.k, top_m=args.top_m)  # an explicit --k only: the default 10 is capped
+    choice = announce(args.device, args.dtype)
+    loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
     res = discover(loaded.model, loaded.tokenizer, settings=settings, method=args.method, seed=args.seed,
-                   top_m=args.top_m, k=args.k, batch_heads=args.batch_heads, progress=not args.no_progress,
+                   top_m=args.top_m, k=args.k or 10, batch_heads=args.batch_heads, progress=not args.no_progress,
                    model_spec=loaded.spec.spec)
     res.save(out)
     print(f"{res.method} discovery: {res.n_layers} layers x {res.n_heads} heads, {len(res.settings)} settings, "

@@ -716,10 +716,12 @@ def k_from_args(args: argparse.Namespace) -> int | str:
     return parse_k(args.k if args.k is not None else get_recipe(args.recipe).k)
 
 
-def compute_dtype(dtype: str) -> str:
-    """auto -> bf16: ~3.5x faster than fp32 on CPU, the usual training dtype on GPU; α and
-    the loss stay fp32."""
-    return "bf16" if dtype in (None, "auto") else dtype
+def compute_dtype(dtype: str, device: str = "auto") -> str:
+    """auto -> what the hardware computes fastest (`pear.hardware.choose`: bf16 on GPUs and on
+    CPUs with native bf16, else fp32); α and the loss stay fp32."""
+    from .hardware import choose
+
+    return choose(device, dtype, threads=False).dtype if dtype in (None, "auto") else dtype
 
 
 def add_cli(sub) -> None:
@@ -734,17 +736,21 @@ def add_cli(sub) -> None:
                    help="output of `pear discover` (needed with --scales heads, the default)")
     p.add_argument("--out", required=True, metavar="coefficients.json")
     add_fit_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop after this many steps (checkpoint kept; run again to continue)")
     p.set_defaults(func=_cli_fit)
 
 
 def _cli_fit(args: argparse.Namespace) -> int:
+    from .hardware import announce
     from .loading import load_model
+    from .preflight import check_heads, check_out_file
 
-    if Path(args.out).is_dir():
-        raise PearError(f"--out {args.out} is a folder; give a file name like coefficients.json")
+    check_out_file(args.out, args.force, example="coefficients.json")
     settings = settings_from_args(args)
+    if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
+        raise PearError(f"--max-steps-this-run must be >= 1, got {args.max_steps_this_run}")
     settings.make_objective(args.data_dir).check_data()
     k = k_from_args(args)
     if settings.all_heads:
@@ -753,7 +759,9 @@ def _cli_fit(args: argparse.Namespace) -> int:
         raise PearError("--heads heads.json is needed with --scales heads (or use --scales all-heads/channels)")
     else:
         heads, scores, evidence = select_heads(args.heads, k)
-    loaded = load_model(args.model, dtype=compute_dtype(args.dtype), device=args.device, device_map=args.device_map)
+        check_heads(args.model, heads)
+    choice = announce(args.device, args.dtype)
+    loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
     heads = heads or all_heads(loaded.model)
     ckpt = checkpoint_path_for(args.out)
     res = fit(loaded.model, loaded.tokenizer, heads, settings, checkpoint=ckpt, restart=args.restart,

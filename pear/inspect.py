@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .families import resolve
-from .loading import count_parameters, load_model
+from .loading import count_parameters, load_model, resolve_spec
 
 
 def describe(loaded) -> dict:
@@ -38,6 +38,7 @@ def add_cli(sub) -> None:
 
 
 def _cli_inspect(args: argparse.Namespace) -> int:
+    resolve_spec(args.model)  # a bad spec fails before torch and transformers load anything
     info = describe(load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map))
     if args.json:
         print(json.dumps(info, indent=2))

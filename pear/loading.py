@@ -9,6 +9,7 @@ never next to the package.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -120,10 +121,12 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
     if spec.endswith(".gguf"):
         if not p.is_file():
             raise PearError(f"GGUF file not found: {p}")
+        _check_gguf_magic(p)
         return ModelSpec(spec, "gguf", str(p.resolve().parent), p.name)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise PearError(f"folder {p} has no config.json: not a Hugging Face model folder")
+        _check_config(p / "config.json")
         return ModelSpec(spec, "folder", str(p.resolve()))
     if p.exists():
         raise PearError(f"{p} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset")
@@ -133,6 +136,26 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
         f"model '{spec}' not found: not a folder, .gguf file, hub id (owner/name) or preset "
         f"({', '.join(PRESETS)})"
     )
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """A GGUF file starts with b"GGUF"; anything else fails here, not deep inside the parser."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise PearError(f"cannot read {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise PearError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _check_config(path: Path) -> None:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PearError(f"{path} is not a readable JSON config ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type", ""), str):
+        raise PearError(f"{path} is not a Hugging Face config (expected a JSON object with model_type)")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -194,16 +217,16 @@ def load_model(
         torch_dtype = torch.float32
     dev = parse_device(device)
     src, src_kw = ms.path, ms.pretrained_kwargs()
-    if ms.gguf_file and os.environ.get("PEAR_GGUF_CACHE", "1") != "0":
-        src, src_kw = str(_converted_gguf(ms)), {}
-    kw = dict(src_kw, dtype=torch_dtype, **kwargs)
-    if device_map is not None:
-        kw["device_map"] = device_map
-    if ms.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") is None:
-        kw.setdefault("local_files_only", False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF loading warns that weights "stay quantized": they do not
     try:
+        if ms.gguf_file and os.environ.get("PEAR_GGUF_CACHE", "1") != "0":
+            src, src_kw = str(_converted_gguf(ms)), {}
+        kw = dict(src_kw, dtype=torch_dtype, **kwargs)
+        if device_map is not None:
+            kw["device_map"] = device_map
+        if ms.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") is None:
+            kw.setdefault("local_files_only", False)
         model = AutoModelForCausalLM.from_pretrained(src, **kw)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, **src_kw)
@@ -216,9 +239,14 @@ def load_model(
                 f"could not load '{ms.spec}' from the Hugging Face hub (no network, or no such model); "
                 "pass a local folder, a .gguf file or a preset instead"
             ) from None
-        raise PearError(f"could not load model from {ms.path}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        raise PearError(f"could not load model '{ms.spec}': {str(e).splitlines()[0]}") from None
+        raise PearError(f"could not load model from {ms.path}: {_first_line(e)}") from None
+    except (ValueError, RuntimeError, EOFError) as e:
+        raise PearError(f"could not load model '{ms.spec}' from {ms.path}: {_first_line(e)}") from None
+    except Exception as e:  # safetensors' SafetensorError (a truncated or corrupt weights file)
+        if "safetensor" not in type(e).__name__.lower():
+            raise
+        raise PearError(f"could not load model '{ms.spec}' from {ms.path}: broken weights file "
+                        f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if device_map is None:
@@ -227,6 +255,18 @@ def load_model(
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, ms)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def converted_folder(gguf_path: str | os.PathLike) -> Path:
+    """Where the dequantised copy of a GGUF file lives in the cache (keyed by name, size, mtime)."""
+    f = Path(gguf_path)
+    st = f.stat()
+    return cache_dir() / "converted" / f"{f.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def _converted_gguf(ms: ModelSpec) -> Path:
@@ -241,9 +281,7 @@ def _converted_gguf(ms: ModelSpec) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    f = Path(ms.path) / ms.gguf_file
-    st = f.stat()
-    target = cache_dir() / "converted" / f"{f.stem}-{st.st_size}-{st.st_mtime_ns}"
+    target = converted_folder(Path(ms.path) / ms.gguf_file)
     if (target / "config.json").is_file():
         return target
     verbosity = hf_logging.get_verbosity()
@@ -261,7 +299,10 @@ def _converted_gguf(ms: ModelSpec) -> Path:
 
 def strip_quantization(model) -> None:
     """Make a GGUF-loaded model saveable: its weights are already plain dequantised tensors,
-    only the GGUF marker on the config and the quantizer object make save_pretrained refuse."""
+    only the GGUF marker on the config and the quantizer object make save_pretrained refuse.
+    The config's `_model_name_or_path` (GGUF metadata's free-text name) goes too."""
+    if hasattr(model.config, "_model_name_or_path"):  # the GGUF's general.name, not a path: misleading
+        del model.config._model_name_or_path
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and "gguf" in str(getattr(qc, "quant_method", "")).lower():
         del model.config.quantization_config

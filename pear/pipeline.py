@@ -7,9 +7,9 @@ card), ``heads.json`` (+ ``heads.png``, the Δπ heatmap), ``coefficients.json``
 ``report.md``, ``coefficients.png`` and ``fit_loss.png``. DIR is written atomically: it
 appears complete or not at all.
 
-Dtypes. Discovery and fitting run in ``--dtype`` (auto = bf16: ~3.5x faster than fp32 on
-CPU and the usual training dtype on GPUs; probabilities, losses and the coefficients stay
-fp32). The saved model is folded in ``--save-dtype`` (auto = the checkpoint's own dtype:
+Dtypes. Discovery and fitting run in ``--dtype`` (auto = what the hardware computes fastest,
+`pear.hardware`: bf16 on GPUs and on CPUs with native bf16, fp32 on CPUs without it, where
+emulated bf16 is several times slower; probabilities, losses and the coefficients stay fp32). The saved model is folded in ``--save-dtype`` (auto = the checkpoint's own dtype:
 fp32 for a GGUF file, whose dequantised weights are fp32 — the faithful copy of the base
 model — and usually bf16 for hub checkpoints), so folding adds no rounding beyond what the
 base model already has. When the two differ the model is loaded again in the saved dtype,
@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import os
 import platform
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import AtomicDir, add_format_arg, check_out_dir, save_checkpoint, verify_fold
+from .checkpoint import AtomicDir, add_format_arg, save_checkpoint, verify_fold
 from .errors import PearError
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
@@ -166,25 +165,45 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     from .recipes import get_recipe
 
     t_total = time.perf_counter()
+    from .preflight import check_discovery_settings, check_k, check_out_folder
+    from .proxy import parse_settings
+
     rec = get_recipe(recipe)
     recipe_name = recipe or (DEFAULT_RECIPE if settings is None else "custom")
     k = parse_k(str(k if k is not None else rec.k))
     out = Path(out) if out is not None else default_out(model)
-    check_out_dir(out, force)
+    check_out_folder(out, force)
     check_format(format, model)
     if format == "gguf" and save_dtype not in ("auto", "fp32"):
         raise PearError("--format gguf compares the written file with the folded model in fp32; "
                         "leave --save-dtype auto")
+    if isinstance(discovery_settings, str) or discovery_settings is None:
+        discovery_settings = parse_settings(discovery_settings)
+    check_discovery_settings(discovery_settings)
+    if top_m is not None and top_m < 1:
+        raise PearError(f"--top-m must be >= 1, got {top_m}")
+    check_k(model, k, top_m=top_m)
     given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
     fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
     seed = fs.seed
     fs.make_objective(data_dir).check_data()
-    cdtype = parse_dtype(compute_dtype(dtype))
+    cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 
     with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
+
+    estimate = None
+    if progress and fs.objective == "copy" and not fs.all_heads:  # what the long part will cost, from one measured step
+        from .estimate import estimate_run
+
+        on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+        m_guess = top_m or (CPU_TOP_M if on_cpu and k == "auto" and method == "fast" else
+                            K_AUTO_RANGE[1] if k == "auto" else max(4 * k, 32))
+        estimate = estimate_run(loaded.model, loaded.tokenizer, fs, discovery_settings, method=method,
+                                top_m=m_guess, seed=seed)
+        print(estimate.line(), file=sys.stderr)
 
     disc = None
     if fs.all_heads:
@@ -246,7 +265,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
         settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
-                  "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format},
+                  "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format,
+                  **({"estimate": estimate.as_dict()} if estimate else {})},
         command=(command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m)
                  + (f" --format {format}" if format != "hf" and command is None else "")),
         discovery={} if disc is None else {"seconds": round(disc.seconds, 2),
@@ -277,23 +297,11 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                                                                - sum(stages.seconds.values()), 2)}
             result.seconds["total"] = round(time.perf_counter() - t_total, 2)
             write_report(result, tmp)
-            _plain_permissions(tmp)
             bar.update(1)
         bar.close()
     ckpt.unlink(missing_ok=True)
     result.seconds["total"] = round(time.perf_counter() - t_total, 2)
     return result
-
-
-def _plain_permissions(folder: Path) -> None:
-    """Temporary folders and files are created private (0700/0600); give the finished run
-    folder the permissions ordinary mkdir/open would (umask applies)."""
-    from .atomic import umask
-
-    mask = umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discovery_settings, top_m) -> str:
@@ -348,10 +356,18 @@ def add_cli(sub) -> None:
 
 
 def _cli_run(args: argparse.Namespace) -> int:
+    from .hardware import announce
+    from .preflight import check_discovery_settings, check_k, check_out_folder
+    from .proxy import parse_settings
+
     out = Path(args.out) if args.out else default_out(args.model)
-    check_out_dir(out, args.force)
-    res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings_from_args(args),
-              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=args.dtype,
+    check_out_folder(out, args.force)
+    settings = settings_from_args(args)
+    check_discovery_settings(parse_settings(args.discovery_settings))
+    check_k(args.model, k_from_args(args), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
+    dtype = announce(args.device, args.dtype).dtype  # and the thread count
+    res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings,
+              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
     print(res.summary())

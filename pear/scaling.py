@@ -81,9 +81,9 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, Coefficient]:
                 raise PearError(f"{path}: layer {key[0]} head {key[1]} appears twice")
             a = r["coefficient"]
             values = a if isinstance(a, list) and a else [a]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
                 raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number "
-                                "or a list of numbers")
+                                "or a list of numbers, or not finite")
             coefs[key] = [float(v) for v in a] if isinstance(a, list) else float(a)
     except json.JSONDecodeError as e:
         raise PearError(f"{path} is not valid JSON: {e}") from None

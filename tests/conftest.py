@@ -21,6 +21,16 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_fast():
+    """The real default model in the dtype this CPU computes fastest (pear.hardware: bf16 where
+    it is native, else fp32)."""
+    import pear
+    from pear.hardware import choose
+
+    return pear.load_model("smollm2-135m", dtype=choose("cpu", "auto", threads=False).dtype, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def smollm2_bf16():
     import pear
 

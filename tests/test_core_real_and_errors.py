@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pear
+import pear.atomic
 from pear.cli import main
 from pear.loading import resolve_spec
 from tiny_models import tiny_model
@@ -41,6 +42,18 @@ def test_real_default_model_fold_save_reload_without_pear(tmp_path, smollm2):
     meta = json.loads((out / "pear.json").read_text())
     assert meta["base_model"] == "smollm2-135m" and meta["verification"]["max_abs_logit_diff"] < 1e-3
     assert not list(tmp_path.glob(".folded.tmp-*")), "no temporary folder may be left behind"
+    # provenance: the exact base file, not only the hub id; no GGUF free-text name in the config
+    src = meta["base_model_file"]
+    gguf = Path(resolve_spec("smollm2-135m").path) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert src["file"] == gguf.name and src["quantisation"] == "Q4_1" and src["size"] == gguf.stat().st_size
+    assert src["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert meta["base_model_hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert f"`{gguf.name}` (Q4_1 quantisation, sha256 `{src['sha256']}`)" in card
+    assert "_model_name_or_path" not in json.loads((out / "config.json").read_text())
+    # ordinary permissions, like mkdir/open (temporary folders are created private)
+    mask = pear.atomic.umask()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
     # expected logits: the base model with hooks (the session fixture stays unmodified)
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 28, 2476, 314, 216, 34, 36]])

@@ -127,6 +127,7 @@ def add_cli(sub) -> None:
                    help="with --parts-dir: reuse (default: compute what is missing), claim (several processes, "
                         "e.g. one per GPU, run the same command and share the parts), only (compute nothing: "
                         "assemble what the folder holds, leaving out a model whose task has a missing part)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (implied by --resume, --parts-dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_eval, models=None, variant=None, label=None, options=None)
 
@@ -185,13 +186,34 @@ def _cli_eval(args: argparse.Namespace) -> int:
         raise PearError("no --out FILE.json given")
     models = args.models or [{"spec": "smollm2-135m", "variant": "none", "label": None, "options": {}}]
     entries = [ModelEntry(m["spec"], m["variant"] or "none", m["label"], m["options"]) for m in models]
-    out = Path(args.out)
-    if out.suffix != ".json":
-        raise PearError(f"--out must end in .json, got {out}")
+    from ..hardware import announce
+    from ..loading import resolve_spec
+    from ..preflight import check_out_file
+
+    # a results file is re-assembled from its parts by running the same command again
+    from .registry import TASKS, split_task_name
+
+    _load_builtin()
+    unknown = [t for t in tasks if split_task_name(t)[0] not in TASKS]
+    if unknown:
+        raise PearError(f"unknown task '{unknown[0]}'; available: {', '.join(sorted(TASKS))} "
+                        "(pear eval --list-tasks describes them)")
+    if args.limit is not None and args.limit < 1:
+        raise PearError(f"--limit must be >= 1, got {args.limit}")
+    from ..baselines import get_variant
+
+    for e in entries:  # every model before the first is loaded: a typo in the last costs nothing
+        resolve_spec(e.spec)
+        get_variant(e.variant).check_options(e.options)
+    replace_ok = args.force or args.resume or args.parts_dir is not None
+    out = check_out_file(args.out, replace_ok, also=(".png", ".md"), example="results.json")
+    if args.parts_dir:
+        check_out_file(Path(args.parts_dir) / "x", True, suffix=None)
+    dtype = announce(args.device, args.dtype).dtype
     results = evaluate(
         entries, tasks, data_dir=args.data_dir, limit=args.limit, half=args.half,
         positions=parse_positions(args.positions),
-        seed=args.seed, dtype=args.dtype, device=args.device, device_map=args.device_map, batch_size=args.batch_size,
+        seed=args.seed, dtype=dtype, device=args.device, device_map=args.device_map, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, chat=args.chat, distractor_pool=args.distractor_pool,
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
         parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None), parts=args.parts,

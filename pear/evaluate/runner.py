@@ -107,6 +107,24 @@ def _use_chat(task: Task, tokenizer, chat: str) -> bool:
     return has_chat_template(tokenizer)
 
 
+def _estimating(bar, n_total: int, desc: str, progress: bool):
+    """The bar's update, which after the first batch also prints what the rest will take
+    (measured on that batch) before the long part."""
+    from ..estimate import fmt_seconds
+
+    t0, first = time.perf_counter(), [True]
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if first[0] and progress and n < n_total:
+            first[0] = False
+            dt = time.perf_counter() - t0
+            bar.write(f"pear: {desc}: first {n} examples in {dt:.1f} s; estimate ~{fmt_seconds(dt / n * (n_total - n))} "
+                      f"for the other {n_total - n}", file=sys.stderr)
+
+    return update
+
+
 def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_size: int = 8,
              max_batch_tokens: int = 32768, progress: bool = True, desc: str = "",
              rendered: tuple[list[str], list[list[int]]] | None = None) -> list[dict]:
@@ -128,7 +146,7 @@ def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_s
     bar = tqdm(total=len(ids), unit="ex", desc=desc or task.name, disable=not progress, dynamic_ncols=True, leave=False)
     bar.update(len(ids) - len(keep))
     kw = dict(pad_id=tok.pad_token_id, device=device, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-              on_batch=bar.update)
+              on_batch=_estimating(bar, len(keep), desc or task.name, progress))
     if task.kind == "generate":
         exs = [task.examples[i] for i in keep]
 

@@ -97,6 +97,11 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
     rows = "\n".join(f"| {h['layer']} | {h['head']} | {_coef_text(h['coefficient'])} |" for h in heads)
     stored = meta.get("gguf", {}).get("attn_output_types")
     note = ""
+    src = meta.get("base_model_file")
+    if src:  # the weights are that file's, not the hub checkpoint's
+        note += (f"\nThe base weights are `{src['file']}` ({src['quantisation']} quantisation, sha256 "
+                 f"`{src['sha256']}`), dequantised to {src['dequantised_to']}: this is that file's model, "
+                 f"not the original {base} weights.\n")
     if stored:
         kinds = sorted({f"{s['original']} -> {s['written']}" for s in stored.values()})
         note = f"\nScaled attention output tensors stored as: {', '.join(kinds)}.\n"
