@@ -1,0 +1,207 @@
+"""Objectives for the coefficients and the parameterisations (pear/objectives, pear/scaling).
+
+Batches are seeded, put the answer where their metadata says, and read no evaluation file;
+every parameterisation folds exactly; a short fit with each objective lowers its own loss.
+"""
+
+import json
+
+import pytest
+import torch
+
+import pear.evaluate.data as data
+from pear.cli import main
+from pear.errors import PearError
+from pear.fit import FitSettings, all_heads, fit
+from pear.objectives import OBJECTIVES, get_objective, squad
+from pear.recipes import RECIPES
+from pear.scaling import HeadScaling, fold, read_coefficients, unfold
+from tiny_models import tiny_model
+
+SMALL = {"long-copy": {"context": 96, "span": 12}, "retrieval": {"documents": 3, "words": 30},
+         "position-distill": {"documents": 3, "words": 30}}
+KV = {"source": "kv", "pairs": 4}
+
+
+def _obj(name, opts, data_dir):
+    return get_objective(name, opts, data_dir)
+
+
+@pytest.mark.real
+@pytest.mark.data
+@pytest.mark.parametrize("name,opts", [("long-copy", SMALL["long-copy"]), ("retrieval", SMALL["retrieval"]),
+                                       ("retrieval", KV), ("position-distill", SMALL["position-distill"])])
+def test_batches_are_a_function_of_the_seed(smollm2, data_dir, name, opts):
+    m, tok = smollm2.model, smollm2.tokenizer
+    o = _obj(name, opts, data_dir)
+    a, b, c = o.batch(m, tok, 4, seed=5), o.batch(m, tok, 4, seed=5), o.batch(m, tok, 4, seed=6)
+    assert [s.ids for s in a] == [s.ids for s in b]
+    assert [s.ids for s in a] != [s.ids for s in c]
+
+
+def test_long_copy_repeats_the_span_from_its_depth():
+    m = tiny_model("llama")
+    o = get_objective("long-copy", {"context": 80, "span": 10})
+    seqs = o.batch(m, None, 16, seed=0)
+    depths = set()
+    for s in seqs:
+        d, n = s.meta["depth"], 10
+        assert len(s.ids) == 80 and s.n_target == n - 1
+        assert s.ids[d:d + n] == s.ids[-n:]  # the repeat copies the span at depth d
+        filler = s.ids[:d] + s.ids[d + n:-n]
+        assert not set(filler) & set(s.ids[-n:])  # the continuation is determined
+        depths.add(d)
+    assert len(depths) > 8  # a random depth, not a fixed one
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_retrieval_puts_the_answer_in_the_gold_document(smollm2, data_dir):
+    tok = smollm2.tokenizer
+    o = get_objective("retrieval", {"documents": 5, "words": 40}, data_dir)
+    seqs = o.batch(smollm2.model, tok, 24, seed=1)
+    golds = set()
+    for s in seqs:
+        text = tok.decode(s.ids[:-s.n_target])
+        assert tok.decode(s.ids[-s.n_target:]).strip() == s.meta["answer"].strip()
+        docs = text.split("Document [")[1:]
+        assert len(docs) == 5
+        hits = [i for i, d in enumerate(docs) if s.meta["answer"] in d]
+        assert s.meta["gold_index"] in hits
+        golds.add(s.meta["gold_index"])
+    assert len(golds) >= 4  # uniformly random positions
+
+
+@pytest.mark.real
+def test_kv_retrieval_queries_the_pair_at_its_index(smollm2):
+    tok = smollm2.tokenizer
+    o = get_objective("retrieval", {"source": "kv", "pairs": 6})
+    for s in o.batch(smollm2.model, tok, 8, seed=2):
+        prompt = tok.decode(s.ids[:-s.n_target])
+        lines = prompt.split("JSON data:\n")[1].split("\n\nKey:")[0].splitlines()
+        key = prompt.split('Key: "')[1].split('"')[0]
+        assert key in lines[s.meta["gold_index"]] and s.meta["answer"] in lines[s.meta["gold_index"]]
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_position_distill_pairs_first_with_middle(smollm2, data_dir):
+    tok = smollm2.tokenizer
+    o = get_objective("position-distill", {"documents": 5, "words": 40}, data_dir)
+    for s in o.batch(smollm2.model, tok, 6, seed=3):
+        assert 1 <= s.meta["gold_index"] <= 3  # neither first nor last
+        student = tok.decode(s.ids).split("Document [")[1:]
+        teacher = tok.decode(s.teacher_ids).split("Document [")[1:]
+        assert s.meta["answer"] in teacher[0]
+        assert s.meta["answer"] in student[s.meta["gold_index"]]
+        assert s.ids[-s.n_target:] == s.teacher_ids[-s.n_target:]  # same answer tokens scored
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_objectives_read_no_evaluation_file(smollm2, data_dir, monkeypatch):
+    read = []
+    real = data.data_file
+    monkeypatch.setattr(data, "data_file", lambda d, rel: read.append(rel) or real(d, rel))
+    squad.load.cache_clear()
+    for name in ("retrieval", "position-distill"):
+        _obj(name, SMALL[name], data_dir).batch(smollm2.model, smollm2.tokenizer, 2, seed=0)
+    squad.load.cache_clear()
+    assert read and set(read) == {data.SQUAD}
+
+
+def test_objective_options_and_data_are_checked_before_work(tmp_path):
+    with pytest.raises(PearError, match="unknown option"):
+        get_objective("long-copy", {"documents": 3})
+    with pytest.raises(PearError, match="context >= 2"):
+        get_objective("long-copy", {"context": 10, "span": 8})
+    with pytest.raises(PearError, match="unknown objective"):
+        FitSettings(objective="nope")
+    with pytest.raises(PearError, match="not found"):
+        get_objective("retrieval", {}, tmp_path).check_data()
+    get_objective("retrieval", {"source": "kv"}, tmp_path).check_data()  # synthetic: needs no data
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("scales", ["heads", "all-heads", "channels"])
+def test_every_parameterisation_folds_exactly(family, scales):
+    m = tiny_model(family)
+    torch.manual_seed(1)
+    heads = [(0, 1), (1, 3)] if scales == "heads" else all_heads(m)
+    D = m.config.hidden_size // m.config.num_attention_heads if family != "qwen3" else 16
+    coefs = {h: ((0.5 + torch.rand(D)).tolist() if scales == "channels" else float(0.5 + torch.rand(())))
+             for h in heads}
+    ids = torch.randint(0, 128, (2, 24))
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        base = m(ids).logits
+        with HeadScaling(m, coefs, trainable=False):
+            hooked = m(ids).logits
+        fold(m, coefs)
+        folded = m(ids).logits
+        unfold(m, coefs)
+    assert (hooked - base).abs().max() > 1e-3  # the scales do something
+    torch.testing.assert_close(folded, hooked, atol=1e-5, rtol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p, before[n], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.real
+@pytest.mark.data
+@pytest.mark.parametrize("name,opts,scales", [("long-copy", SMALL["long-copy"], "all-heads"),
+                                              ("retrieval", SMALL["retrieval"], "all-heads"),
+                                              ("retrieval", KV, "channels"),
+                                              ("position-distill", SMALL["position-distill"], "all-heads")])
+def test_a_short_fit_lowers_its_own_loss(smollm2, data_dir, name, opts, scales):
+    m = smollm2.model
+    w = {n: p.clone() for n, p in m.named_parameters() if "o_proj" in n}
+    r = fit(m, smollm2.tokenizer, all_heads(m), FitSettings(steps=6, batch=2, eval_batch=4, lr=0.05, objective=name,
+            objective_options=opts, scales=scales), progress=False, data_dir=data_dir)
+    assert r.after["objective_loss"] < r.before["objective_loss"]
+    assert all(torch.equal(p, w[n]) for n, p in m.named_parameters() if n in w)  # the model is untouched
+    if scales == "channels":
+        assert all(len(a) == 64 for a in r.coefficients.values())
+
+
+def test_cli_fit_channels_then_fold(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    c = tmp_path / "c.json"
+    assert main(["fit", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+                 "--objective-option", "span=8", "--scales", "channels", "--penalty", "0.1", "--steps", "2",
+                 "--batch", "2", "--eval-batch", "2", "--out", str(c), "--dtype", "fp32"]) == 0
+    saved = json.loads(c.read_text())
+    assert saved["granularity"] == "channel" and len(saved["heads"]) == 8
+    coefs = read_coefficients(c)
+    assert all(isinstance(a, list) and len(a) == 16 for a in coefs.values())
+    assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "f"),
+                 "--dtype", "fp32"]) == 0
+    assert (tmp_path / "f" / "pear.json").is_file()
+
+
+def test_paper_recipe_is_the_papers_setting():
+    fs = FitSettings(**RECIPES["paper"].fit)
+    assert (fs.objective, fs.scales, fs.steps, fs.batch, fs.length, fs.lr, fs.penalty) == \
+        ("copy", "heads", 60, 20, 50, 5e-3, 0.0)
+    assert fs.result_key() == FitSettings().result_key()
+    assert set(RECIPES) >= {"paper", "long-copy", "retrieval", "retrieval-channels", "position-distill"}
+    assert all(FitSettings(**r.fit).objective in OBJECTIVES for r in RECIPES.values())
+
+
+def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
+    """pear.run(settings=...) is not overridden by run's own keyword defaults."""
+    import pear.pipeline as P
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    seen = {}
+
+    def stop(model, tok, heads, fs, **kw):
+        seen["fs"] = fs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "fit", stop)
+    with pytest.raises(KeyboardInterrupt):
+        P.run(str(folder), tmp_path / "out", settings=FitSettings(bounds="unit", seed=3, scales="all-heads"),
+              progress=False, dtype="fp32")
+    assert (seen["fs"].bounds, seen["fs"].seed, seen["fs"].scales) == ("unit", 3, "all-heads")
