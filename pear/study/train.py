@@ -121,7 +121,8 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
     from tqdm.auto import tqdm
 
     from ..loading import parse_device
-    from ..pipeline import _plain_permissions, versions
+    from ..atomic import plain_permissions
+    from ..pipeline import versions
 
     s = settings or TrainSettings()
     if arch not in ARCHS:
@@ -194,7 +195,7 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "train.json").write_text(json.dumps(record, indent=1) + "\n")
-        _plain_permissions(tmp)
+        plain_permissions(tmp)
     return record
 
 
