@@ -351,15 +351,59 @@ def _default_batch_heads(arch: Arch, batch: ProxyBatch, device: torch.device) ->
     return max(1, min(arch.n_heads, budget // (batch.input_ids.shape[0] * batch.n)))
 
 
+class _Resume:
+    """Resume state of the exact re-runs: the (setting, layer, head) scores done so far.
+
+    Every chunk of heads adds its Δπ into `scores`; the state (scores, forward-equivalents, the
+    set of done (setting, layer, head)) is written atomically at most every `every` seconds and
+    when the work is interrupted, so running the same discovery again skips what is done and
+    gives the same scores (same chunks, same order of additions). A state from other settings,
+    seed, model or head list is an error, as for the fit's checkpoints."""
+
+    def __init__(self, path, key: dict, scores: torch.Tensor, every: float = 20.0):
+        self.path, self.key, self.every = (Path(path) if path else None), key, every
+        self.scores, self.fe, self.done, self.t = scores, 0.0, set(), time.perf_counter()
+        if self.path is not None and self.path.exists():
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+                old = state["key"]
+            except Exception as e:
+                raise PearError(f"cannot read discovery checkpoint {self.path} ({type(e).__name__}); delete it") from None
+            if old != key:
+                raise PearError(f"discovery checkpoint {self.path} is from a different run; delete it to start over")
+            self.scores.copy_(state["scores"])
+            self.fe, self.done = float(state["fe"]), {tuple(x) for x in state["done"]}
+
+    def save(self, force: bool = False) -> None:
+        if self.path is None or not (force or time.perf_counter() - self.t >= self.every):
+            return
+        from .atomic import open_atomic
+
+        with open_atomic(self.path, "wb") as f:
+            torch.save({"key": self.key, "scores": self.scores.clone(), "fe": self.fe,
+                        "done": sorted(self.done)}, f)
+        self.t = time.perf_counter()
+
+
 def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], batch_heads: int | None = None,
-           bar=None, work: "_Work | None" = None) -> tuple[torch.Tensor, float]:
+           bar=None, work: "_Work | None" = None, resume: _Resume | None = None) -> tuple[torch.Tensor, float]:
     """Exact Δπ of `heads`, averaged over the clean passes. Returns ((L, H) scores, forward-equivalents)."""
     L = arch.n_layers
-    scores = torch.zeros(L, arch.n_heads)
+    resume = resume or _Resume(None, {}, torch.zeros(L, arch.n_heads))
+    scores = resume.scores
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, []).append(h)
-    fe = 0.0
+    try:
+        _exact_passes(model, arch, cleans, by_layer, len(heads), batch_heads, bar, work, resume)
+    except KeyboardInterrupt:
+        resume.save(force=True)
+        raise
+    return scores, resume.fe
+
+
+def _exact_passes(model, arch, cleans, by_layer, n_heads, batch_heads, bar, work, resume: _Resume) -> None:
+    L, scores = arch.n_layers, resume.scores
     for si, clean in enumerate(cleans):
         done = 0
         N, T = clean.batch.input_ids.shape
@@ -371,6 +415,12 @@ def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], bat
             i = 0
             while i < len(hs):
                 chunk = hs[i:i + B]
+                if all((si, layer, h) in resume.done for h in chunk):  # done before an interruption
+                    i += len(chunk)
+                    done += len(chunk)
+                    if bar is not None:
+                        bar.update(work.ablation(clean.batch, layer) * len(chunk))
+                    continue
                 exp = expanders.setdefault(len(chunk), _Expand(N, len(chunk)))
                 ok, p = fits_in_memory(ablate_heads, model, clean, layer, chunk, arch, exp,
                                        can_shrink=len(chunk) > 1)  # p: (b, N, P)
@@ -381,12 +431,13 @@ def _exact(model, arch: Arch, cleans: list[CleanPass], heads: list[HeadKey], bat
                     continue
                 i += len(chunk)
                 scores[layer, chunk] += relative_change(p, clean.probs).cpu() / len(cleans)
-                fe += len(chunk) * (L - layer) / L * S / T / len(cleans)  # in forwards of this batch
+                resume.fe += len(chunk) * (L - layer) / L * S / T / len(cleans)  # in forwards of this batch
+                resume.done.update((si, layer, h) for h in chunk)
+                resume.save()
                 done += len(chunk)
                 if bar is not None:
-                    bar.set_postfix_str(f"setting {si + 1}/{len(cleans)}: heads {done}/{len(heads)}", refresh=False)
+                    bar.set_postfix_str(f"setting {si + 1}/{len(cleans)}: heads {done}/{n_heads}", refresh=False)
                     bar.update(work.ablation(clean.batch, layer) * len(chunk))
-    return scores, fe
 
 
 # ---------------------------------------------------------------------------- result
@@ -533,13 +584,16 @@ def _progress(total_work: float, desc: str, enabled: bool):
 
 def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] | str | None = None,
              method: str = "exact", seed: int = 0, top_m: int | None = None, k: int = 10,
-             batch_heads: int | None = None, progress: bool = True, model_spec: str | None = None) -> DiscoveryResult:
+             batch_heads: int | None = None, progress: bool = True, model_spec: str | None = None,
+             checkpoint: str | Path | None = None) -> DiscoveryResult:
     """Score every attention head by Δπ under mean ablation on the proxy copying task.
 
     method "exact": every head by batched, prefix-cached re-runs. "fast": attribution
     patching for all heads, then exact scores for the top `top_m` (default max(4k, 32)).
     settings: list of (N samples, n length) or "20x50,40x25"; None = the paper's four.
     batch_heads: ablations per re-run (default: as many heads as fit TOKEN_BUDGET tokens).
+    checkpoint: file for the resume state of the exact re-runs (`_Resume`): after Ctrl-C, the
+    same call continues where it stopped; removed when discovery completes.
     The model is not modified (hooks are removed on exit, even on errors).
     """
     if method not in METHODS:
@@ -594,7 +648,14 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
                 heads = [(l, h) for l in range(L) for h in range(H)]
             if bar is not None:
                 bar.total = sum(clean_work) + sum(work.ablation(b, l) for b in batches for l, _ in heads)
-            exact_scores, fe_exact = _exact(model, arch, cleans, heads, batch_heads, bar, work)
+            key = {"model": model_spec, "method": method, "settings": [list(x) for x in settings], "seed": seed,
+                   "heads": [list(h) for h in heads], "dtype": str(next(model.parameters()).dtype)}
+            resume = _Resume(checkpoint, key, torch.zeros(L, H))
+            if resume.done:
+                print(f"pear: resuming discovery from {checkpoint} ({len(resume.done)} re-runs done)", file=sys.stderr)
+            exact_scores, fe_exact = _exact(model, arch, cleans, heads, batch_heads, bar, work, resume)
+            if checkpoint is not None:
+                Path(checkpoint).unlink(missing_ok=True)
         finally:
             if bar is not None:
                 bar.close()
@@ -688,7 +749,7 @@ def _cli_discover(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
     res = discover(loaded.model, loaded.tokenizer, settings=settings, method=args.method, seed=args.seed,
                    top_m=args.top_m, k=args.k or 10, batch_heads=args.batch_heads, progress=not args.no_progress,
-                   model_spec=loaded.spec.spec)
+                   model_spec=loaded.spec.spec, checkpoint=out.with_name(out.name + ".ckpt"))
     res.save(out)
     print(f"{res.method} discovery: {res.n_layers} layers x {res.n_heads} heads, {len(res.settings)} settings, "
           f"{res.seconds:.1f} s, {res.forward_equivalents:.1f} forward-equivalents")

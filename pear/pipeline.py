@@ -15,8 +15,9 @@ model — and usually bf16 for hub checkpoints), so folding adds no rounding bey
 base model already has. When the two differ the model is loaded again in the saved dtype,
 after the compute copy is freed.
 
-Resume: the fit keeps a checkpoint at ``DIR.fit.ckpt`` (beside DIR) while it runs; after
-Ctrl-C, the same command resumes the fit from it (discovery is re-run: it is seeded).
+Resume: discovery keeps the state of its exact re-runs at ``DIR.discover-M.ckpt`` and the fit a
+checkpoint at ``DIR.fit.ckpt`` (beside DIR) while they run; after Ctrl-C, the same command resumes
+from them (the clean passes are re-run: they are seeded).
 """
 
 from __future__ import annotations
@@ -220,10 +221,10 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
             run_discovery = functools.partial(discover, loaded.model, loaded.tokenizer, settings=discovery_settings,
                                               method=method, seed=seed, k=k if isinstance(k, int) else 10,
                                               progress=progress, model_spec=spec)
-            disc = run_discovery(top_m=m)
+            disc = run_discovery(top_m=m, checkpoint=Path(f"{out}.discover-{m or 'all'}.ckpt"))
             heads, scores, evidence = select_heads(disc, k)
             if staged and not all(bool(disc.exact[h]) for h in heads):
-                disc = run_discovery(top_m=K_AUTO_RANGE[1])
+                disc = run_discovery(top_m=K_AUTO_RANGE[1], checkpoint=Path(f"{out}.discover-{K_AUTO_RANGE[1]}.ckpt"))
                 heads, scores, evidence = select_heads(disc, k)
             if staged:
                 disc.extra["staged_top_m"] = {"first": CPU_TOP_M, "extended_to": int(disc.extra.get("top_m", m))}

@@ -266,3 +266,53 @@ def test_discovery_runs_without_cudnn_attention_and_restores_it():
         handle.remove()
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_interrupted_discovery_resumes_to_the_same_scores(tmp_path, monkeypatch):
+    """Ctrl-C during the exact re-runs keeps their state; the same call then skips what is done
+    and ends with the scores of an uninterrupted run (and removes its checkpoint)."""
+    import pear.discover as D
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    kw = dict(settings=[(4, 8), (4, 6)], method="exact", seed=0, batch_heads=1, progress=False)
+    full = D.discover(model, None, **kw).scores
+    ckpt = tmp_path / "heads.json.ckpt"
+    real, calls = D.ablate_heads, []
+
+    def interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "ablate_heads", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        D.discover(model, None, checkpoint=ckpt, **kw)
+    assert ckpt.is_file()
+    monkeypatch.setattr(D, "ablate_heads", lambda *a, **k: calls.append(2) or real(*a, **k))
+    resumed = D.discover(model, None, checkpoint=ckpt, **kw)
+    assert calls.count(2) == 16 - 6  # 2 settings x 8 heads, 6 done before the interruption
+    assert torch.equal(resumed.scores, full) and not ckpt.exists()
+    torch.save({"key": {"other": 1}}, ckpt)
+    with pytest.raises(PearError, match="different run"):
+        D.discover(model, None, checkpoint=ckpt, **kw)
+
+
+def test_cli_discover_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
+    import pear.discover as D
+    from tiny_models import tiny_model
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    out = tmp_path / "heads.json"
+    args = ["discover", "--model", str(folder), "--out", str(out), "--method", "exact", "--settings", "4x8",
+            "--batch-heads", "1", "--dtype", "fp32", "--no-progress"]
+    real, calls = D.ablate_heads, []
+    monkeypatch.setattr(D, "ablate_heads", lambda *a, **k: calls.append(1) or (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 4 else real(*a, **k)))
+    assert main(args) == 130
+    assert not out.exists() and (tmp_path / "heads.json.ckpt").is_file()
+    monkeypatch.setattr(D, "ablate_heads", real)
+    assert main(args) == 0 and out.is_file() and not (tmp_path / "heads.json.ckpt").exists()
+    assert "resuming discovery" in capsys.readouterr().err
