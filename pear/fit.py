@@ -113,7 +113,9 @@ class FitSettings:
             raise PearError(f"unknown scales '{self.scales}'; use one of {', '.join(SCALES)}")
         if not (math.isfinite(self.penalty) and self.penalty >= 0):
             raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
-        self.make_objective()  # unknown objective or option: fail now, before any model work
+        obj = self.make_objective()  # unknown objective or option: fail now, before any model work
+        # options as the objective reads them (the command line gives strings): one fingerprint per fit
+        self.objective_options = {k: obj.options[k] for k in self.objective_options}
 
     def make_objective(self, data_dir=None):
         """The objective these settings train (the copy proxy's n is `length`)."""
