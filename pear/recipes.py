@@ -23,6 +23,7 @@ class Recipe:
 
 _SHORT = dict(steps=40, batch=10, lr=1e-2, penalty=0.1)  # every head scaled: 400 long sequences in all
 _SQUAD20 = {"documents": 20, "words": 100}
+_ORACLE = {"teacher": "oracle", "student": "uniform"}
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("the paper: copy proxy (n = 50), top-K heads (K auto), 60 steps x 20 sequences, lr 5e-3",
@@ -42,6 +43,14 @@ RECIPES: dict[str, Recipe] = {
                                "one scale per head, every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
                                fit=dict(objective="position-distill", objective_options=dict(_SQUAD20),
                                         scales="all-heads", **_SHORT)),
+    "oracle-distill": Recipe("KL(base, gold passage alone || scaled, gold passage at any of 20 positions) on SQuAD "
+                             "2.0; one scale per head, every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
+                             fit=dict(objective="position-distill", objective_options={**_SQUAD20, **_ORACLE},
+                                      scales="all-heads", **_SHORT)),
+    "oracle-distill-channels": Recipe("as oracle-distill, one scale per channel of every head",
+                                      fit=dict(objective="position-distill",
+                                               objective_options={**_SQUAD20, **_ORACLE},
+                                               scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
 

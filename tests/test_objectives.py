@@ -99,6 +99,26 @@ def test_position_distill_pairs_first_with_middle(smollm2, data_dir):
 
 @pytest.mark.real
 @pytest.mark.data
+def test_position_distill_oracle_teacher_and_uniform_student(smollm2, data_dir):
+    tok = smollm2.tokenizer
+    o = get_objective("position-distill", {"documents": 4, "words": 30, "teacher": "oracle",
+                                           "student": "uniform"}, data_dir)
+    batch = o.batch(smollm2.model, tok, 24, seed=5)
+    assert {s.meta["gold_index"] for s in batch} == {0, 1, 2, 3}  # the ends are drawn too
+    for s in batch:
+        student = tok.decode(s.ids).split("Document [")[1:]
+        teacher = tok.decode(s.teacher_ids).split("Document [")[1:]
+        assert len(student) == 4 and len(teacher) == 1 and s.meta["teacher_documents"] == 1
+        assert s.meta["answer"] in teacher[0] and s.meta["answer"] in student[s.meta["gold_index"]]
+        assert s.ids[-s.n_target:] == s.teacher_ids[-s.n_target:]
+    again = o.batch(smollm2.model, tok, 24, seed=5)
+    assert [s.ids for s in again] == [s.ids for s in batch]
+    with pytest.raises(PearError, match="teacher must be"):
+        get_objective("position-distill", {"teacher": "last"}, data_dir)
+
+
+@pytest.mark.real
+@pytest.mark.data
 def test_objectives_read_no_evaluation_file(smollm2, data_dir, monkeypatch):
     read = []
     real = data.data_file
@@ -151,7 +171,9 @@ def test_every_parameterisation_folds_exactly(family, scales):
 @pytest.mark.parametrize("name,opts,scales", [("long-copy", SMALL["long-copy"], "all-heads"),
                                               ("retrieval", SMALL["retrieval"], "all-heads"),
                                               ("retrieval", KV, "channels"),
-                                              ("position-distill", SMALL["position-distill"], "all-heads")])
+                                              ("position-distill", SMALL["position-distill"], "all-heads"),
+                                              ("position-distill", {**SMALL["position-distill"], "teacher": "oracle",
+                                                                    "student": "uniform"}, "channels")])
 def test_a_short_fit_lowers_its_own_loss(smollm2, data_dir, monkeypatch, name, opts, scales):
     """Six steps on one fixed batch (every step draws the same seed) lower the objective's loss
     on that batch: the gradient through the scales is right for every objective."""
@@ -195,7 +217,8 @@ def test_paper_recipe_is_the_papers_setting():
     assert (fs.objective, fs.scales, fs.steps, fs.batch, fs.length, fs.lr, fs.penalty) == \
         ("copy", "heads", 60, 20, 50, 5e-3, 0.0)
     assert fs.result_key() == FitSettings().result_key()
-    assert set(RECIPES) >= {"paper", "long-copy", "retrieval", "retrieval-channels", "position-distill"}
+    assert set(RECIPES) >= {"paper", "long-copy", "retrieval", "retrieval-channels", "position-distill",
+                            "oracle-distill", "oracle-distill-channels"}
     assert all(FitSettings(**r.fit).objective in OBJECTIVES for r in RECIPES.values())
 
 
