@@ -56,7 +56,7 @@ def estimate_run(model, tokenizer, fit_settings, discovery_settings, *, method: 
     from .families import resolve
     from .fit import _nll, cpu_attention, default_micro_batch, frozen, scored_logits
     from .proxy import make_model_batch
-    from .scaling import HeadScaling
+    from .folding import HeadScaling
 
     arch = resolve(model)
     L, H = arch.n_layers, arch.n_heads

@@ -159,18 +159,7 @@ def _check_config(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- loading
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise PearError(f"unknown dtype '{dtype}'; use one of auto, fp32, bf16, fp16")
-    return DTYPES[dtype]
+from .dtypes import DTYPES, GGUF_DTYPE, parse_dtype  # noqa: E402,F401  (re-exported: one policy, pear.dtypes)
 
 
 def parse_device(device: str | None) -> str:
@@ -214,7 +203,7 @@ def load_model(
     ms = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     if ms.gguf_file and torch_dtype == "auto":
-        torch_dtype = torch.float32
+        torch_dtype = GGUF_DTYPE
     dev = parse_device(device)
     src, src_kw = ms.path, ms.pretrained_kwargs()
     verbosity = hf_logging.get_verbosity()

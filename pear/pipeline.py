@@ -22,7 +22,6 @@ from them (the clean passes are re-run: they are seeded).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gc
@@ -34,15 +33,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import AtomicDir, add_format_arg, save_checkpoint, verify_fold
 from .errors import PearError
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
-from .fit import (K_AUTO_RANGE, FitSettings, add_fit_args, all_heads, compute_dtype, fit, heldout_batch, k_from_args,
-                  parse_k, proxy_metrics, select_heads, settings_from_args)
-from .loading import DTYPES, load_model, parse_dtype, resolve_spec
+from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
+from .fit import K_AUTO_RANGE, FitSettings, all_heads, fit, heldout_batch, parse_k, proxy_metrics, select_heads
+from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
+from .loading import load_model, parse_dtype, resolve_spec
 from .recipes import DEFAULT_RECIPE
-from .scaling import HeadKey, granularity, summary_value
 
 SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
 CPU_TOP_M = 16  # fast discovery on CPU with --k auto: heads re-scored exactly at first (see run())
@@ -96,20 +94,6 @@ def default_out(spec: str | None) -> Path:
     ms = resolve_spec(spec)
     name = Path(ms.gguf_file).stem if ms.kind == "gguf" else Path(ms.spec.rstrip("/")).name
     return Path("runs") / f"{name}-pear"
-
-
-def _native_dtype(spec) -> torch.dtype:
-    """The dtype `load_model(dtype="auto")` gives: fp32 for GGUF, else the config's dtype."""
-    ms = resolve_spec(spec)
-    if ms.gguf_file:
-        return torch.float32
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(ms.path)
-    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if isinstance(d, torch.dtype):
-        return d
-    return DTYPES.get(str(d).replace("torch.", ""), torch.float32)
 
 
 class _Stages:
@@ -191,7 +175,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 
-    with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
+    with stages("load", f"{model or 'smollm2-135m'} ({dtype_name(cdtype)})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
 
@@ -236,7 +220,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                  model_spec=spec, scores=scores, k_selection=evidence, data_dir=data_dir)
 
     with stages("fold + verify"):
-        sdtype = _native_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
+        sdtype = checkpoint_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
         bar = stages.bar(4, "fold + verify")
         if sdtype != next(loaded.model.parameters()).dtype:
             del loaded
@@ -263,9 +247,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         figures={"heatmap": out / "heads.png", "coefficients": out / "coefficients.png", "fit_loss": out / "fit_loss.png"},
         model=spec, method=method, k=len(heads), k_selection=evidence, heads=rows, coefficients=fr.coefficients,
         before=fr.before, after=fr.after,
-        saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
+        saved={"dtype": dtype_name(sdtype), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
-        settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
+        settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": dtype_name(sdtype),
                   "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format,
                   **({"estimate": estimate.as_dict()} if estimate else {})},
         command=(command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m)
@@ -328,49 +312,3 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
     if save_dtype != "auto":
         parts.append(f"--save-dtype {save_dtype}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("run", help="the whole method: discover -> fit -> fold -> verify -> save (default model "
-                       "if --model is omitted)",
-                       description="Find the heads that suppress copying, learn a coefficient for each, fold "
-                       "them into the weights and save an ordinary checkpoint with heads.json, "
-                       "coefficients.json, report.md and figures.")
-    add_model_args(p)
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<model>-pear)")
-    p.add_argument("--method", default="fast", choices=["fast", "exact"],
-                   help="discovery: fast (attribution patching + exact re-check of the top heads; default) or exact")
-    p.add_argument("--discovery-settings", default=None, metavar="NxLEN,...",
-                   help="proxy settings for discovery (default 20x50,40x25,80x15,100x10)")
-    p.add_argument("--top-m", type=int, default=None,
-                   help="fast discovery: heads re-scored exactly (default max(4k, 32); 32 for --k auto)")
-    p.add_argument("--save-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="dtype of the saved model (default: the checkpoint's own; fp32 for GGUF)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    add_format_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_fit_args(p)
-    p.set_defaults(func=_cli_run)
-
-
-def _cli_run(args: argparse.Namespace) -> int:
-    from .hardware import announce
-    from .preflight import check_discovery_settings, check_k, check_out_folder
-    from .proxy import parse_settings
-
-    out = Path(args.out) if args.out else default_out(args.model)
-    check_out_folder(out, args.force)
-    settings = settings_from_args(args)
-    check_discovery_settings(parse_settings(args.discovery_settings))
-    check_k(args.model, k_from_args(args), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
-    dtype = announce(args.device, args.dtype).dtype  # and the thread count
-    res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings,
-              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
-              save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
-              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
-    print(res.summary())
-    print(f"report: {res.report_path}")
-    return 0

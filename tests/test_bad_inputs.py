@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pear.bench  # noqa: F401  (imported before load_model is patched: they bind it by name)
-import pear.checkpoint  # noqa: F401
+import pear.folding.checkpoint  # noqa: F401
 import pear.evaluate.runner  # noqa: F401
 import pear.inspect  # noqa: F401
 import pear.pipeline  # noqa: F401
@@ -136,7 +136,7 @@ def _no_loading(monkeypatch):
     def no_load(*a, **k):
         raise Loaded
 
-    for mod in ("pear.loading", "pear.evaluate.runner", "pear.bench", "pear.inspect", "pear.checkpoint",
+    for mod in ("pear.loading", "pear.evaluate.runner", "pear.bench", "pear.inspect", "pear.folding.checkpoint",
                 "pear.pipeline"):
         if hasattr(sys.modules[mod], "load_model"):
             monkeypatch.setattr(sys.modules[mod], "load_model", no_load)

@@ -15,7 +15,7 @@ from pear.cli import main
 from pear.discover import DiscoveryResult
 from pear.errors import PearError
 from pear.fit import FitSettings, choose_k, fit, select_heads
-from pear.scaling import read_coefficients
+from pear.folding import read_coefficients
 from tiny_models import tiny_model
 
 HEADS = [(1, 0), (0, 3), (1, 2), (0, 1)]

@@ -1,4 +1,4 @@
-"""Objectives for the coefficients and the parameterisations (pear/objectives, pear/scaling).
+"""Objectives for the coefficients and the parameterisations (pear/objectives, pear/folding).
 
 Batches are seeded, put the answer where their metadata says, and read no evaluation file;
 every parameterisation folds exactly; a short fit with each objective lowers its own loss.
@@ -15,7 +15,7 @@ from pear.errors import PearError
 from pear.fit import FitSettings, all_heads, fit
 from pear.objectives import OBJECTIVES, get_objective, squad
 from pear.recipes import RECIPES
-from pear.scaling import HeadScaling, fold, read_coefficients, unfold
+from pear.folding import HeadScaling, fold, read_coefficients, unfold
 from tiny_models import tiny_model
 
 SMALL = {"long-copy": {"context": 96, "span": 12}, "retrieval": {"documents": 3, "words": 30},

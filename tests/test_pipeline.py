@@ -9,7 +9,7 @@ import pear
 from pear.cli import main
 from pear.errors import PearError
 from pear.proxy import copy_loss, make_batch
-from pear.scaling import read_coefficients
+from pear.folding import read_coefficients
 from tiny_models import tiny_model
 
 FILES = ["model", "heads.json", "heads.png", "coefficients.json", "coefficients.png", "fit_loss.png", "report.md"]
