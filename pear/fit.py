@@ -17,8 +17,8 @@ Coefficient range (``bounds``), enforced by projection after every optimiser ste
   the decision and its evidence go in the project's FINDINGS and this default follows it.
 * ``unit``: [0, 1]: heads can only be weakened, as the paper intends ("suppression heads").
 
-K: `choose_k` picks it from the discovery scores (the knee of the sorted positive Δπ);
-see its docstring for why not a grid of fits.
+Which heads, and how many (K): `pear.heads`, the one rule `pear discover`, `pear fit` and
+`pear run` share.
 
 Reproducibility and resume: the training batch of step s is a pure function of
 ``(seed, s)`` and the held-out batch of ``seed`` (a different stream), so a checkpoint
@@ -40,12 +40,11 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -60,7 +59,6 @@ from .families import resolve
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "none": (None, None), "nonneg": (0.0, None), "unit": (0.0, 1.0)}
 DEFAULT_BOUNDS = "nonneg"  # provisional, see the module docstring
-K_AUTO_RANGE = (4, 32)
 # Parameterisations: which heads get a scale, and how fine it is (all folded into the output projection).
 SCALES = {
     "heads": "one scale per top-K head (the paper)",
@@ -154,107 +152,6 @@ def train_seed(seed: int, step: int) -> int:
 def heldout_seed(seed: int) -> int:
     """Seed of the fixed held-out batch: a stream no training step uses (tag 1)."""
     return int(np.random.SeedSequence([seed, 0, 1]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------- choosing heads
-def ranking(source) -> list[tuple[HeadKey, float]]:
-    """All heads with a discovery score, best first.
-
-    `source`: a `DiscoveryResult` (or anything with a (layers, heads) `scores` tensor), a
-    path to heads.json, or a mapping {(layer, head): score}.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        from .discover import read_heads
-
-        source = read_heads(source)
-    if hasattr(source, "ranking") and hasattr(source, "scores"):  # discovery's own order (exact scores first)
-        s = torch.as_tensor(source.scores).float()  # (L, H)
-        out = [(tuple(k), float(s[k])) for k in source.ranking()]
-        return [(k, v) for k, v in out if math.isfinite(v)]
-    if hasattr(source, "scores"):
-        s = torch.as_tensor(source.scores).float()  # (L, H)
-        items = {(l, h): float(s[l, h]) for l in range(s.shape[0]) for h in range(s.shape[1])}
-    elif isinstance(source, Mapping):
-        items = {tuple(k): float(v) for k, v in source.items()}
-    else:
-        raise PearError("heads must come from a discovery result, a heads.json file or {(layer, head): score}")
-    items = {k: v for k, v in items.items() if math.isfinite(v)}
-    return sorted(items.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
-def choose_k(scores: Sequence[float], lo: int = K_AUTO_RANGE[0], hi: int = K_AUTO_RANGE[1]) -> tuple[int, dict]:
-    """K from the data: the knee (Kneedle) of the sorted positive Δπ, clamped to [lo, hi].
-
-    Why the knee: Δπ > 0 means ablating the head *raises* copying, and on real models a
-    few heads stand out (SmolLM2-135M: +25.6 %, +11.5 %, +9.2 %, ...) above a long tail of
-    small positive values that are mostly noise. The knee is where the sorted curve stops
-    falling steeply: normalise rank and score to [0, 1] and take the point farthest below
-    the straight line from the first to the last positive score (Satopää et al. 2011).
-
-    Why not a grid of fits scored by held-out proxy loss: more coefficients always fit the
-    proxy better (measured: K = 5, 10, 20 -> 2.22, 1.98, 1.82), so the grid would pick its
-    largest K while the proxy is not the goal, and it costs one fit per grid point.
-
-    Clamped to [lo, hi] (never more than the number of positive heads): fewer than 4
-    heads leaves little to learn, and K above 32 is far past the stand-out heads on every
-    model we measured. Returns (K, evidence for the output files).
-    """
-    pos = sorted((float(s) for s in scores if s > 0), reverse=True)
-    if not pos:
-        raise PearError("no head's ablation raises copying (all Δπ <= 0): nothing to re-weight; pass --k K to force")
-    m = len(pos)
-    if m <= 2:
-        knee = m
-        dist = [0.0] * m
-    else:
-        y = np.asarray(pos)
-        y = (y - y[-1]) / max(y[0] - y[-1], 1e-12)  # 1 .. 0
-        x = np.arange(m) / (m - 1)  # 0 .. 1
-        d = (1.0 - x) - y  # how far below the chord from (0, 1) to (1, 0)
-        knee = int(d.argmax()) + 1
-        dist = d.tolist()
-    k = max(min(knee, hi), lo)
-    k = min(k, m)
-    return k, {
-        "method": "knee of sorted positive scores (Kneedle), clamped",
-        "clamp": [lo, hi], "positive_heads": m, "knee": knee, "k": k,
-        "sorted_positive_scores": [round(v, 6) for v in pos[:64]],
-        "distance_below_chord": [round(v, 4) for v in dist[:64]],
-    }
-
-
-def select_heads(source, k: int | str = "auto") -> tuple[list[HeadKey], dict[HeadKey, float], dict]:
-    """Top-K heads by score. k: an int or "auto" (`choose_k`). Returns heads, their scores, evidence."""
-    ranked = ranking(source)
-    if not ranked:
-        raise PearError("no head scores to select from")
-    if k == "auto":
-        k_val, evidence = choose_k([s for _, s in ranked])
-    else:
-        k_val = int(k)
-        if not 1 <= k_val <= len(ranked):
-            raise PearError(f"--k must be in 1..{len(ranked)} (heads with scores), got {k}")
-        evidence = {"method": "given", "k": k_val}
-    chosen = ranked[:k_val]
-    return [h for h, _ in chosen], dict(chosen), evidence
-
-
-def all_heads(model) -> list[HeadKey]:
-    """Every (layer, head) of the model: the heads of the all-heads and channels parameterisations."""
-    arch = resolve(model)
-    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
-
-
-def parse_k(text: str) -> int | str:
-    if text == "auto":
-        return "auto"
-    try:
-        k = int(text)
-    except ValueError:
-        raise PearError(f"--k must be 'auto' or a positive integer, got '{text}'") from None
-    if k < 1:
-        raise PearError(f"--k must be >= 1, got {k}")
-    return k
 
 
 # ---------------------------------------------------------------------------- proxy metrics

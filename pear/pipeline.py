@@ -23,7 +23,6 @@ from them (the clean passes are re-run: they are seeded).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import platform
 import sys
@@ -37,13 +36,13 @@ from .errors import PearError
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
 from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
-from .fit import K_AUTO_RANGE, FitSettings, all_heads, fit, heldout_batch, parse_k, proxy_metrics, select_heads
+from .fit import FitSettings, fit, heldout_batch, proxy_metrics
 from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
+from .heads import all_heads, find_heads, parse_k, top_m_plan
 from .loading import load_model, parse_dtype, resolve_spec
 from .recipes import DEFAULT_RECIPE
 
 SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
-CPU_TOP_M = 16  # fast discovery on CPU with --k auto: heads re-scored exactly at first (see run())
 
 
 @dataclass
@@ -145,8 +144,6 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); for k="auto", 32,
     the largest K it can choose; on CPU first 16, then 32 only if K auto picks a head past them).
     """
-    from .discover import discover
-
     from .recipes import get_recipe
 
     t_total = time.perf_counter()
@@ -184,8 +181,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         from .estimate import estimate_run
 
         on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-        m_guess = top_m or (CPU_TOP_M if on_cpu and k == "auto" and method == "fast" else
-                            K_AUTO_RANGE[1] if k == "auto" else max(4 * k, 32))
+        m_guess = top_m_plan(k, method, on_cpu, top_m)[0]
         estimate = estimate_run(loaded.model, loaded.tokenizer, fs, discovery_settings, method=method,
                                 top_m=m_guess, seed=seed)
         print(estimate.line(), file=sys.stderr)
@@ -195,24 +191,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         heads, scores, evidence = all_heads(loaded.model), {}, {"method": f"every head ({fs.scales})"}
     else:
         with stages("discover", f"({method})"):
-            m, staged = top_m, False
-            if m is None and k == "auto":
-                # every head --k auto can pick gets an exact score. On GPUs: the top 32 at once. On CPU,
-                # where each exact re-check costs ~0.7 s per head and setting: the top 16 first, and the
-                # top 32 only if K auto then reaches past them (SmolLM2 picks 11-12).
-                on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-                m, staged = (CPU_TOP_M, True) if on_cpu and method == "fast" else (K_AUTO_RANGE[1], False)
-            run_discovery = functools.partial(discover, loaded.model, loaded.tokenizer, settings=discovery_settings,
-                                              method=method, seed=seed, k=k if isinstance(k, int) else 10,
-                                              progress=progress, model_spec=spec)
-            disc = run_discovery(top_m=m, checkpoint=Path(f"{out}.discover-{m or 'all'}.ckpt"))
-            heads, scores, evidence = select_heads(disc, k)
-            if staged and not all(bool(disc.exact[h]) for h in heads):
-                disc = run_discovery(top_m=K_AUTO_RANGE[1], checkpoint=Path(f"{out}.discover-{K_AUTO_RANGE[1]}.ckpt"))
-                heads, scores, evidence = select_heads(disc, k)
-            if staged:
-                disc.extra["staged_top_m"] = {"first": CPU_TOP_M, "extended_to": int(disc.extra.get("top_m", m))}
-            disc.k = len(heads)  # heads.json's top_k and the heatmap outline: the heads we fit
+            disc, heads, scores, evidence = find_heads(
+                loaded.model, loaded.tokenizer, k, method=method, top_m=top_m, settings=discovery_settings,
+                seed=seed, progress=progress, model_spec=spec, checkpoint=lambda m: Path(f"{out}.discover-{m}.ckpt"))
 
     ckpt = Path(str(out) + ".fit.ckpt")
     with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):

@@ -174,12 +174,12 @@ def test_no_traceback_but_with_verbose(ws, capsys):
 def test_os_error_is_one_line_with_the_path(ws, capsys, monkeypatch):
     """An environment error deep inside a command (here: the disk is full while reading the
     heads file) is one line naming the file, exit 2."""
-    import pear.fit
+    import pear.heads
 
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(ws / "heads.json"))
 
-    monkeypatch.setattr(pear.fit, "select_heads", full)
+    monkeypatch.setattr(pear.heads, "select_heads", full)
     assert main(_template("fit", ws, str(ws / "o-os.json"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pear: error: No space left on device: {ws / 'heads.json'}"]

@@ -12,7 +12,8 @@ import torch
 import pear.evaluate.data as data
 from pear.cli import main
 from pear.errors import PearError
-from pear.fit import FitSettings, all_heads, fit
+from pear.fit import FitSettings, fit
+from pear.heads import all_heads
 from pear.objectives import OBJECTIVES, get_objective, squad
 from pear.recipes import RECIPES
 from pear.folding import HeadScaling, fold, read_coefficients, unfold

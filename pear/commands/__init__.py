@@ -27,3 +27,10 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False, auto: str
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=f"auto: {AUTO_MEANING[auto]}")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
+
+
+def add_k_arg(p: argparse.ArgumentParser, default: str) -> None:
+    """--k, one meaning in every command: how many heads `pear.heads` selects."""
+    p.add_argument("--k", default=None, metavar="K|auto",
+                   help="heads to select: an integer, or auto (the knee of the sorted positive Δπ, clamped to "
+                   f"4..32); default {default}")

@@ -16,14 +16,14 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     """Fit options shared by `pear fit` and `pear run`. Options left out take the recipe's
     value (`pear.recipes`), then FitSettings' default."""
     from ..fit import BOUNDS, SCALES, FitSettings
+    from . import add_k_arg
     from ..recipes import DEFAULT_RECIPE, RECIPES
 
     d = FitSettings()
     p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help=f"named fit settings (default {DEFAULT_RECIPE}): "
                    + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
-    p.add_argument("--k", default=None, help="number of heads: an integer, or auto (knee of the sorted "
-                   "positive discovery scores, clamped to 4..32; default)")
+    add_k_arg(p, "the recipe's (auto)")
     p.add_argument("--bounds", default=None, choices=list(BOUNDS),
                    help="coefficient range: none (unbounded), nonneg [0, inf) (default, provisional), unit [0, 1]")
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
@@ -79,7 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> FitSettings:
 
 
 def k_from_args(args: argparse.Namespace) -> int | str:
-    from ..fit import parse_k
+    from ..heads import parse_k
     from ..recipes import get_recipe
 
     return parse_k(args.k if args.k is not None else get_recipe(args.recipe).k)
@@ -104,7 +104,8 @@ def add_cli(sub) -> None:
 
 
 def _cli_fit(args: argparse.Namespace) -> int:
-    from ..fit import all_heads, checkpoint_path_for, fit, select_heads
+    from ..fit import checkpoint_path_for, fit
+    from ..heads import all_heads, select_heads
     from ..hardware import announce
     from ..loading import load_model
     from ..preflight import check_heads, check_out_file
