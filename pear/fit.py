@@ -7,15 +7,8 @@ n = 50 random tokens, repeated), loss = cross-entropy of the second copy. These 
 paper's settings; its released checkpoint was taken after 60 optimiser steps of 20
 sequences, hence ``steps=60, batch=20``.
 
-Coefficient range (``bounds``), enforced by projection after every optimiser step:
-
-* ``none``: unbounded. Measured on SmolLM2-135M at lr 2e-2, several α went negative: the
-  head was *flipped*, not weakened, and downstream QA did not improve.
-* ``nonneg``: [0, ∞). The default, provisionally: it rules out flips, keeps the option of
-  amplifying a head. Which range transfers best to multi-document QA is decided with the
-  evaluation harness (`pear eval`, base vs each range on the same examples, paired test);
-  the decision and its evidence go in the project's FINDINGS and this default follows it.
-* ``unit``: [0, 1]: heads can only be weakened, as the paper intends ("suppression heads").
+Coefficient range: `pear.settings.Bounds` (``--bounds``), enforced by projection after every
+optimiser step.
 
 Which heads, and how many (K): `pear.heads`, the one rule `pear discover`, `pear fit` and
 `pear run` share.
@@ -37,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -46,165 +38,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
 import torch
 
 from .atomic import open_atomic, write_text
 from .dtypes import dtype_name
 from .errors import PearError
-from .proxy import ProxyBatch, make_model_batch
-from .folding import HeadKey, HeadScaling, coefficients_json
 from .families import resolve
-
-BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "none": (None, None), "nonneg": (0.0, None), "unit": (0.0, 1.0)}
-DEFAULT_BOUNDS = "nonneg"  # provisional, see the module docstring
-# Parameterisations: which heads get a scale, and how fine it is (all folded into the output projection).
-SCALES = {
-    "heads": "one scale per top-K head (the paper)",
-    "all-heads": "one scale per head, every head, pulled towards 1 by --penalty",
-    "channels": "one scale per channel of every head (head x head_dim), pulled towards 1 by --penalty",
-}
-
-
-# ---------------------------------------------------------------------------- settings
-@dataclass
-class FitSettings:
-    """Everything that decides the learned coefficients (and a few things that do not)."""
-
-    steps: int = 60  # optimiser steps (the paper's released checkpoint: step 60)
-    batch: int = 20  # proxy sequences per step
-    length: int = 50  # n: tokens per copy (sequence = [BOS] x1..xn x1..xn)
-    lr: float = 5e-3
-    warmup: int | None = None  # linear warm-up steps; None: 10 % of steps, at least 1
-    weight_decay: float = 0.0  # AdamW decay would pull every α towards 0, i.e. bias the fit
-    bounds: str = DEFAULT_BOUNDS
-    seed: int = 0
-    eval_batch: int = 20  # held-out proxy sequences for before/after metrics
-    objective: str = "copy"  # what the scales learn (`pear.objectives`)
-    objective_options: dict = field(default_factory=dict)  # KEY=VALUE options of the objective
-    scales: str = "heads"  # parameterisation (SCALES)
-    penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
-    # below: do not change the result (beyond rounding), may differ between resumed runs
-    micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
-    grad_checkpointing: bool = False
-    checkpoint_every: int = 10
-
-    RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
-                     "objective", "objective_options", "scales", "penalty")
-
-    def __post_init__(self):
-        if self.bounds not in BOUNDS:
-            raise PearError(f"unknown bounds '{self.bounds}'; use one of {', '.join(BOUNDS)}")
-        for name in ("steps", "batch", "eval_batch", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
-                raise PearError(f"fit setting {name} must be >= 1, got {getattr(self, name)}")
-        if self.length < 2:
-            raise PearError(f"proxy length must be >= 2, got {self.length}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise PearError(f"learning rate must be a positive number, got {self.lr}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise PearError(f"micro batch must be >= 1, got {self.micro_batch}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise PearError(f"warm-up steps must be in 0..{self.steps}, got {self.warmup}")
-        if self.scales not in SCALES:
-            raise PearError(f"unknown scales '{self.scales}'; use one of {', '.join(SCALES)}")
-        if not (math.isfinite(self.penalty) and self.penalty >= 0):
-            raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
-        obj = self.make_objective()  # unknown objective or option: fail now, before any model work
-        # options as the objective reads them (the command line gives strings): one fingerprint per fit
-        self.objective_options = {k: obj.options[k] for k in self.objective_options}
-
-    def make_objective(self, data_dir=None):
-        """The objective these settings train (the copy proxy's n is `length`)."""
-        from .objectives import get_objective
-
-        opts = dict(self.objective_options)
-        if self.objective == "copy":
-            opts.setdefault("length", self.length)
-        return get_objective(self.objective, opts, data_dir)
-
-    @property
-    def channels(self) -> bool:
-        return self.scales == "channels"
-
-    @property
-    def all_heads(self) -> bool:
-        return self.scales != "heads"
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, round(0.1 * self.steps)) if self.warmup is None else int(self.warmup)
-
-    def as_dict(self) -> dict:
-        """The fields, with `warmup` resolved to a number of steps."""
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "warmup": self.warmup_steps}
-
-    def result_key(self) -> dict:
-        return {k: getattr(self, k) for k in self.RESULT_FIELDS} | {"warmup": self.warmup_steps}
-
-
-def train_seed(seed: int, step: int) -> int:
-    """Seed of the training batch at `step`: independent streams per (seed, step)."""
-    return int(np.random.SeedSequence([seed, step, 0]).generate_state(1)[0])
-
-
-def heldout_seed(seed: int) -> int:
-    """Seed of the fixed held-out batch: a stream no training step uses (tag 1)."""
-    return int(np.random.SeedSequence([seed, 0, 1]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------- proxy metrics
-def _supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def scored_logits(model, batch: ProxyBatch) -> torch.Tensor:
-    """Logits at the scored positions only. (N, n-1, V)
-
-    The LM head is a large share of a small model's compute; scored positions are under
-    half the sequence, so only those go through it (`logits_to_keep` with indices).
-    """
-    pos = batch.pred_positions  # contiguous: x1..x(n-1) of the second copy
-    if _supports_logits_to_keep(model):
-        # an int (keep the last T - pos[0] positions), not an index tensor: accelerate's
-        # device_map hooks move tensor arguments to the first GPU, the hidden states live on the last
-        keep = batch.input_ids.shape[1] - int(pos[0])
-        # hidden[:, -keep:] is not contiguous; when it requires grad, torch.matmul then does not
-        # fold it into one matrix product but broadcasts the LM head weight over the batch (a
-        # batch x vocab x d copy: ~40 % of a training step on SmolLM2). Make it contiguous first.
-        head = model.get_output_embeddings()
-        handle = None if head is None else head.register_forward_pre_hook(
-            lambda m, args: (args[0].contiguous(), *args[1:]))
-        try:
-            return model(batch.input_ids, use_cache=False, logits_to_keep=keep).logits[:, : len(pos)]
-        finally:
-            if handle is not None:
-                handle.remove()
-    return model(batch.input_ids, use_cache=False).logits[:, pos]
-
-
-def _nll(logits: torch.Tensor, batch: ProxyBatch) -> torch.Tensor:
-    """Per-position cross-entropy in fp32. (N, n-1, V) -> (N, n-1)"""
-    lp = logits.float().log_softmax(-1)
-    return -lp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-
-
-CPU_TOKENS_PER_FORWARD = 1024
-GPU_TOKENS_PER_FORWARD = 8192
-
-
-def default_micro_batch(model, length: int, tokens: int | None = None) -> int | None:
-    """Sequences per forward pass when none is given: on CPU about 1,000 tokens (10 sequences
-    at n = 50), which keeps activations in cache: a training step of 20 sequences on
-    SmolLM2-135M (bf16, 2 cores) takes ~15 % less time as 2 x 10 than as 1 x 20. On GPUs the
-    whole copy-proxy batch; long sequences (`tokens` each) in micro-batches of ~8k tokens,
-    which bounds the activations kept for the backward pass. Same gradient either way
-    (accumulated, weighted by micro-batch size)."""
-    per_seq = tokens or (2 * length + 1)
-    if next(model.parameters()).device.type != "cpu":
-        return None if tokens is None else max(1, GPU_TOKENS_PER_FORWARD // per_seq)
-    return max(1, CPU_TOKENS_PER_FORWARD // per_seq)
+from .folding import HeadKey, HeadScaling, coefficients_json
+from .proxy import (  # noqa: F401
+    ProxyBatch,
+    _nll,
+    default_micro_batch,
+    make_model_batch,
+    proxy_metrics,
+    scored_logits,
+)
+from .settings import (  # noqa: F401
+    BOUNDS,
+    DEFAULT_BOUNDS,
+    SCALES,
+    Bounds,
+    FitSettings,
+    heldout_seed,
+    train_seed,
+)
 
 
 @contextlib.contextmanager
@@ -232,23 +89,6 @@ def cpu_attention(model):
             model.set_attn_implementation(impl)
 
 
-def _chunks(batch: ProxyBatch, micro: int | None) -> list[ProxyBatch]:
-    ids = batch.input_ids
-    size = micro or len(ids)
-    return [ProxyBatch(c, batch.n, batch.offset) for c in ids.split(size)]
-
-
-@torch.no_grad()
-def proxy_metrics(model, batch: ProxyBatch, micro_batch: int | None = None) -> dict[str, float]:
-    """Held-out proxy loss (cross-entropy, second copy) and copy accuracy (argmax)."""
-    micro_batch = micro_batch or default_micro_batch(model, batch.n)
-    nll, correct, count = 0.0, 0.0, 0
-    for b in _chunks(batch, micro_batch):
-        logits = scored_logits(model, b)
-        nll += float(_nll(logits, b).sum())
-        correct += float((logits.argmax(-1) == b.targets).sum())
-        count += b.targets.numel()
-    return {"proxy_loss": nll / count, "copy_accuracy": correct / count}
 
 
 def heldout_batch(model, tokenizer, settings: FitSettings) -> ProxyBatch:
@@ -373,12 +213,6 @@ def grad_checkpointing(model, enabled: bool):
         disable()
 
 
-def _project(alpha: torch.Tensor, bounds: str) -> None:
-    lo, hi = BOUNDS[bounds]
-    if lo is not None or hi is not None:
-        alpha.data.clamp_(min=lo, max=hi)
-
-
 def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None = None, *,
         checkpoint: str | Path | None = None, restart: bool = False, max_steps_this_run: int | None = None,
         progress: bool = True, model_spec: str | None = None, scores: Mapping[HeadKey, float] | None = None,
@@ -464,7 +298,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
-                    _project(alpha, settings.bounds)
+                    BOUNDS[settings.bounds].project(alpha)
                     if not torch.isfinite(alpha).all():
                         bad = [f"L{l}H{h}" for (l, h), a in zip(hs.heads, alpha.tolist()) if not math.isfinite(a)]
                         raise PearError(f"fit stopped at step {step + 1}: coefficient(s) {', '.join(bad)} "

@@ -124,8 +124,8 @@ class _Stages:
 
 
 def run(model: str | None = None, out: str | Path | None = None, *, k: int | str | None = None, method: str = "fast",
-        bounds: str | None = None, settings: FitSettings | None = None, recipe: str | None = None,
-        discovery_settings=None, top_m: int | None = None, seed: int | None = None, dtype: str = "auto",
+        settings: FitSettings | None = None, recipe: str | None = None,
+        discovery_settings=None, top_m: int | None = None, dtype: str = "auto",
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
         progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
         **fit_overrides) -> RunResult:
@@ -134,15 +134,16 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
     "auto" (default: the recipe's). method: discovery "fast" or "exact". recipe: a name in
-    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None; settings /
-    fit_overrides: `FitSettings` (e.g. ``steps=60, batch=20, lr=5e-3``); bounds and seed, when
-    given, override those in settings. With scales "all-heads" or "channels" every head is
-    scaled and discovery is skipped (its scores choose nothing).
+    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None. The fit is
+    described once: either `settings` (a `FitSettings`, taken as it is) or keywords of
+    `FitSettings` on top of the recipe (e.g. ``steps=60, batch=20, lr=5e-3, bounds="unit",
+    seed=1``); both at once is an error, so nothing overrides the settings object silently.
+    With scales "all-heads" or "channels" every head is scaled and discovery is skipped (its
+    scores choose nothing).
     discovery_settings: proxy (N, n) settings for discovery (default: the paper's four);
     format: what `model/` holds: "hf" (a HF folder), "gguf" (the base GGUF re-weighted; needs a GGUF
     base) or "peft" (an IA3 adapter).
-    top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); for k="auto", 32,
-    the largest K it can choose; on CPU first 16, then 32 only if K auto picks a head past them).
+    top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
     """
     from .recipes import get_recipe
 
@@ -165,8 +166,10 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     if top_m is not None and top_m < 1:
         raise PearError(f"--top-m must be >= 1, got {top_m}")
     check_k(model, k, top_m=top_m)
-    given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
-    fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
+    if settings is not None and fit_overrides:
+        raise PearError(f"pear.run: pass the fit either as settings=FitSettings(...) or as keywords "
+                        f"({', '.join(sorted(fit_overrides))}), not both")
+    fs = settings if settings is not None else dataclasses.replace(FitSettings(**rec.fit), **fit_overrides)
     seed = fs.seed
     fs.make_objective(data_dir).check_data()
     cdtype = parse_dtype(compute_dtype(dtype, device))

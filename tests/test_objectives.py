@@ -217,3 +217,6 @@ def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
         P.run(str(folder), tmp_path / "out", settings=FitSettings(bounds="unit", seed=3, scales="all-heads"),
               progress=False, dtype="fp32")
     assert (seen["fs"].bounds, seen["fs"].seed, seen["fs"].scales) == ("unit", 3, "all-heads")
+    with pytest.raises(PearError, match="not both"):  # a keyword would override the object: refused, not silent
+        P.run(str(folder), tmp_path / "out2", settings=FitSettings(bounds="unit"), bounds="nonneg", progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -25,7 +25,7 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                    + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
     add_k_arg(p, "the recipe's (auto)")
     p.add_argument("--bounds", default=None, choices=list(BOUNDS),
-                   help="coefficient range: none (unbounded), nonneg [0, inf) (default, provisional), unit [0, 1]")
+                   help="coefficient range: " + ", ".join(f"{b.name} {b.help}" for b in BOUNDS.values()))
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
     p.add_argument("--batch", type=int, default=None, help=f"proxy sequences per step (default {d.batch})")
     p.add_argument("--length", type=int, default=None, help=f"tokens per copy, n (default {d.length})")
