@@ -9,7 +9,7 @@ from ..errors import PearError
 
 
 def add_cli(sub) -> None:
-    from .. import bench
+    from ..bench import inference
     from ..bench import VARIANTS
     from . import add_model_args
 
@@ -19,7 +19,7 @@ def add_cli(sub) -> None:
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     bsub.required = True
     o = bsub.add_parser("overhead", help="prefill/decode tokens/s and peak memory, as ratios to the base model",
-                        description=bench.__doc__.split("\n\n")[1])
+                        description=inference.__doc__.split("\n\n")[1])
     add_model_args(o)
     o.add_argument("--pear", required=True, metavar="DIR", help="PEAR-folded checkpoint folder")
     o.add_argument("--context", type=int, default=2048, help="prompt tokens to prefill (default 2048)")
