@@ -151,7 +151,7 @@ class _Resume:
     def save(self, force: bool = False) -> None:
         if self.path is None or not (force or time.perf_counter() - self.t >= self.every):
             return
-        from .atomic import open_atomic
+        from ..atomic import open_atomic
 
         with open_atomic(self.path, "wb") as f:
             torch.save({"key": self.key, "scores": self.scores.clone(), "fe": self.fe,

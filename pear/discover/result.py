@@ -72,7 +72,7 @@ class DiscoveryResult:
         path = Path(path)
         write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         if plot:
-            from .plots import heatmap
+            from ..plots import heatmap
 
             title = f"Δπ when mean-ablated ({self.method}; {self.model_spec or 'model'}); top {self.k} outlined"
             heatmap(self.scores, self.top(), path.with_suffix(".png"), title=title)
