@@ -62,7 +62,8 @@ def timed(fn):
 def fp32_check(args, settings, n: int) -> dict:
     """Exact scores of the bf16 exact top-n heads recomputed with the fp32 model: how much
     does running discovery in bf16 move the scores? Added to an existing results file."""
-    from pear.discover import _exact, clean_pass, proxy_batches
+    from pear.discover import clean_pass, proxy_batches
+    from pear.discover.exact import _exact
 
     out = Path(args.out)
     result = json.loads(out.read_text())

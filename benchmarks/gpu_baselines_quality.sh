@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quality of PEAR vs the inference-time baselines (issue 5), on one GPU.
+# Quality of PEAR vs the inference-time baselines, on one GPU.
 #
 #   benchmarks/gpu_baselines_quality.sh MODEL PEAR_DIR [OUT_DIR] [LIMIT]
 #   benchmarks/gpu_baselines_quality.sh smollm2-135m runs/smollm2/model benchmarks/results

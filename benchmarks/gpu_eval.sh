@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full-data evaluation numbers of issue 4, on one GPU (H100/H200), for the lead to run.
+# Full-data evaluation on a GPU machine (1 x H100 or H200): every model on every task, every example.
 #
 #   bash benchmarks/gpu_eval.sh OUTDIR SPEC [SPEC ...]
 #   e.g. bash benchmarks/gpu_eval.sh results/eval-full /models/smollm2-135m /models/qwen2.5-coder-0.5b

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Inference overhead of PEAR vs Ms-PoE vs Attention Buckets on one GPU at 4k context (issue 5).
+# Inference overhead of PEAR vs Ms-PoE vs Attention Buckets on one GPU at 4k context.
 #
 #   benchmarks/gpu_overhead.sh [MODEL] [PEAR_DIR] [OUT_DIR]
 #   benchmarks/gpu_overhead.sh smollm2-135m runs/smollm2/model benchmarks/results

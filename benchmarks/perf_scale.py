@@ -37,7 +37,7 @@ import shapes  # noqa: E402
 
 import pear  # noqa: E402
 from pear.atomic import write_text  # noqa: E402
-from pear.scaling import fold, unfold  # noqa: E402
+from pear.folding import fold, unfold  # noqa: E402
 
 
 def sync(device):

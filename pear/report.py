@@ -12,9 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import savefig, write_text
-from .fit import BOUNDS, DEFAULT_BOUNDS
-
-BOUND_TEXT = {"none": "unbounded", "nonneg": "[0, ∞)", "unit": "[0, 1]"}
+from .settings import BOUNDS, DEFAULT_BOUNDS
 
 
 def effect(alpha: float) -> str:
@@ -129,7 +127,6 @@ def render(r) -> str:
     fs = r.settings["fit"]
     b, a = r.before, r.after
     sb, sf = r.saved["base"], r.saved["folded"]
-    lo, hi = BOUNDS[fs["bounds"]]
     n_flipped = sum(1 for h in r.heads if h["coefficient"] < 0)
     shown = r.heads if r.discovery else sorted(r.heads, key=lambda h: -abs(h["coefficient"] - 1))[:MAX_BARS]
     rows = "\n".join(
@@ -147,7 +144,7 @@ def render(r) -> str:
                   f"the line from the largest to the smallest positive score), clamped to {ks['clamp'][0]}..{ks['clamp'][1]}. "
                   f"Sorted positive Δπ (top 16, %): "
                   + ", ".join(f"{100 * v:.2f}" for v in ks["sorted_positive_scores"][:16]) + ".")
-    bounds_note = (f"Coefficient range `--bounds {fs['bounds']}` ({BOUND_TEXT[fs['bounds']]}), enforced by projection "
+    bounds_note = (f"Coefficient range `--bounds {fs['bounds']}` ({BOUNDS[fs['bounds']].text}), enforced by projection "
                    "after every optimiser step.")
     if fs["bounds"] == DEFAULT_BOUNDS:
         bounds_note += (" This is the default, provisionally: unbounded fits flipped heads (α < 0) on SmolLM2 "
@@ -244,7 +241,7 @@ def write_report(r, folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     figs = {
         "coefficients": plot_coefficients(r.heads, folder / "coefficients.png",
-                                          title=f"{r.model}: learned coefficients ({BOUND_TEXT[r.settings['fit']['bounds']]})"),
+                                          title=f"{r.model}: learned coefficients ({BOUNDS[r.settings['fit']['bounds']].text})"),
         "fit_loss": plot_losses(r.losses, r.before, r.after, folder / "fit_loss.png", title=f"{r.model}: fit"),
     }
     write_text(folder / "report.md", render(r))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pear.bench  # noqa: F401  (imported before load_model is patched: they bind it by name)
-import pear.checkpoint  # noqa: F401
+import pear.folding.checkpoint  # noqa: F401
 import pear.evaluate.runner  # noqa: F401
 import pear.inspect  # noqa: F401
 import pear.pipeline  # noqa: F401
@@ -136,7 +136,7 @@ def _no_loading(monkeypatch):
     def no_load(*a, **k):
         raise Loaded
 
-    for mod in ("pear.loading", "pear.evaluate.runner", "pear.bench", "pear.inspect", "pear.checkpoint",
+    for mod in ("pear.loading", "pear.evaluate.runner", "pear.bench", "pear.inspect", "pear.folding.checkpoint",
                 "pear.pipeline"):
         if hasattr(sys.modules[mod], "load_model"):
             monkeypatch.setattr(sys.modules[mod], "load_model", no_load)
@@ -174,12 +174,12 @@ def test_no_traceback_but_with_verbose(ws, capsys):
 def test_os_error_is_one_line_with_the_path(ws, capsys, monkeypatch):
     """An environment error deep inside a command (here: the disk is full while reading the
     heads file) is one line naming the file, exit 2."""
-    import pear.fit
+    import pear.heads
 
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(ws / "heads.json"))
 
-    monkeypatch.setattr(pear.fit, "select_heads", full)
+    monkeypatch.setattr(pear.heads, "select_heads", full)
     assert main(_template("fit", ws, str(ws / "o-os.json"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pear: error: No space left on device: {ws / 'heads.json'}"]

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pear
-from pear.checkpoint import fold_and_save
+from pear.folding import fold_and_save
 from pear.families import FAMILIES
 from pear.loading import LoadedModel, ModelSpec
-from pear.scaling import HeadScaling, fold, unfold
+from pear.folding import HeadScaling, fold, unfold
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
 COEFS = {(0, 1): 0.25, (1, 0): -0.5, (1, 3): 1.7}

@@ -12,6 +12,7 @@ import torch
 
 import pear
 import pear.atomic
+import pear.folding
 from pear.cli import main
 from pear.loading import resolve_spec
 from tiny_models import tiny_model
@@ -29,7 +30,7 @@ def test_real_default_model_fold_save_reload_without_pear(tmp_path, smollm2):
     spec_folder = Path(resolve_spec("smollm2-135m").path)
     before = _digest(spec_folder)
     coefs_file = tmp_path / "c.json"
-    coefs_file.write_text(json.dumps(pear.scaling.coefficients_json(KNOWN)))
+    coefs_file.write_text(json.dumps(pear.folding.coefficients_json(KNOWN)))
     out = tmp_path / "folded"
     assert main(["fold", "--model", "smollm2-135m", "--dtype", "fp32", "--device", "cpu",
                  "--coefficients", str(coefs_file), "--out", str(out)]) == 0

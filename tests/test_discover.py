@@ -229,11 +229,12 @@ def test_real_fast_candidates_contain_exact_top5(smollm2_fast):
 def test_exact_scores_survive_out_of_memory_by_splitting(monkeypatch):
     """A re-run that runs out of GPU memory is split into halves; the scores do not change."""
     import pear.discover as D
+    import pear.discover.exact as DX  # where the re-runs look ablate_heads up
     from tiny_models import tiny_model
 
     model = tiny_model("llama")
     ref = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
-    real, sizes, failed = D.ablate_heads, [], []
+    real, sizes, failed = DX.ablate_heads, [], []
 
     def small_gpu(model, clean, layer, heads, arch=None, expand=None):
         sizes.append(len(heads))
@@ -245,7 +246,7 @@ def test_exact_scores_survive_out_of_memory_by_splitting(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, clean, layer, heads, arch, expand)
 
-    monkeypatch.setattr(D, "ablate_heads", small_gpu)
+    monkeypatch.setattr(DX, "ablate_heads", small_gpu)
     got = D.discover(model, None, settings="4x6", method="exact", batch_heads=4, progress=False).scores
     assert sizes[:3] == [4, 2, 1]
     assert sizes.count(4) == 1 and sizes.count(2) == 1  # the halved batch is kept, not re-tried per layer
@@ -272,13 +273,14 @@ def test_interrupted_discovery_resumes_to_the_same_scores(tmp_path, monkeypatch)
     """Ctrl-C during the exact re-runs keeps their state; the same call then skips what is done
     and ends with the scores of an uninterrupted run (and removes its checkpoint)."""
     import pear.discover as D
+    import pear.discover.exact as DX  # where the re-runs look ablate_heads up
     from tiny_models import tiny_model
 
     model = tiny_model("llama")
     kw = dict(settings=[(4, 8), (4, 6)], method="exact", seed=0, batch_heads=1, progress=False)
     full = D.discover(model, None, **kw).scores
     ckpt = tmp_path / "heads.json.ckpt"
-    real, calls = D.ablate_heads, []
+    real, calls = DX.ablate_heads, []
 
     def interrupt(*a, **k):
         calls.append(1)
@@ -286,11 +288,11 @@ def test_interrupted_discovery_resumes_to_the_same_scores(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "ablate_heads", interrupt)
+    monkeypatch.setattr(DX, "ablate_heads", interrupt)
     with pytest.raises(KeyboardInterrupt):
         D.discover(model, None, checkpoint=ckpt, **kw)
     assert ckpt.is_file()
-    monkeypatch.setattr(D, "ablate_heads", lambda *a, **k: calls.append(2) or real(*a, **k))
+    monkeypatch.setattr(DX, "ablate_heads", lambda *a, **k: calls.append(2) or real(*a, **k))
     resumed = D.discover(model, None, checkpoint=ckpt, **kw)
     assert calls.count(2) == 16 - 6  # 2 settings x 8 heads, 6 done before the interruption
     assert torch.equal(resumed.scores, full) and not ckpt.exists()
@@ -301,6 +303,7 @@ def test_interrupted_discovery_resumes_to_the_same_scores(tmp_path, monkeypatch)
 
 def test_cli_discover_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
     import pear.discover as D
+    import pear.discover.exact as DX  # where the re-runs look ablate_heads up
     from tiny_models import tiny_model
 
     folder = tmp_path / "tiny"
@@ -308,11 +311,11 @@ def test_cli_discover_resumes_after_ctrl_c(tmp_path, monkeypatch, capsys):
     out = tmp_path / "heads.json"
     args = ["discover", "--model", str(folder), "--out", str(out), "--method", "exact", "--settings", "4x8",
             "--batch-heads", "1", "--dtype", "fp32", "--no-progress"]
-    real, calls = D.ablate_heads, []
-    monkeypatch.setattr(D, "ablate_heads", lambda *a, **k: calls.append(1) or (
+    real, calls = DX.ablate_heads, []
+    monkeypatch.setattr(DX, "ablate_heads", lambda *a, **k: calls.append(1) or (
         (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) == 4 else real(*a, **k)))
     assert main(args) == 130
     assert not out.exists() and (tmp_path / "heads.json.ckpt").is_file()
-    monkeypatch.setattr(D, "ablate_heads", real)
+    monkeypatch.setattr(DX, "ablate_heads", real)
     assert main(args) == 0 and out.is_file() and not (tmp_path / "heads.json.ckpt").exists()
     assert "resuming discovery" in capsys.readouterr().err

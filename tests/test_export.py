@@ -15,7 +15,7 @@ from pear.errors import PearError
 from pear.export import gguf_file
 from pear.export.scales import ChannelScaling, channel_scales, check_channel_scales
 from pear.families import resolve
-from pear.scaling import HeadScaling, fold
+from pear.folding import HeadScaling, fold
 from tiny_models import tiny_model
 
 COEFS = {(0, 1): 0.5, (1, 3): -0.7, (1, 0): 1.3}
@@ -106,7 +106,7 @@ def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_fold
 
 
 def test_peft_adapter_card_names_the_hub_base(tmp_path, monkeypatch, tiny_folder):
-    from pear import checkpoint
+    from pear.folding import checkpoint
 
     d = tiny_folder()
     monkeypatch.setitem(checkpoint.HUB_IDS, str(d), "owner/tiny-llama")

@@ -14,8 +14,9 @@ import pear.fit as F
 from pear.cli import main
 from pear.discover import DiscoveryResult
 from pear.errors import PearError
-from pear.fit import FitSettings, choose_k, fit, select_heads
-from pear.scaling import read_coefficients
+from pear.fit import FitSettings, fit
+from pear.heads import choose_k, select_heads
+from pear.folding import read_coefficients
 from tiny_models import tiny_model
 
 HEADS = [(1, 0), (0, 3), (1, 2), (0, 1)]

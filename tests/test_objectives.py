@@ -1,4 +1,4 @@
-"""Objectives for the coefficients and the parameterisations (pear/objectives, pear/scaling).
+"""Objectives for the coefficients and the parameterisations (pear/objectives, pear/folding).
 
 Batches are seeded, put the answer where their metadata says, and read no evaluation file;
 every parameterisation folds exactly; a short fit with each objective lowers its own loss.
@@ -12,10 +12,11 @@ import torch
 import pear.evaluate.data as data
 from pear.cli import main
 from pear.errors import PearError
-from pear.fit import FitSettings, all_heads, fit
+from pear.fit import FitSettings, fit
+from pear.heads import all_heads
 from pear.objectives import OBJECTIVES, get_objective, squad
 from pear.recipes import RECIPES
-from pear.scaling import HeadScaling, fold, read_coefficients, unfold
+from pear.folding import HeadScaling, fold, read_coefficients, unfold
 from tiny_models import tiny_model
 
 SMALL = {"long-copy": {"context": 96, "span": 12}, "retrieval": {"documents": 3, "words": 30},
@@ -239,3 +240,6 @@ def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
         P.run(str(folder), tmp_path / "out", settings=FitSettings(bounds="unit", seed=3, scales="all-heads"),
               progress=False, dtype="fp32")
     assert (seen["fs"].bounds, seen["fs"].seed, seen["fs"].scales) == ("unit", 3, "all-heads")
+    with pytest.raises(PearError, match="not both"):  # a keyword would override the object: refused, not silent
+        P.run(str(folder), tmp_path / "out2", settings=FitSettings(bounds="unit"), bounds="nonneg", progress=False)
+    assert not (tmp_path / "out2").exists()

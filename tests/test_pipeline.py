@@ -9,7 +9,7 @@ import pear
 from pear.cli import main
 from pear.errors import PearError
 from pear.proxy import copy_loss, make_batch
-from pear.scaling import read_coefficients
+from pear.folding import read_coefficients
 from tiny_models import tiny_model
 
 FILES = ["model", "heads.json", "heads.png", "coefficients.json", "coefficients.png", "fit_loss.png", "report.md"]
@@ -130,7 +130,7 @@ def test_cpu_k_auto_rescores_exactly_every_head_it_picks(tiny_folder, tmp_path, 
     """On CPU, --k auto re-scores the top 16 exactly first and the top 32 only when the chosen K
     reaches past them: either way every chosen head has an exact score."""
     import pear.discover as disc_mod
-    import pear.fit as fit_mod
+    import pear.heads as heads_mod
     import pear.pipeline as pipe
 
     calls, chosen = [], {}
@@ -156,7 +156,7 @@ def test_cpu_k_auto_rescores_exactly_every_head_it_picks(tiny_folder, tmp_path, 
 
     monkeypatch.setattr(disc_mod, "discover", fake_discover)
     monkeypatch.setattr(pipe, "fit", stop)
-    monkeypatch.setattr(fit_mod, "K_AUTO_RANGE", (4, 32))
+    monkeypatch.setattr(heads_mod, "K_AUTO_RANGE", (4, 32))
     with pytest.raises(_StopAfterDiscovery):
         pear.run(str(tiny_folder), tmp_path / "run", k="auto", method="fast", progress=False)
     assert calls == ([16, 32] if knee_past_16 else [16])

@@ -14,11 +14,11 @@ from typing import Mapping
 
 import torch
 
-from ..checkpoint import HUB_IDS, AtomicDir, check_out_dir, verification_input
+from ..folding.checkpoint import HUB_IDS, AtomicDir, check_out_dir, verification_input
 from ..errors import PearError
 from ..families import resolve
 from ..loading import LoadedModel, resolve_spec
-from ..scaling import HeadKey, check_coefficients, coefficients_json
+from ..folding.coefficients import HeadKey, check_coefficients, coefficients_json
 from . import gguf_file, peft_adapter
 from .card import model_card
 from .scales import FORMATS, channel_scales, check_channel_scales, scales_json
@@ -118,7 +118,7 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
 
 def fold_to_format(args, coefs: Mapping[HeadKey, float]) -> int:
     """`pear fold --format gguf|peft`: load, (fold and check,) save, print one line."""
-    from ..checkpoint import verify_fold
+    from ..folding import verify_fold
     from ..loading import load_model
 
     check_format(args.format, args.model)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import PearError
 from ..families import Arch, resolve
-from ..scaling import HeadKey, check_coefficients
+from ..folding.coefficients import HeadKey, check_coefficients
 
 FORMATS = ("hf", "gguf", "peft")  # --format of `pear fold` and `pear run`
 
@@ -105,6 +105,6 @@ def snapshot_out_projs(model: nn.Module):
 
 
 def relative_tolerance(dtype: torch.dtype) -> float:
-    from ..checkpoint import RELATIVE_TOLERANCE
+    from ..folding import RELATIVE_TOLERANCE
 
     return RELATIVE_TOLERANCE.get(dtype, 1e-4)

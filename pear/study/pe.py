@@ -56,7 +56,8 @@ def parse_run_options(items: list[str] | None) -> dict:
 
 def _check_run_options(opts: dict) -> None:
     """The values pear.run would refuse, refused now (before hours of training)."""
-    from ..fit import FitSettings, parse_k
+    from ..fit import FitSettings
+    from ..heads import parse_k
     from ..loading import parse_dtype
     from ..proxy import parse_settings
 

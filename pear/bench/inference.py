@@ -11,101 +11,31 @@ contract the evaluation harness uses. Reported per variant: median prefill token
 tokens/s and peak memory, and the median over trials of the paired ratio to the base model in
 the same round (a ratio of medians would let drift between rounds leak in).
 
-Peak memory is what a process holding only that variant's model would reach: its weights and
-buffers plus the extra memory the trial needed above what was allocated before it.
-- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (exact).
-- CPU: peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``),
-  after returning freed heap pages to the OS (``malloc_trim``). The allocator reuses pages
-  between trials, so small CPU differences are noise; use the CUDA figures for conclusions.
+Peak memory: `pear.bench.memory`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import write_text
-from .errors import PearError
+from ..atomic import write_text
+from ..errors import PearError
+from ..evaluate.generate import context_window  # one reading of a config's window, for eval and bench
+from .memory import PeakMemory, _model_bytes, memory_method
 
 VARIANTS = ("base", "pear", "ms-poe", "attention-buckets", "moice")
 # variant name -> (registry variant, which model it runs on)
 _RUNS = {"base": ("none", "base"), "pear": ("none", "pear"), "ms-poe": ("ms-poe", "base"),
          "attention-buckets": ("attention-buckets", "base"), "moice": ("moice", "base")}
 METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")
-
-
-# ---------------------------------------------------------------------------- memory
-def _model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM")
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def memory_method(device: str) -> str:
-    if device.startswith("cuda"):
-        return "cuda_max_memory_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _hwm_bytes()
-        return "cpu_peak_rss"
-    except OSError:
-        return "none"
-
-
-class PeakMemory:
-    """Context manager: `.extra` = peak bytes above what was in use when it was entered."""
-
-    def __init__(self, method: str, device: str):
-        self.method, self.device, self.extra = method, device, None
-
-    def __enter__(self):
-        if self.method == "cuda_max_memory_allocated":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-        elif self.method == "cpu_peak_rss":
-            gc.collect()
-            _malloc_trim()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.before = _rss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        if self.method == "cuda_max_memory_allocated":
-            torch.cuda.synchronize(self.device)
-            self.extra = torch.cuda.max_memory_allocated(self.device) - self.before
-        elif self.method == "cpu_peak_rss":
-            self.extra = max(0, _hwm_bytes() - self.before)
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -152,7 +82,7 @@ def run_trial(lm, ids: torch.Tensor, new_tokens: int, device: str, mem_method: s
 # ---------------------------------------------------------------------------- the benchmark
 def check_same_architecture(base, folded, pear_dir) -> dict:
     """The PEAR checkpoint must be the base architecture exactly: same modules, same parameters."""
-    from .loading import count_parameters
+    from ..loading import count_parameters
 
     mods_b = [(n, type(m).__name__) for n, m in base.named_modules()]
     mods_p = [(n, type(m).__name__) for n, m in folded.named_modules()]
@@ -177,8 +107,8 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
              warmup: int = 1, batch: int = 1, variants=VARIANTS, dtype: str = "auto", device: str = "auto",
              seed: int = 0, variant_options: dict | None = None, progress=None) -> dict:
     """Run the interleaved benchmark; returns the result dict (see module docstring)."""
-    from .baselines import get_variant
-    from .loading import load_model, parse_device
+    from ..baselines import get_variant
+    from ..loading import load_model, parse_device
 
     variants = list(variants)
     unknown = [v for v in variants if v not in _RUNS]
@@ -192,14 +122,13 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         raise PearError(f"--pear {pear}: not a model folder (no config.json)")
     dev = parse_device(device)
     base = load_model(model, dtype=dtype, device=dev)
-    window = _context_window(base.model)
+    window = context_window(base.model)
     if window is not None and context + new_tokens > window:
         raise PearError(f"--context {context} + --new-tokens {new_tokens} exceeds this model's context window {window}")
     models = {"base": base}
     arch_check = None
     if "pear" in variants:
-        models["pear"] = load_model(pear, dtype=str(next(base.model.parameters()).dtype).replace("torch.", "")
-                                    if dtype == "auto" else dtype, device=dev)
+        models["pear"] = load_model(pear, dtype=next(base.model.parameters()).dtype if dtype == "auto" else dtype, device=dev)
         arch_check = check_same_architecture(base.model, models["pear"].model, pear)
     mem_method = memory_method(dev)
     vocab = base.model.get_input_embeddings().weight.shape[0]
@@ -255,8 +184,9 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
                 paired = [a / b for a, b in zip(results[v][m]["trials"], results["base"][m]["trials"])]
                 ratio[m] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
             results[v]["ratio_to_base"] = ratio
-    from . import __version__
     import transformers
+
+    from .. import __version__
 
     return {
         "benchmark": "overhead",
@@ -274,15 +204,6 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         "not_applicable": skipped,
         "variants": results,
     }
-
-
-def _context_window(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _hardware(dev: str) -> dict:
@@ -313,58 +234,3 @@ def format_table(res: dict) -> str:
 
 def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("bench", help="benchmarks (overhead of PEAR vs inference-time baselines)",
-                       description="Benchmarks. `pear bench overhead`: speed and memory of base, PEAR-folded, "
-                       "Ms-PoE and Attention Buckets, interleaved in one run.")
-    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    bsub.required = True
-    o = bsub.add_parser("overhead", help="prefill/decode tokens/s and peak memory, as ratios to the base model",
-                        description=__doc__.split("\n\n")[1])
-    add_model_args(o)
-    o.add_argument("--pear", required=True, metavar="DIR", help="PEAR-folded checkpoint folder")
-    o.add_argument("--context", type=int, default=2048, help="prompt tokens to prefill (default 2048)")
-    o.add_argument("--new-tokens", type=int, default=64, help="greedy decoding steps (default 64)")
-    o.add_argument("--trials", type=int, default=5, help="timed rounds over all variants (default 5)")
-    o.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    o.add_argument("--batch", type=int, default=1, help="rows per forward (default 1)")
-    o.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)})")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--moice-routers", default="init", metavar="DIR",
-                   help="MoICE routers (pear baseline train moice); default: untrained, same cost")
-    o.add_argument("--out", required=True, metavar="FILE.json")
-    o.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    o.set_defaults(func=_cli_overhead)
-
-
-def _cli_overhead(args: argparse.Namespace) -> int:
-    if args.device_map is not None:
-        raise PearError("pear bench overhead runs on one device; --device-map is not supported")
-    from .hardware import announce
-    from .loading import resolve_spec
-    from .preflight import check_out_file
-
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    check_out_file(args.out, args.force, example="bench.json")
-    if min(args.context, args.new_tokens, args.trials, args.batch) < 1 or args.warmup < 0:
-        raise PearError("--context, --new-tokens, --trials and --batch must be >= 1 (--warmup >= 0)")
-    resolve_spec(args.model)
-    resolve_spec(args.pear)
-    dtype = announce(args.device, args.dtype).dtype
-
-    def progress(r, v, t):
-        tag = "warmup" if r < args.warmup else f"trial {r - args.warmup + 1}/{args.trials}"
-        print(f"  {tag:<12} {v:<18} prefill {t.prefill_s:7.3f} s  decode {t.decode_s:7.3f} s", file=sys.stderr)
-
-    res = overhead(args.model, args.pear, context=args.context, new_tokens=args.new_tokens, trials=args.trials,
-                   warmup=args.warmup, batch=args.batch, variants=variants, dtype=dtype, device=args.device,
-                   seed=args.seed, variant_options={"moice": {"routers": args.moice_routers}}, progress=progress)
-    res["cli_args"] = {k: v for k, v in vars(args).items() if k != "func"}
-    print(format_table(res))
-    print(f"memory: {res['memory_method']}; saved {write_json_atomic(args.out, res)}")
-    return 0

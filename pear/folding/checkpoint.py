@@ -9,7 +9,6 @@ weights records where it came from.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -19,12 +18,13 @@ from typing import Mapping
 
 import torch
 
-from .atomic import atomic_dir
-from .export.card import model_card
-from .errors import PearError
-from .families import resolve
-from .loading import LoadedModel, load_model, strip_quantization
-from .scaling import HeadKey, HeadScaling, check_coefficients, coefficients_json, fold, read_coefficients, unfold
+from ..atomic import atomic_dir
+from ..dtypes import dtype_name
+from ..errors import PearError
+from ..families import resolve
+from ..loading import LoadedModel, load_model, strip_quantization
+from .coefficients import HeadKey, check_coefficients, coefficients_json
+from .scaling import HeadScaling, fold, unfold
 
 # Accepted max |folded - hooked| logit difference, relative to max |logit|, per weight dtype.
 # fp32 differences are rounding (~1e-6 relative, measured on SmolLM2-135M); in 16-bit both
@@ -108,9 +108,9 @@ def base_file_info(spec) -> dict | None:
     Cached beside the converted copy, keyed like it by the file's size and mtime."""
     if not spec.gguf_file:
         return None
-    from .atomic import write_text
-    from .loading import converted_folder
-    from .preflight import gguf_metadata
+    from ..atomic import write_text
+    from ..loading import converted_folder
+    from ..preflight import gguf_metadata
 
     f = Path(spec.path) / spec.gguf_file
     cache = converted_folder(f).with_name(converted_folder(f).name + ".source.json")
@@ -143,7 +143,8 @@ HUB_IDS = {
 def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *,
                     verification: Verification, force: bool = False, extra: dict | None = None) -> Path:
     """Save an already folded model as a Hugging Face folder with pear.json and a model card."""
-    from . import __version__
+    from .. import __version__
+    from ..export.card import model_card
 
     model, tokenizer = loaded.model, loaded.tokenizer
     arch = resolve(model)
@@ -155,7 +156,7 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
         "base_model_hub_id": HUB_IDS.get(loaded.spec.spec),
         "base_model_file": base_file_info(loaded.spec),
         "model_type": arch.model_type,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype_name(model),
         "heads": coefficients_json(coefs)["heads"],
         "verification": verification.as_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -181,44 +182,3 @@ def fold_and_save(model: str | LoadedModel | None, coefs: Mapping[HeadKey, float
     coefs = check_coefficients(resolve(loaded.model), coefs)
     v = verify_fold(loaded.model, coefs, tolerance)
     return save_checkpoint(loaded, coefs, out, verification=v, force=force, extra=extra), v
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("fold", help="fold head coefficients into the weights and save a checkpoint",
-                       description="Scale attention heads by the given coefficients, fold the scales "
-                       "into the output projection, verify, and save an ordinary HF folder.")
-    add_model_args(p)
-    p.add_argument("--coefficients", required=True, metavar="FILE.json",
-                   help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    add_format_arg(p)
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="max |folded - hooked| logit difference (default: relative to the logit scale, by dtype)")
-    p.set_defaults(func=_cli_fold)
-
-
-def add_format_arg(p) -> None:
-    p.add_argument("--format", default="hf", choices=["hf", "gguf", "peft"],
-                   help="hf: a Hugging Face folder (default); gguf: the base GGUF file with re-weighted attention "
-                   "output tensors (needs a GGUF base); peft: an IA3 adapter for PeftModel.from_pretrained")
-
-
-def _cli_fold(args: argparse.Namespace) -> int:
-    from .preflight import check_heads, check_out_folder
-
-    coefs = read_coefficients(args.coefficients)
-    check_out_folder(args.out, args.force)
-    check_heads(args.model, coefs)
-    if args.format != "hf":
-        from .export.formats import fold_to_format
-
-        return fold_to_format(args, coefs)
-    out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance,
-                           dtype=args.dtype, device=args.device, device_map=args.device_map)
-    print(f"folded {len(coefs)} heads; max |folded - hooked| logit diff {v.max_abs_diff:.3g} "
-          f"(tolerance {v.tolerance:.3g}); saved {out}")
-    return 0

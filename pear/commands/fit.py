@@ -1,0 +1,145 @@
+"""`pear fit`: learn the coefficients of the selected heads; the fit options `pear run` shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from ..errors import PearError
+
+if TYPE_CHECKING:
+    from ..fit import FitSettings
+
+
+def add_fit_args(p: argparse.ArgumentParser) -> None:
+    """Fit options shared by `pear fit` and `pear run`. Options left out take the recipe's
+    value (`pear.recipes`), then FitSettings' default."""
+    from ..fit import BOUNDS, SCALES, FitSettings
+    from . import add_k_arg
+    from ..recipes import DEFAULT_RECIPE, RECIPES
+
+    d = FitSettings()
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help=f"named fit settings (default {DEFAULT_RECIPE}): "
+                   + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
+    add_k_arg(p, "the recipe's (auto)")
+    p.add_argument("--bounds", default=None, choices=list(BOUNDS),
+                   help="coefficient range: " + ", ".join(f"{b.name} {b.help}" for b in BOUNDS.values()))
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=None, help=f"proxy sequences per step (default {d.batch})")
+    p.add_argument("--length", type=int, default=None, help=f"tokens per copy, n (default {d.length})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 10%% of steps)")
+    p.add_argument("--eval-batch", type=int, default=None,
+                   help=f"held-out proxy sequences for before/after metrics (default {d.eval_batch})")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward pass, gradients accumulated (default: whole batch on GPU, "
+                   "~1000 tokens on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations (large models)")
+    p.add_argument("--objective", default=None, choices=list(_objective_names()),
+                   help="what the scales learn: copy (the paper's proxy), long-copy, retrieval, "
+                   "position-distill (see pear.objectives)")
+    p.add_argument("--objective-option", dest="objective_options", action="append", default=None,
+                   metavar="KEY=VALUE", help="an option of the objective, e.g. documents=20 (repeatable)")
+    p.add_argument("--scales", default=None, choices=list(SCALES),
+                   help="parameterisation: " + "; ".join(f"{k}: {v}" for k, v in SCALES.items()))
+    p.add_argument("--penalty", type=float, default=None,
+                   help="weight of mean((alpha - 1)^2) in the loss (default 0)")
+    p.add_argument("--data-dir", default=None,
+                   help="data folder for objectives that read one (SQuAD 2.0; default $PEAR_DATA)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--restart", action="store_true", help="discard a checkpoint from an earlier, different fit")
+
+
+def _objective_names():
+    from ..objectives import OBJECTIVES
+
+    return OBJECTIVES
+
+
+FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
+            "grad_checkpointing", "objective", "scales", "penalty")
+
+
+def settings_from_args(args: argparse.Namespace) -> FitSettings:
+    """The recipe's settings, with every option given on the command line on top."""
+    from ..fit import FitSettings
+    from ..objectives import parse_options
+    from ..recipes import get_recipe
+
+    values = dict(get_recipe(args.recipe).fit)
+    if args.objective is not None and args.objective != values.get("objective"):
+        values.pop("objective_options", None)  # the recipe's options belong to its own objective
+    values.update({k: getattr(args, k) for k in FIT_ARGS if getattr(args, k, None) is not None})
+    if args.objective_options is not None:
+        values["objective_options"] = parse_options(args.objective_options)
+    return FitSettings(**values)
+
+
+def k_from_args(args: argparse.Namespace) -> int | str:
+    from ..heads import parse_k
+    from ..recipes import get_recipe
+
+    return parse_k(args.k if args.k is not None else get_recipe(args.recipe).k)
+
+
+def add_cli(sub) -> None:
+    from . import add_model_args
+
+    p = sub.add_parser("fit", help="learn one coefficient per selected head on the proxy task",
+                       description="Learn a scale for each of the top-K discovered heads with every model "
+                       "weight frozen; write coefficients.json (for `pear fold`). Interrupted fits resume "
+                       "when the same command is run again.")
+    add_model_args(p)
+    p.add_argument("--heads", default=None, metavar="heads.json",
+                   help="output of `pear discover` (needed with --scales heads, the default)")
+    p.add_argument("--out", required=True, metavar="coefficients.json")
+    add_fit_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop after this many steps (checkpoint kept; run again to continue)")
+    p.set_defaults(func=_cli_fit)
+
+
+def _cli_fit(args: argparse.Namespace) -> int:
+    from ..fit import checkpoint_path_for, fit
+    from ..heads import all_heads, select_heads
+    from ..hardware import announce
+    from ..loading import load_model
+    from ..preflight import check_heads, check_out_file
+
+    check_out_file(args.out, args.force, example="coefficients.json")
+    settings = settings_from_args(args)
+    if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
+        raise PearError(f"--max-steps-this-run must be >= 1, got {args.max_steps_this_run}")
+    settings.make_objective(args.data_dir).check_data()
+    k = k_from_args(args)
+    if settings.all_heads:
+        heads, scores, evidence = None, {}, {"method": f"every head ({settings.scales})"}
+    elif args.heads is None:
+        raise PearError("--heads heads.json is needed with --scales heads (or use --scales all-heads/channels)")
+    else:
+        heads, scores, evidence = select_heads(args.heads, k)
+        check_heads(args.model, heads)
+    choice = announce(args.device, args.dtype)
+    loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
+    heads = heads or all_heads(loaded.model)
+    ckpt = checkpoint_path_for(args.out)
+    res = fit(loaded.model, loaded.tokenizer, heads, settings, checkpoint=ckpt, restart=args.restart,
+              max_steps_this_run=args.max_steps_this_run, model_spec=loaded.spec.spec, scores=scores,
+              k_selection=evidence, data_dir=args.data_dir)
+    if not res.finished:
+        print(f"pear: stopped after step {res.step}/{settings.steps} as asked; checkpoint {ckpt}; "
+              "run the same command again to continue", file=sys.stderr)
+        return 0
+    res.save(args.out)
+    ckpt.unlink(missing_ok=True)
+    b, a = res.before, res.after
+    values = [v for c in res.coefficients.values() for v in (c if isinstance(c, list) else [c])]
+    print(f"fitted {len(heads)} heads in {res.seconds:.1f} s: held-out proxy loss {b['proxy_loss']:.3f} -> "
+          f"{a['proxy_loss']:.3f}, copy accuracy {b['copy_accuracy']:.3f} -> {a['copy_accuracy']:.3f}; "
+          f"coefficients in [{min(values):.3f}, {max(values):.3f}]; "
+          f"saved {args.out}")
+    return 0

@@ -1,0 +1,89 @@
+"""Head coefficients: what a coefficients.json holds, checked against a model's heads.
+
+A coefficient is one scalar per head (the paper) or one scale per channel of the head (a
+list of head_dim values). `pear fit` writes them, `pear fold` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import PearError
+from ..families import Arch
+
+HeadKey = tuple[int, int]  # (layer, head)
+Coefficient = float | list[float]  # one scale for the head, or one per channel (head_dim values)
+
+
+def check_coefficients(arch: Arch, coefs: Mapping[HeadKey, Coefficient]) -> dict[HeadKey, Coefficient]:
+    """Validate (layer, head) ranges, per-channel lengths and finiteness; return a plain
+    sorted dict of floats (per head) or lists of head_dim floats (per channel)."""
+    out = {}
+    for (layer, head), a in sorted(coefs.items()):
+        arch.check_head(layer, head)
+        values = [float(v) for v in a] if is_channelwise(a) else [float(a)]
+        if is_channelwise(a) and len(values) != arch.head_dim:
+            raise PearError(f"coefficient for layer {layer} head {head} has {len(values)} channel scales; "
+                            f"this model's heads have head_dim {arch.head_dim}")
+        if not all(math.isfinite(v) for v in values):
+            raise PearError(f"coefficient for layer {layer} head {head} is not finite ({a})")
+        out[(layer, head)] = values if is_channelwise(a) else values[0]
+    return out
+
+
+def is_channelwise(a) -> bool:
+    """A per-channel coefficient is a sequence (list, tuple, 1-d tensor) of head_dim scales."""
+    return isinstance(a, (list, tuple)) or (isinstance(a, torch.Tensor) and a.dim() == 1)
+
+
+def granularity(coefs: Mapping[HeadKey, Coefficient]) -> str:
+    """"head" (one scale per head) or "channel" (one per channel of each head)."""
+    return "channel" if any(is_channelwise(a) for a in coefs.values()) else "head"
+
+
+def summary_value(a: Coefficient) -> float:
+    """One number for a coefficient in tables and plots: the scale, or the channels' mean."""
+    return float(sum(a) / len(a)) if is_channelwise(a) else float(a)
+
+
+def read_coefficients(path: str | Path) -> dict[HeadKey, Coefficient]:
+    """Read ``{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}``; ``a`` is a number,
+    or a list of head_dim numbers for per-channel scales."""
+    path = Path(path)
+    if not path.is_file():
+        raise PearError(f"coefficients file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+        rows = data["heads"]
+        coefs = {}
+        for r in rows:
+            key = (r["layer"], r["head"])
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in key):
+                raise PearError(f"{path}: layer and head must be integers, got {key}")
+            if key in coefs:
+                raise PearError(f"{path}: layer {key[0]} head {key[1]} appears twice")
+            a = r["coefficient"]
+            values = a if isinstance(a, list) and a else [a]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise PearError(f"{path}: coefficient for layer {key[0]} head {key[1]} is not a number "
+                                "or a list of numbers, or not finite")
+            coefs[key] = [float(v) for v in a] if isinstance(a, list) else float(a)
+    except json.JSONDecodeError as e:
+        raise PearError(f"{path} is not valid JSON: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise PearError(
+            f'{path}: expected {{"heads": [{{"layer": L, "head": H, "coefficient": a}}, ...]}} (missing {e})'
+        ) from None
+    if not coefs:
+        raise PearError(f"{path}: no heads listed")
+    return coefs
+
+
+def coefficients_json(coefs: Mapping[HeadKey, Coefficient], **extra) -> dict:
+    return {"granularity": granularity(coefs),
+            "heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in sorted(coefs.items())], **extra}
