@@ -38,6 +38,7 @@ import torch
 
 from .atomic import write_text
 from .errors import PearError
+from .evaluate.generate import context_window  # one definition for every command
 
 VARIANTS = ("base", "pear", "ms-poe", "attention-buckets", "moice")
 # variant name -> (registry variant, which model it runs on)
@@ -192,7 +193,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         raise PearError(f"--pear {pear}: not a model folder (no config.json)")
     dev = parse_device(device)
     base = load_model(model, dtype=dtype, device=dev)
-    window = _context_window(base.model)
+    window = context_window(base.model)
     if window is not None and context + new_tokens > window:
         raise PearError(f"--context {context} + --new-tokens {new_tokens} exceeds this model's context window {window}")
     models = {"base": base}
@@ -274,15 +275,6 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         "not_applicable": skipped,
         "variants": results,
     }
-
-
-def _context_window(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _hardware(dev: str) -> dict:

@@ -23,7 +23,7 @@ COMMANDS = {
     "discover": ("pear.discover", "score every attention head by Δπ on the proxy copying task"),
     "fit": ("pear.fit", "learn one coefficient per selected head on the proxy task"),
     "run": ("pear.pipeline", "the whole method: discover -> fit -> fold -> verify -> save"),
-    "eval": ("pear.evaluate.cli", "evaluate models on long-context QA, KV retrieval, MMLU, ..."),
+    "eval": ("pear.commands.eval", "evaluate models on long-context QA, KV retrieval, MMLU, ..."),
     "bench": ("pear.bench", "measure speed and memory (bench overhead)"),
     "baseline": ("pear.baselines.moice_train", "train a baseline's parameters (baseline train moice)"),
 }
