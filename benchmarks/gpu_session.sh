@@ -19,8 +19,8 @@
 # PREFIX=s MODELS_ONLY=1 MODELS=<small> bash ... bundle for chunks .m/sNN without data and wheels;
 # on the GPU machine `PREFIX=s MODELS=<small> setup` joins the second.)
 # On a machine of several GPUs, the baselines on the full development data run data-parallel:
-#     GPUS="0 1 2" bash benchmarks/gpu_session.sh workers   # WORKERS (2) processes per GPU, from a
-#                                               # copy of the tree; all share /root/parts (--parts claim)
+#     GPUS="0 1 2" bash benchmarks/gpu_session.sh workers   # torchrun, WORKERS (2) processes per GPU,
+#                                               # from a copy of the tree; parts in /root/parts
 #     bash benchmarks/gpu_session.sh assemble   # once they are done: one results JSON per model
 #                                               # from the parts alone (--parts only; nothing computed)
 # Every pear eval call writes its own results JSON and keeps per-example parts in /root/parts,
@@ -121,23 +121,21 @@ queue)  # queue [full] [baselines] [diagnostic]: the parts to run (default: all 
     done
   fi
   echo "== $(date +%T) queue finished: $parts" ;;
-workers)  # workers: start WORKERS processes on each GPU of GPUS (default: all), detached
+workers)  # data-parallel baselines: one torchrun of WORKERS (2) processes per GPU of GPUS (default: all), detached
   tree=$(mktemp -d /root/w.XXXX) && cp -r "$PWD/." $tree  # the next call replaces this tree, and
-  mkdir -p /root/res                                     # earlier workers still run from their own copy
-  for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
-    for w in $(seq 1 ${WORKERS:-2}); do
-      (cd $tree && CUDA_VISIBLE_DEVICES=$g setsid nohup bash benchmarks/gpu_session.sh worker \
-         > /root/res/worker-$g-$w-${tree#/root/w.}.log 2>&1 < /dev/null &)
-    done
-  done
+  mkdir -p /root/res                                     # earlier runs still go on from their own copy
+  gpus=${GPUS:-$(seq -s' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
+  (cd $tree && CUDA_VISIBLE_DEVICES=${gpus// /,} NPROC=$(( $(wc -w <<< "$gpus") * ${WORKERS:-2} )) setsid nohup \
+     bash benchmarks/gpu_session.sh worker > /root/res/workers-${tree#/root/w.}.log 2>&1 < /dev/null &)
   sleep 2; pgrep -fc "gpu_session.sh worker" ;;
-worker)  # one data-parallel worker: every baseline run (VARIANTS) on the full data, claiming parts
-  W=(--parts claim --out /root/res/worker.json)
-  [ "${DIAG:-1}" = 1 ] && pear eval --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
+worker)  # every baseline run (VARIANTS) on the full data, each one torchrun of NPROC processes sharing the batches
+  W=(--out /root/res/worker.json)
+  dp() { python3 -m torch.distributed.run --standalone --nproc-per-node ${NPROC:-2} -m pear eval "$@"; }
+  [ "${DIAG:-1}" = 1 ] && dp --model $M/qwen2.5-coder-0.5b.gguf "${UNIFORM[@]}" --task mdqa-10 --limit 150 "${EVAL[@]}" "${BIG[@]}" "${W[@]}"
   for v in ${VARIANTS:-ms-poe attention-buckets}; do
     lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
     for m in $MODELS; do
-      pear eval --model $M/$m.gguf --variant $v --label $v --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${lim[@]}" "${W[@]}"
+      dp --model $M/$m.gguf --variant $v --label $v --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${lim[@]}" "${W[@]}"
     done
   done
   echo "== $(date +%T) worker finished" ;;
@@ -163,7 +161,7 @@ collect)
     cp $d/model/pear.json /root/res/runs/$(basename $d)/model_pear.json 2>/dev/null
   done
   cp /root/queue*.log /root/res/ 2>/dev/null
-  tar czf "$OUT/gpu_results.tgz" --exclude='*.claim' -C /root res parts
+  tar czf "$OUT/gpu_results.tgz" -C /root res parts
   ls -la "$OUT" ;;
 *) echo "usage: gpu_session.sh bundle|setup|pear|queue|workers|worker|assemble|collect" >&2; exit 2 ;;
 esac

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     _watch_interrupts()
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: join before loading
+            from .distributed import init
+
+            init()
         rc = args.func(args)
     except PearError as e:
         return _fail(str(e), args.verbose)

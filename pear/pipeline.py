@@ -146,7 +146,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
         progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
         **fit_overrides) -> RunResult:
-    """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult`.
+    """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult` (None on the
+    ranks other than 0 of a data-parallel run).
 
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
@@ -234,6 +235,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):
         fr = fit(loaded.model, loaded.tokenizer, heads, fs, checkpoint=ckpt, restart=restart, progress=progress,
                  model_spec=spec, scores=scores, k_selection=evidence, data_dir=data_dir)
+    from .distributed import is_main  # data-parallel (torchrun / accelerate launch):
+    if not is_main():  # rank 0 alone folds, verifies and saves
+        return None
 
     with stages("fold + verify"):
         sdtype = _native_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)
@@ -371,6 +375,8 @@ def _cli_run(args: argparse.Namespace) -> int:
               recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
+    if res is None:  # data-parallel: rank 0 reports
+        return 0
     print(res.summary())
     print(f"report: {res.report_path}")
     return 0
