@@ -109,3 +109,25 @@ def test_fit_two_processes_equals_one(tmp_path, monkeypatch):
     assert len(one) == 8 and (one - 1).abs().max() > 1e-3  # they learned something
     torch.testing.assert_close(dp, one, rtol=0, atol=1e-5)
     assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_run_two_processes_equals_one(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m pear run`: discovery, the data-parallel fit, then rank 0
+    folds and saves; the same heads and coefficients as one process."""
+    from pear.cli import main
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    args = ["run", "--model", str(folder), "--k", "2", "--steps", "3", "--batch", "6", "--length", "12",
+            "--eval-batch", "4", "--lr", "0.1", "--device", "cpu", "--dtype", "fp32", "--no-progress",
+            "--discovery-settings", "8x10"]
+    two = torchrun(args + ["--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report: ") == 1 and (tmp_path / "two" / "model" / "pear.json").is_file()
+    assert one_thread(main, args + ["--out", str(tmp_path / "one")]) == 0
+    one, dp = (json.loads((tmp_path / d / "coefficients.json").read_text())["heads"] for d in ("one", "two"))
+    assert [(h["layer"], h["head"]) for h in one] == [(h["layer"], h["head"]) for h in dp]
+    torch.testing.assert_close(torch.tensor([h["coefficient"] for h in dp]),
+                               torch.tensor([h["coefficient"] for h in one]), rtol=0, atol=1e-5)
