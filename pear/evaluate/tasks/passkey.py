@@ -12,7 +12,7 @@ import random
 import re
 
 from ..registry import BuildContext, Example, Task, register_task, take
-from .haystack import ESSAYS, N_SLOTS, haystack, setup
+from .haystack import ESSAYS, N_SLOTS, haystack, setup, slot_index
 
 DEFAULT_WORDS = 500
 RECORDS = 300
