@@ -5,7 +5,7 @@ machine's time limit, or a call killed before it wrote its JSON).
         [--first-tokens 2686] [--keep-partial] [--out partial.json]
 
 `pear eval --parts-dir DIR` saves each (label, task) in parts of at most 2048 examples
-(runner.PART_SIZE), in the task's example order, as LABEL__TASK__KEY.json.gz with
+(cache.PART_SIZE), in the task's example order, as LABEL__TASK__KEY.json.gz with
 {"label", "task", "seconds", "records": [{"id", "condition", "score", "n_prompt_tokens", ...}]}.
 The key hashes the model files and prompts, so the parts of two models evaluated under the same
 label ("base", "pear") lie side by side and only their records tell them apart. This script:
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from pear.evaluate.stats import compare, wilson
 
-PART_SIZE = 2048  # pear.evaluate.runner.PART_SIZE
+PART_SIZE = 2048  # pear.evaluate.cache.PART_SIZE
 
 
 def load_parts(parts_dir, task, label):

@@ -138,3 +138,13 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_gzip(path, lines) -> Path:
+    """Text lines into a gzip file, atomically; mtime 0 in the header: same content, same bytes."""
+    import gzip
+
+    with open_atomic(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        for line in lines:
+            f.write(line.encode())
+    return Path(path)

@@ -23,7 +23,7 @@ COMMANDS = {
     "discover": ("pear.commands.discover", "score every attention head by Δπ on the proxy copying task"),
     "fit": ("pear.commands.fit", "learn one coefficient per selected head on the proxy task"),
     "run": ("pear.commands.run", "the whole method: discover -> fit -> fold -> verify -> save"),
-    "eval": ("pear.evaluate.cli", "evaluate models on long-context QA, KV retrieval, MMLU, ..."),
+    "eval": ("pear.commands.eval", "evaluate models on long-context QA, KV retrieval, MMLU, ..."),
     "bench": ("pear.commands.bench", "measure speed and memory (bench overhead)"),
     "baseline": ("pear.commands.baseline", "train a baseline's parameters (baseline train moice)"),
 }
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     _watch_interrupts()
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: join before loading
+            from .distributed import init
+
+            init()
         rc = args.func(args)
     except PearError as e:
         return _fail(str(e), args.verbose)

@@ -40,6 +40,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from . import distributed  # data-parallel
 from .atomic import open_atomic, write_text
 from .dtypes import dtype_name
 from .errors import PearError
@@ -227,6 +228,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     Raises PearError if the loss or a coefficient becomes non-finite.
     """
     settings = dataclasses.replace(settings or FitSettings(), **overrides)
+    distributed.init()  # data-parallel under torchrun / accelerate launch
     objective = settings.make_objective(data_dir)
     objective.check_data()
     if settings.micro_batch is None and settings.objective == "copy":
@@ -285,7 +287,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         stop_at = settings.steps if max_steps_this_run is None else min(settings.steps, step + max_steps_this_run)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.steps, initial=step, desc="fit", unit="step", disable=not progress,
+        bar = tqdm(total=settings.steps, initial=step, desc="fit", unit="step",
+                   disable=not progress or not distributed.is_main(),  # data-parallel: rank 0 reports
                    dynamic_ncols=True)
         try:
             with grad_checkpointing(model, settings.grad_checkpointing):
@@ -309,7 +312,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", alpha=f"[{float(alpha.detach().min()):.2f}, "
                                     f"{float(alpha.detach().max()):.2f}]")
-                    if ckpt_path and (step % settings.checkpoint_every == 0 or step == stop_at):
+                    if ckpt_path and distributed.is_main() and (  # data-parallel: rank 0 saves
+                            step % settings.checkpoint_every == 0 or step == stop_at):
                         _save_ckpt(ckpt_path, good)
         except KeyboardInterrupt:
             if ckpt_path:
@@ -360,14 +364,17 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
     The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``."""
     batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))
     total = 0.0
-    for b in objective.split(batch, _micro(model, settings, batch)):
+    micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
+    chunks = objective.split(batch, micro)
+    for b in distributed.shard(chunks):  # data-parallel: this rank's share of the batch
         loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
         loss.backward()
         total += float(loss.detach())
-    if settings.penalty:
+    if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
         reg = settings.penalty * (hs.alpha - 1).pow(2).mean()
         reg.backward()
         total += float(reg.detach())
+    total = distributed.sum_grads_(hs.alpha, total)  # data-parallel: the whole batch's gradient and loss
     leaked = [n for n, p in model.named_parameters() if p.grad is not None]
     if leaked:  # the model must stay frozen: only alpha learns
         raise RuntimeError(f"model parameters received gradients: {leaked[:3]}")

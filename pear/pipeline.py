@@ -129,7 +129,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
         progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
         **fit_overrides) -> RunResult:
-    """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult`.
+    """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult` (None on the
+    ranks other than 0 of a data-parallel run).
 
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
@@ -202,6 +203,9 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     with stages("fit", f"({len(heads)} heads, {fs.steps} steps x {fs.batch} sequences, bounds {fs.bounds})"):
         fr = fit(loaded.model, loaded.tokenizer, heads, fs, checkpoint=ckpt, restart=restart, progress=progress,
                  model_spec=spec, scores=scores, k_selection=evidence, data_dir=data_dir)
+    from .distributed import is_main  # data-parallel (torchrun / accelerate launch):
+    if not is_main():  # rank 0 alone folds, verifies and saves
+        return None
 
     with stages("fold + verify"):
         sdtype = checkpoint_dtype(model) if save_dtype == "auto" else parse_dtype(save_dtype)

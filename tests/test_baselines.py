@@ -236,7 +236,7 @@ def test_variant_options_from_the_command_line(tmp_path):
     """--variant-option KEY=VALUE reaches the variant typed; a wrong name fails in one line."""
     import argparse
 
-    from pear.evaluate.cli import add_cli, parse_option
+    from pear.commands.eval import add_cli, parse_option
 
     assert parse_option("min_ratio=1.2") == ("min_ratio", 1.2)
     assert parse_option("bases=10000,17500") == ("bases", [10000, 17500])

@@ -142,9 +142,12 @@ def test_resume_reuses_parts(tiny, data_dir, tmp_path, monkeypatch):
         evaluate([tiny], ["closedbook"], **dict(kw, limit=4))
 
 
-def test_parts_claim_and_only_share_the_work(tiny, data_dir, tmp_path, monkeypatch):
-    """Processes running one command on one parts folder: "claim" computes only unclaimed
-    parts, "only" computes nothing, and the assembled result equals a single process's."""
+def test_parts_only_assembles(tiny, data_dir, tmp_path, monkeypatch):
+    """Separate runs on one parts folder: "only" computes nothing, leaves out what is missing,
+    and assembles what is there into the result of one whole run."""
+    from pear.evaluate import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "PART_SIZE", 2)
     monkeypatch.setattr(runner_mod, "PART_SIZE", 2)  # closedbook, 3 questions: parts of 2 + 1
     kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=100, max_new_tokens=4)
     whole = evaluate([tiny], ["closedbook"], **kw)
@@ -157,24 +160,48 @@ def test_parts_claim_and_only_share_the_work(tiny, data_dir, tmp_path, monkeypat
     assert calls == [] and nothing["missing"] == [{"label": "tiny", "task": "closedbook"}]
     assert nothing["tasks"]["closedbook"]["models"] == {}
 
-    # another process holds the first part: this one computes the second only
-    evaluate([tiny], ["closedbook"], parts_dir=parts, **dict(kw, limit=2))  # the first part's file name
-    (first,) = list(parts.glob("*.json.gz"))
-    first.rename(first.with_name(first.name + ".claim"))
-    calls.clear()
-    worker = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="claim", **kw)
-    assert calls == [1] and worker["missing"] == [{"label": "tiny", "task": "closedbook"}]
-    assert len(list(parts.glob("*.json.gz"))) == 1  # its part is saved...
-    assert [f.name for f in parts.glob("*.claim")] == [first.name + ".claim"]  # ...and its own claim released
-
-    # the other process saves its part (and its claim goes); the assembly then computes nothing
-    evaluate([tiny], ["closedbook"], parts_dir=parts, **dict(kw, limit=2))
-    assert not list(parts.glob("*.claim"))
+    evaluate([tiny], ["closedbook"], parts_dir=parts, **dict(kw, limit=2))  # an earlier run: the first part
+    assert calls == [2]
+    evaluate([tiny], ["closedbook"], parts_dir=parts, **kw)  # reuses it, computes the second
+    assert calls == [2, 1] and len(list(parts.glob("*.json.gz"))) == 2
     calls.clear()
     done = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="only", **kw)
     assert calls == [] and "missing" not in done and done["tasks"] == whole["tasks"]
     with pytest.raises(PearError, match="parts-dir"):
         evaluate([tiny], ["closedbook"], parts="only", **kw)
+    with pytest.raises(PearError, match="reuse or only"):
+        evaluate([tiny], ["closedbook"], parts_dir=parts, parts="claim", **kw)
+
+
+def test_cache_keyed_on_content_not_dates(tiny, data_dir, tmp_path, monkeypatch):
+    """A model folder touched, or copied elsewhere, reuses its results; one changed weight does not."""
+    import os
+    import shutil
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    kw = dict(data_dir=data_dir, limit=2, progress=False, n_resamples=100, max_new_tokens=3,
+              parts_dir=tmp_path / "parts", device="cpu")
+    calls = []
+    real = runner_mod.run_task
+    monkeypatch.setattr(runner_mod, "run_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = evaluate([str(folder)], ["closedbook"], **kw)
+    assert calls == [1] and (tmp_path / "cache" / "hashes.json").is_file()
+    for f in folder.iterdir():
+        os.utime(f, (1_000_000, 1_000_000))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy)
+    again = evaluate([str(copy)], ["closedbook"], **kw)
+    assert calls == [1] and again["tasks"]["closedbook"]["models"][str(copy)] == \
+        first["tasks"]["closedbook"]["models"][str(folder)]
+    changed = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        changed.model.norm.weight[0] += 1.0
+    changed.save_pretrained(folder)
+    evaluate([str(folder)], ["closedbook"], **kw)
+    assert calls == [1, 1]
 
 
 def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
@@ -318,3 +345,15 @@ def test_markdown_table(tmp_path):
     assert rows[3] == ["", "**all**", "**0.400**", "**0.450**", "**+5.0 [+4.0, +6.0], p<1e−300**", "**–**", "**–**"]
     assert rows[4] == ["mmlu", "**all**", "**0.300**", "**0.250**", "**−5.0 [−6.0, −4.0], p=0.25**", "**–**", "**–**"]
     assert rows[5] == ["", "macro", "0.310", "0.260", "", "–", ""]
+
+
+def test_context_window_reads_every_family_attribute():
+    """One definition for `pear eval` and `pear bench`: whichever attribute a config uses."""
+    from types import SimpleNamespace
+
+    from pear.evaluate.generate import WINDOW_ATTRIBUTES, context_window
+
+    for name in WINDOW_ATTRIBUTES:
+        assert context_window(SimpleNamespace(config=SimpleNamespace(**{name: 777}))) == 777
+    assert context_window(SimpleNamespace(config=SimpleNamespace(hidden_size=8))) is None
+    assert {"max_seq_len", "max_sequence_length", "n_positions"} <= set(WINDOW_ATTRIBUTES)

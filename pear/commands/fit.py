@@ -130,6 +130,10 @@ def _cli_fit(args: argparse.Namespace) -> int:
     res = fit(loaded.model, loaded.tokenizer, heads, settings, checkpoint=ckpt, restart=args.restart,
               max_steps_this_run=args.max_steps_this_run, model_spec=loaded.spec.spec, scores=scores,
               k_selection=evidence, data_dir=args.data_dir)
+    from .. import distributed
+
+    if not distributed.is_main():  # data-parallel: rank 0 saves
+        return 0
     if not res.finished:
         print(f"pear: stopped after step {res.step}/{settings.steps} as asked; checkpoint {ckpt}; "
               "run the same command again to continue", file=sys.stderr)

@@ -51,6 +51,8 @@ def _cli_run(args: argparse.Namespace) -> int:
               recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
+    if res is None:  # data-parallel: rank 0 reports
+        return 0
     print(res.summary())
     print(f"report: {res.report_path}")
     return 0

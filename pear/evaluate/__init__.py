@@ -10,7 +10,9 @@ function decorated with `@register_task(name)` that returns a `Task` of `Example
 """
 
 from .registry import BuildContext, Example, Task, build_task, register_task  # noqa: F401
-from .runner import ModelEntry, evaluate, run_task, save_results  # noqa: F401
+from .report import save_results  # noqa: F401
+from .runner import ModelEntry, evaluate  # noqa: F401
+from .scoring import run_task  # noqa: F401
 
 __all__ = ["BuildContext", "Example", "Task", "build_task", "register_task", "ModelEntry", "evaluate",
            "run_task", "save_results"]

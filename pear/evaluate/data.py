@@ -73,3 +73,8 @@ def read_mmlu(data_dir: Path, split: str) -> dict[str, list[tuple[str, list[str]
         out[f.name[: -len(f"_{split}.csv")]] = [
             (r["question"], [r[f"choice{i}"] for i in range(4)], int(r["answer"])) for r in rows]
     return out
+
+
+def data_stamps(ddir: Path) -> dict:
+    """file_stamp of each data file the tasks read, for the results' record of what was read."""
+    return {rel: file_stamp(ddir / rel) for rel in (NQ_ORACLE, KV_75, HOTPOTQA, SQUAD) if (ddir / rel).exists()}

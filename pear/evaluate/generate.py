@@ -141,8 +141,13 @@ def select_cache_rows(lm, past, keep: torch.Tensor, rows: int) -> bool:
 def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[int], max_new_tokens: int,
                     device, batch_size: int = 8, max_batch_tokens: int = 32768,
                     done: Callable[[int, list[int]], bool] | None = None,
-                    on_batch: Callable[[int], None] | None = None, compact: bool = True) -> list[list[int]]:
+                    on_batch: Callable[[int], None] | None = None, compact: bool = True,
+                    batches: list[list[int]] | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids, EOS not included).
+
+    `batches` (lists of prompt indices) replaces the batching by length: a process of a
+    data-parallel run decodes its share of the batches (`pear.distributed.shard`) and leaves
+    the other prompts' outputs empty.
 
     A row stops at an EOS token, after `max_new_tokens`, or once `done(index, new_ids)` says
     that more tokens cannot change its score (e.g. the first line is complete). With
@@ -192,7 +197,8 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
                                past_key_values=past, use_cache=True)
 
     with attention_backends():
-        for batch in make_batches([len(p) for p in prompts], batch_size, max_batch_tokens, max_new_tokens):
+        for batch in batches if batches is not None else \
+                make_batches([len(p) for p in prompts], batch_size, max_batch_tokens, max_new_tokens):
             _split_on_oom(run, batch)
             if on_batch is not None:
                 on_batch(len(batch))
@@ -202,9 +208,11 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
 @torch.no_grad()
 def next_token_logprobs(lm, prompts: list[list[int]], token_ids: list[int], *, pad_id: int, device,
                         batch_size: int = 8, max_batch_tokens: int = 32768,
-                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+                        on_batch: Callable[[int], None] | None = None,
+                        batches: list[list[int]] | None = None) -> np.ndarray:
     """(N, len(token_ids)) log-probabilities (full-vocabulary softmax, fp32) of each candidate
-    token right after each prompt: one forward pass per prompt, no cache."""
+    token right after each prompt: one forward pass per prompt, no cache. `batches`: as in
+    `greedy_generate` (rows of prompts left out stay 0)."""
     fwd = Forward(lm)
     out = np.zeros((len(prompts), len(token_ids)), dtype=np.float64)
     cand = torch.tensor(token_ids, dtype=torch.long, device=device)
@@ -215,7 +223,8 @@ def next_token_logprobs(lm, prompts: list[list[int]], token_ids: list[int], *, p
         out[batch] = lp.cpu().numpy()
 
     with attention_backends():
-        for batch in make_batches([len(p) for p in prompts], batch_size, max_batch_tokens):
+        for batch in batches if batches is not None else make_batches([len(p) for p in prompts], batch_size,
+                                                                      max_batch_tokens):
             _split_on_oom(run, batch)
             if on_batch is not None:
                 on_batch(len(batch))
@@ -245,10 +254,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+WINDOW_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length")
+
+
 def context_window(model) -> int | None:
+    """The longest sequence the model's configuration allows (the first of WINDOW_ATTRIBUTES
+    it sets: families name it differently), or None where it says nothing. The one definition
+    for every command (`pear eval` skips what does not fit; `pear bench` refuses it)."""
     cfg = model.config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for name in WINDOW_ATTRIBUTES:
         v = getattr(cfg, name, None)
         if isinstance(v, int) and v > 0:
             return v

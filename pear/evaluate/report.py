@@ -1,10 +1,12 @@
-"""The terminal table, the Markdown table and the U-curve plot of a results dict."""
+"""The terminal table, the Markdown table and the U-curve plot of a results dict, and
+`save_results`, which writes them beside the results JSON."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ..atomic import savefig
+from ..atomic import savefig, write_gzip, write_text
 
 
 def _fmt_acc(m: dict | None) -> str:
@@ -148,3 +150,25 @@ def plot_results(results: dict, path) -> Path | None:
     savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_results(results: dict, out) -> dict[str, Path]:
+    """Write results JSON (+ .samples.jsonl.gz when samples are present, + a .md table and a
+    .png plot), each atomically. Returns the paths written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
+    samples = results.pop("samples", None)
+    written = {}
+    if samples is not None:
+        sp = out.with_name(out.stem + ".samples.jsonl.gz")
+        write_gzip(sp, (json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        results["samples_file"] = sp.name
+        written["samples"] = sp
+    write_text(out, json.dumps(results, indent=1) + "\n")
+    written["results"] = out
+    written["table"] = write_text(out.with_suffix(".md"), format_markdown(results) + "\n")
+    png = plot_results(results, out.with_suffix(".png"))
+    if png is not None:
+        written["plot"] = png
+    return written

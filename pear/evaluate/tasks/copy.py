@@ -12,12 +12,10 @@ model answering in a chat turn restates the prompt instead of continuing it).
 
 from __future__ import annotations
 
-import random
-
 from ...errors import PearError
 from ..metrics import normalize_answer
-from ..registry import BuildContext, Example, Task, register_task, resolve_positions
-from .haystack import DEFAULT_POSITIONS, ESSAYS, N_SLOTS, essay_sentences, haystack, parse_words, slot_index
+from ..registry import BuildContext, Example, Task, register_task
+from .haystack import ESSAYS, N_SLOTS, haystack, setup, slot_index
 
 DEFAULT_WORDS = 500
 RECORDS = 300
@@ -51,10 +49,7 @@ def copy_score(output: str, answer: str) -> float:
 
 @register_task("copy", "continue a sentence seen earlier in an essay haystack, gold at each depth (copy-N: N words)")
 def copy(param: str | None, ctx: BuildContext) -> Task:
-    words = parse_words("copy", param, DEFAULT_WORDS)
-    sentences = essay_sentences(ctx.data_dir)
-    slots = resolve_positions(ctx.positions or DEFAULT_POSITIONS, N_SLOTS)
-    rng = random.Random(ctx.seed)
+    words, sentences, slots, rng = setup("copy", param, ctx, DEFAULT_WORDS)
     n = RECORDS if ctx.limit is None else min(RECORDS, ctx.limit)
     examples, tries = [], 0
     while len(examples) < n * len(slots):

@@ -70,3 +70,12 @@ def parse_words(name: str, param: str | None, default: int) -> int:
     if not param.isdigit() or int(param) < 1:
         raise PearError(f"{name}-{param}: the parameter is the haystack length in words, e.g. {name}-{default}")
     return int(param)
+
+
+def setup(name: str, param: str | None, ctx, default_words: int):
+    """What every haystack task starts from: (words per haystack, the essays' sentences, the
+    gold slots asked for, the task's random generator)."""
+    from ..registry import resolve_positions
+
+    return (parse_words(name, param, default_words), essay_sentences(ctx.data_dir),
+            resolve_positions(ctx.positions or DEFAULT_POSITIONS, N_SLOTS), random.Random(ctx.seed))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import re
 
-from ..registry import BuildContext, Example, Task, register_task, resolve_positions, take
-from .haystack import DEFAULT_POSITIONS, ESSAYS, N_SLOTS, essay_sentences, haystack, parse_words, slot_index
+from ..registry import BuildContext, Example, Task, register_task, take
+from .haystack import ESSAYS, N_SLOTS, haystack, setup, slot_index
 
 DEFAULT_WORDS = 500
 RECORDS = 300
@@ -44,10 +44,7 @@ def new_key(rng: random.Random) -> str:
 
 @register_task("passkey", "pass key hidden in an essay haystack at each depth (passkey-N: N words, default 500)")
 def passkey(param: str | None, ctx: BuildContext) -> Task:
-    words = parse_words("passkey", param, DEFAULT_WORDS)
-    sentences = essay_sentences(ctx.data_dir)
-    slots = resolve_positions(ctx.positions or DEFAULT_POSITIONS, N_SLOTS)
-    rng = random.Random(ctx.seed)
+    words, sentences, slots, rng = setup("passkey", param, ctx, DEFAULT_WORDS)
     records = take([(haystack(sentences, words, rng), new_key(rng)) for _ in range(RECORDS)], ctx.limit)
     examples = [Example(id=f"passkey{i}", condition=str(s + 1), prompt=passkey_prompt(hs, key, s),
                         answers=[key], meta={"slot": s + 1, "depth": s / (N_SLOTS - 1)})

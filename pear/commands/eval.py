@@ -5,6 +5,10 @@ r"""`pear eval`: several models on the same examples; results JSON, a table and 
 
 `--variant`, `--variant-option` and `--label` attach to the `--model` just before them, e.g.
 `--model smollm2-135m --variant ms-poe --variant-option min_ratio=1.2 --variant-option max_ratio=1.2`.
+
+Several GPUs (data parallel: each process scores a share of the batches, rank 0 writes the files):
+    torchrun --nproc-per-node 4 -m pear eval --model ... --task mdqa-10 --resume --out results/eval.json
+    accelerate launch --num-processes 4 -m pear eval ...
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class _AttachAction(argparse.Action):
 
 
 def add_cli(sub) -> None:
-    from .registry import POSITION_HELP
+    from ..evaluate.registry import POSITION_HELP
 
     p = sub.add_parser("eval", help="evaluate models on long-context tasks (lost in the middle, KV, HotpotQA, MMLU)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,9 +127,8 @@ def add_cli(sub) -> None:
                    help="keep each (model, task) result in OUT.parts/ and reuse those of an identical earlier run")
     p.add_argument("--parts-dir", default=None, metavar="DIR",
                    help="like --resume, with the parts in DIR (share DIR between runs to assemble them)")
-    p.add_argument("--parts", default="reuse", choices=["reuse", "claim", "only"],
-                   help="with --parts-dir: reuse (default: compute what is missing), claim (several processes, "
-                        "e.g. one per GPU, run the same command and share the parts), only (compute nothing: "
+    p.add_argument("--parts", default="reuse", choices=["reuse", "only"],
+                   help="with --parts-dir: reuse (default: compute what is missing), only (compute nothing: "
                         "assemble what the folder holds, leaving out a model whose task has a missing part)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out (implied by --resume, --parts-dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -159,9 +162,10 @@ def _render(v) -> str:
 def _cli_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .registry import DESCRIPTIONS, _load_builtin, parse_positions
-    from .report import format_table
-    from .runner import ModelEntry, evaluate, save_results
+    from .. import distributed
+    from ..evaluate.registry import DESCRIPTIONS, _load_builtin, parse_positions
+    from ..evaluate.report import format_table, save_results
+    from ..evaluate.runner import ModelEntry, evaluate
 
     if args.list_tasks:
         _load_builtin()
@@ -172,9 +176,9 @@ def _cli_eval(args: argparse.Namespace) -> int:
         raise PearError("no --task given (pear eval --list-tasks shows them)")
     tasks = [t.strip() for spec in args.task for t in spec.split(",") if t.strip()]
     if args.export_lm_eval:
-        from .data import resolve_data_dir
-        from .lm_eval_export import export
-        from .registry import BuildContext
+        from ..evaluate.data import resolve_data_dir
+        from ..evaluate.lm_eval_export import export
+        from ..evaluate.registry import BuildContext
 
         ctx = BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half,
                            positions=parse_positions(args.positions),
@@ -191,7 +195,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
     from ..preflight import check_out_file
 
     # a results file is re-assembled from its parts by running the same command again
-    from .registry import TASKS, split_task_name
+    from ..evaluate.registry import TASKS, split_task_name
 
     _load_builtin()
     unknown = [t for t in tasks if split_task_name(t)[0] not in TASKS]
@@ -218,11 +222,9 @@ def _cli_eval(args: argparse.Namespace) -> int:
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
         parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None), parts=args.parts,
         max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks))
-    left = ", ".join(f"{m['label']}/{m['task']}" for m in results.get("missing", []))
-    if left and args.parts == "claim":  # a worker: the others finish the rest
-        print(f"parts left to other processes: {left}; when all have finished, run the command again "
-              "without --parts claim to assemble the results")
+    if not distributed.is_main():  # data-parallel: every process has the results, rank 0 writes them
         return 0
+    left = ", ".join(f"{m['label']}/{m['task']}" for m in results.get("missing", []))
     written = save_results(results, out)
     print(format_table(results))
     if left:

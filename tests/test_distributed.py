@@ -1,0 +1,133 @@
+"""Data parallelism on CPU: two processes (gloo) started by torchrun, on tiny models. Their
+results must equal one process's: evaluation outputs example for example, fitted
+coefficients within float tolerance."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun(args: list[str], tmp_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m pear ARGS` with this checkout first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", PEAR_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29500 + os.getpid() % 1000), "-m", "pear"] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def one_thread(fn, *a, **k):
+    """Run in-process with one thread, as each launched process runs (OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*a, **k)
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smollm2_bf16, tmp_path_factory):
+    """A 2-layer random llama with SmolLM2's tokenizer, saved as a model folder."""
+    tok = smollm2_bf16.tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dist") / "tiny"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.data
+def test_eval_two_processes_equals_one(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m pear eval`: each rank scores half the batches, rank 0
+    writes one results file whose per-example outputs, scores and summaries equal a single
+    process's; its parts make a later run (here: one process) reuse everything."""
+    from pear.cli import main
+    from pear.evaluate import runner
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    args = ["eval", "--model", str(tiny_folder), "--task", "closedbook,mmlu", "--limit", "4", "--batch-size", "2",
+            "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir),
+            "--log-samples", "--no-progress", "--bootstrap", "100"]
+    two = torchrun(args + ["--out", str(tmp_path / "two" / "e.json"), "--resume"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("results: ") == 1  # rank 0 alone reports and writes
+    assert one_thread(main, args + ["--out", str(tmp_path / "one" / "e.json")]) == 0
+
+    def read(d):
+        with gzip.open(tmp_path / d / "e.samples.jsonl.gz", "rt") as f:
+            return json.loads((tmp_path / d / "e.json").read_text()), [json.loads(x) for x in f]
+
+    (r1, s1), (r2, s2) = read("one"), read("two")
+    assert len(s1) == 8 and s1 == s2  # prompts, outputs, scores, choice log-probabilities
+    assert r1["tasks"] == r2["tasks"] and r1["models"] == r2["models"]
+    assert r2["settings"]["processes"] == 2 and r2["settings"]["hardware"]["processes"] == 2
+    assert sorted(p.name.split("__")[1] for p in (tmp_path / "two" / "e.parts").iterdir()) == ["closedbook", "mmlu"]
+
+    def boom(*a, **k):
+        raise AssertionError("should have been reused")
+    monkeypatch.setattr(runner, "run_task", boom)  # the two-process run's parts serve a later run
+    assert one_thread(main, args + ["--out", str(tmp_path / "two" / "e.json"), "--resume"]) == 0
+    assert json.loads((tmp_path / "two" / "e.json").read_text())["tasks"] == r1["tasks"]
+
+
+def test_fit_two_processes_equals_one(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m pear fit`: each rank takes half of every proxy batch,
+    the coefficients' gradients (and the penalty, once) are summed over ranks; the coefficients
+    equal a one-process fit's to float tolerance, and only rank 0 writes."""
+    from pear.cli import main
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    args = ["fit", "--model", str(folder), "--scales", "all-heads", "--steps", "4", "--batch", "6", "--length", "12",
+            "--eval-batch", "4", "--lr", "0.1", "--penalty", "0.5", "--seed", "3", "--device", "cpu", "--dtype", "fp32",
+            "--bounds", "none"]
+    two = torchrun(args + ["--out", str(tmp_path / "two.json")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("fitted ") == 1
+    assert one_thread(main, args + ["--out", str(tmp_path / "one.json")]) == 0
+
+    def coefs(name):
+        heads = json.loads((tmp_path / name).read_text())["heads"]
+        return torch.tensor([h["coefficient"] for h in heads], dtype=torch.float64)
+
+    one, dp = coefs("one.json"), coefs("two.json")
+    assert len(one) == 8 and (one - 1).abs().max() > 1e-3  # they learned something
+    torch.testing.assert_close(dp, one, rtol=0, atol=1e-5)
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_run_two_processes_equals_one(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m pear run`: discovery, the data-parallel fit, then rank 0
+    folds and saves; the same heads and coefficients as one process."""
+    from pear.cli import main
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    args = ["run", "--model", str(folder), "--k", "2", "--steps", "3", "--batch", "6", "--length", "12",
+            "--eval-batch", "4", "--lr", "0.1", "--device", "cpu", "--dtype", "fp32", "--no-progress",
+            "--discovery-settings", "8x10"]
+    two = torchrun(args + ["--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report: ") == 1 and (tmp_path / "two" / "model" / "pear.json").is_file()
+    assert one_thread(main, args + ["--out", str(tmp_path / "one")]) == 0
+    one, dp = (json.loads((tmp_path / d / "coefficients.json").read_text())["heads"] for d in ("one", "two"))
+    assert [(h["layer"], h["head"]) for h in one] == [(h["layer"], h["head"]) for h in dp]
+    torch.testing.assert_close(torch.tensor([h["coefficient"] for h in dp]),
+                               torch.tensor([h["coefficient"] for h in one]), rtol=0, atol=1e-5)
