@@ -1,6 +1,7 @@
 r"""Does llama.cpp itself read pear's GGUF as transformers does? Greedy answers, token for token.
 
-    pip install llama-cpp-python            # builds llama.cpp from source (no wheels on PyPI)
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+      -DLLAMA_BUILD_TOOLS=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python   # source build, ~20 min on 2 cores
     pear fold --coefficients benchmarks/results/gpu_eval/runs/smollm2-135m-nonneg/coefficients.json \
               --format gguf --out /tmp/pear-gguf
     python3 benchmarks/llama_cpp_check.py /tmp/pear-gguf/SmolLM2-135M-Instruct.Q4_1.pear.gguf \
@@ -10,9 +11,13 @@ For each prompt (chat template applied by the tokenizer, then the same token ids
 engines, so tokenisation cannot differ): greedy continuation with llama.cpp (llama-cpp-python,
 top_k=1, temperature 0) and with transformers loading the same GGUF (dequantised fp32,
 do_sample=False). Reports, per prompt, whether the token ids are identical, the length of the
-common prefix, and the texts; the same for the base GGUF (defaults to the file named in the
+common prefix, and the texts; where the tokens part, how far apart transformers puts the two
+candidates (each engine's logit of its own token minus its logit of the other's, after the
+common prefix: a near tie that llama.cpp's own arithmetic, which quantises activations to 8 bits
+for the dot products, can tip); the same for the base GGUF (defaults to the file named in the
 pear GGUF's `pear.base_file` beside the preset's), and whether pear's change shows in either
-engine. Not in the test suite: the llama.cpp build takes many minutes on 2 CPU cores.
+engine. Not in the test suite: the llama.cpp build takes ~20 minutes on 2 CPU cores.
+Result and reading: BENCHMARKS.md §7.
 """
 
 import argparse
@@ -45,8 +50,24 @@ def greedy_llama_cpp(path: Path, prompts_ids, new_tokens: int):
                 break
             got.append(int(tok))
         outs.append(got)
-    del llm
-    return outs
+    return outs, llm
+
+
+def llama_cpp_gap(llm, ids, ours, theirs):
+    """The same for llama.cpp: its logit of its own token minus its logit of transformers', the
+    prompt evaluated at once and the common prefix token by token, as `generate` does."""
+    import llama_cpp
+    import numpy as np
+
+    n = common_prefix(ours, theirs)
+    if n >= len(ours) or n >= len(theirs):
+        return None
+    llm.reset()
+    llm.eval(ids)
+    for t in ours[:n]:
+        llm.eval([t])
+    z = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+    return round(float(z[ours[n]] - z[theirs[n]]), 4)
 
 
 def greedy_transformers(path: Path, prompts_ids, new_tokens: int, eos: int):
@@ -63,7 +84,20 @@ def greedy_transformers(path: Path, prompts_ids, new_tokens: int, eos: int):
             y = model.generate(x, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
             got = [int(t) for t in y[0, len(ids):]]
             outs.append(got[:got.index(eos)] if eos in got else got)
-    return outs
+    return outs, model
+
+
+def logit_gap(model, ids, ours, theirs):
+    """Where transformers' tokens `ours` and llama.cpp's `theirs` first differ: transformers' logit
+    of its own token minus its logit of llama.cpp's (None where one output simply ended)."""
+    import torch
+
+    n = common_prefix(ours, theirs)
+    if n >= len(ours) or n >= len(theirs):
+        return None
+    with torch.no_grad():
+        z = model(torch.tensor([list(ids) + list(ours[:n])])).logits[0, -1].float()
+    return round(float(z[ours[n]] - z[theirs[n]]), 4)
 
 
 def common_prefix(a, b) -> int:
@@ -101,11 +135,14 @@ def main() -> int:
     texts = {}
     for label, path in (("pear", a.gguf), ("base", a.base)):
         t = time.perf_counter()
-        lc = greedy_llama_cpp(path, ids, a.new_tokens)
-        hf = greedy_transformers(path, ids, a.new_tokens, tok.eos_token_id)
+        lc, llm = greedy_llama_cpp(path, ids, a.new_tokens)
+        hf, model = greedy_transformers(path, ids, a.new_tokens, tok.eos_token_id)
         rows = [{"prompt": p, "identical": x == y, "common_prefix": common_prefix(x, y), "n_llama_cpp": len(x),
-                 "n_transformers": len(y), "llama_cpp": tok.decode(x), "transformers": tok.decode(y)}
-                for p, x, y in zip(PROMPTS, lc, hf)]
+                 "n_transformers": len(y), "transformers_logit_gap": None if x == y else logit_gap(model, i, y, x),
+                 "llama_cpp_logit_gap": None if x == y else llama_cpp_gap(llm, i, x, y),
+                 "llama_cpp": tok.decode(x), "transformers": tok.decode(y)}
+                for p, i, x, y in zip(PROMPTS, ids, lc, hf)]
+        del model, llm
         texts[label] = (lc, hf)
         report["files"][label] = {"path": str(path), "identical": sum(r["identical"] for r in rows),
                                   "prompts": len(rows), "seconds": round(time.perf_counter() - t, 1), "rows": rows}

@@ -13,12 +13,20 @@ import pear
 from pear.cli import main
 from pear.errors import PearError
 from pear.export import gguf_file
-from pear.export.scales import ChannelScaling, channel_scales, check_channel_scales
+from pear.export.scales import ChannelScaling, channel_scales, check_channel_scales, scales_json
 from pear.families import resolve
 from pear.folding import HeadScaling, fold
+from pear.folding.coefficients import coefficients_json, summary_value
 from tiny_models import tiny_model
 
 COEFS = {(0, 1): 0.5, (1, 3): -0.7, (1, 0): 1.3}
+
+
+def _channel_coefs(head_dim, seed=3):
+    """COEFS made per-channel (as `--scales channels` fits them): each head's coefficient times
+    head_dim factors in [0.5, 1.5), so the scales vary inside every head (and quantisation block)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (a * (0.5 + torch.rand(head_dim, generator=g))).tolist() for k, a in COEFS.items()}
 
 
 def _coef_file(tmp_path, coefs=COEFS):
@@ -52,6 +60,32 @@ def test_channel_scales_repeat_each_head_coefficient_and_match_head_scaling(mt):
     assert not torch.allclose(chans, base, atol=1e-3)  # the scales do something
 
 
+@pytest.mark.parametrize("mt", ["llama", "gemma", "gpt2"])
+def test_channel_scales_carry_per_channel_coefficients_channel_for_channel(mt):
+    model = tiny_model(mt)
+    arch = resolve(model)
+    D = arch.head_dim
+    coefs = _channel_coefs(D)
+    sc = channel_scales(arch, coefs)
+    assert sorted(sc) == [0, 1]
+    for (l, h), a in coefs.items():
+        assert torch.equal(sc[l][h * D:(h + 1) * D], torch.tensor(a, dtype=torch.float32)), (l, h)
+    assert torch.all(sc[0][:D] == 1) and torch.all(sc[1][D:3 * D] == 1)  # unselected heads
+    rec = scales_json(sc, arch)["layers"]  # pear.json / pear.channel_scales keep every channel
+    assert [r["layer"] for r in rec] == [0, 1] and all("channels" in r for r in rec)
+    assert rec[1]["channels"][3 * D:4 * D] == pytest.approx(coefs[(1, 3)], rel=1e-6)
+    ids = _ids(128)
+    with torch.no_grad():
+        with HeadScaling(model, coefs, trainable=False):
+            heads = model(ids).logits
+        with ChannelScaling(model, sc):
+            chans = model(ids).logits
+        with HeadScaling(model, {k: summary_value(a) for k, a in coefs.items()}, trainable=False):
+            means = model(ids).logits
+    torch.testing.assert_close(chans, heads, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(chans, means, atol=1e-3)  # each channel counts, not only the head's mean
+
+
 def test_channel_scales_bad_input_is_one_clear_error():
     arch = resolve(tiny_model("llama"))
     n = arch.n_heads * arch.head_dim
@@ -72,15 +106,19 @@ def tiny_folder(tmp_path):
     return make
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
 @pytest.mark.parametrize("mt,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("gemma", torch.float32),
                                       ("llama", torch.bfloat16)])
-def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_folder, mt, dtype, capsys):
+def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_folder, mt, dtype, granularity, capsys):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     base_dir = tiny_folder(mt, dtype)
     before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
-    coefs = _coef_file(tmp_path)
+    D = resolve(tiny_model(mt)).head_dim
+    given = COEFS if granularity == "head" else _channel_coefs(D)
+    coefs = _coef_file(tmp_path, given)
     assert main(["fold", "--model", str(base_dir), "--coefficients", str(coefs), "--out", str(tmp_path / "ad"),
                  "--format", "peft"]) == 0
     assert main(["fold", "--model", str(base_dir), "--coefficients", str(coefs), "--out", str(tmp_path / "hf")]) == 0
@@ -88,6 +126,14 @@ def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_fold
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "IA3" and cfg["target_modules"] == cfg["feedforward_modules"]
     assert "base_model_relation: adapter" not in (tmp_path / "ad" / "README.md").read_text()  # a path: no hub id
+    ia3 = {k: v for k, v in load_file(tmp_path / "ad" / "adapter_model.safetensors").items() if "ia3_l" in k}
+    assert len(ia3) == 2  # one vector per layer with scales: the channel-scale vectors, channel for channel
+    for layer, v in channel_scales(resolve(tiny_model(mt)), given).items():
+        (stored,) = [t for k, t in ia3.items() if f".{layer}." in k]
+        assert torch.equal(stored.reshape(-1), v), layer
+    if granularity == "channel":
+        layers = json.loads((tmp_path / "ad" / "pear.json").read_text())["channel_scales"]["layers"]
+        assert all("channels" in r for r in layers)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     folded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = _ids(128, 1)
@@ -143,6 +189,31 @@ def test_gguf_tensor_keeps_type_and_untouched_blocks_and_scales_the_head(qtype):
         assert np.array_equal(new[:, :new.shape[1] // 2], t.data[:, :t.data.shape[1] // 2])
     # a block scaled as a whole re-quantises to the same integers: only fp16 block scales round
     np.testing.assert_allclose(new_w[:, 64:], 0.5 * old_w[:, 64:], atol=2e-3 * np.abs(old_w).max())
+
+
+def test_gguf_tensor_with_per_channel_scales_is_requantised_to_q8_0_unless_blocks_are_scaled_whole():
+    from gguf import GGMLQuantizationType as T, quants
+
+    t = _quantised("Q4_1")
+    old_w = quants.dequantize(t.data, T.Q4_1)
+    v = torch.ones(128)
+    v[64:] = torch.linspace(0.3, 1.7, 64)  # head 1 of 2, one scale per channel
+    new, written, how = gguf_file.scale_tensor(t, v)
+    assert (written, how) == (T.Q8_0, "Q8_0") and gguf_file.tolerance_for({"t": {"how": how}}) == 2e-2
+    want = old_w * v.numpy()[None, :]
+    err = np.abs(quants.dequantize(new, written) - want)
+    assert err.max() <= np.abs(want).max() / 127  # within one Q8_0 step
+    # re-quantising in Q4_1 would have rounded the varying block a second time, at 4 bits
+    err_q4 = np.abs(quants.dequantize(quants.quantize(want, T.Q4_1), T.Q4_1) - want)
+    assert err[:, 64:].max() < err_q4[:, 64:].max() / 4
+    # scales constant over each 32-channel block (not over the head) keep the type and the integers
+    v = torch.ones(128)
+    v[64:96], v[96:] = 0.5, 0.8
+    new, written, how = gguf_file.scale_tensor(t, v)
+    assert (written, how) == (T.Q4_1, "repacked")
+    assert np.array_equal(new[:, :new.shape[1] // 2], t.data[:, :t.data.shape[1] // 2])
+    np.testing.assert_allclose(quants.dequantize(new, written), old_w * v.numpy()[None, :],
+                               atol=2e-3 * np.abs(old_w).max())
 
 
 def test_gguf_tensor_in_a_type_gguf_cannot_quantise_falls_back_to_q8_0(monkeypatch):
@@ -240,3 +311,52 @@ def test_gguf_real_default_model_only_attention_outputs_change(tmp_path, smollm2
     finally:
         restore()
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.real
+def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, capsys):
+    """`pear fold --format gguf` with one scale per channel (as `pear fit --scales channels` writes
+    them) on every head of three layers: those tensors go to Q8_0, the rest stay byte for byte,
+    and the file loaded back is the folded model within Q8_0's tolerance."""
+    import gguf
+
+    from pear.export.scales import snapshot_out_projs
+
+    arch = resolve(smollm2.model)
+    D, layers = arch.head_dim, (16, 24, 29)
+    g = torch.Generator().manual_seed(0)
+    coefs = {(l, h): (0.6 + 0.8 * torch.rand(D, generator=g)).tolist() for l in layers for h in range(arch.n_heads)}
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(coefficients_json(coefs)))
+    assert main(["fold", "--model", "smollm2-135m", "--coefficients", str(c), "--format", "gguf",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert "(Q4_1->Q8_0)" in capsys.readouterr().out
+    (path,) = (tmp_path / "g").glob("*.pear.gguf")
+    a, b = gguf.GGUFReader(str(Path(smollm2.spec.path) / smollm2.spec.gguf_file)), gguf.GGUFReader(str(path))
+    changed = {f"blk.{l}.attn_output.weight" for l in layers}
+    assert json.loads(b.fields["pear.attn_output_types"].contents()) == \
+        {n: {"original": "Q4_1", "written": "Q8_0", "how": "Q8_0"} for n in sorted(changed)}
+    rec = json.loads(b.fields["pear.channel_scales"].contents())["layers"]
+    assert [r["layer"] for r in rec] == list(layers)
+    assert rec[1]["channels"][4 * D:5 * D] == pytest.approx(coefs[(24, 4)], rel=1e-6)
+    tb = {t.name: t for t in b.tensors}
+    for t in a.tensors:
+        if t.name not in changed:
+            assert t.tensor_type == tb[t.name].tensor_type and np.array_equal(t.data, tb[t.name].data), t.name
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(1))
+    restore = snapshot_out_projs(smollm2.model)
+    with torch.no_grad():
+        base = smollm2.model(ids).logits
+        try:
+            fold(smollm2.model, coefs)
+            ref = smollm2.model(ids).logits
+            folded_w = {l: arch.out_projs[l].weight.detach().numpy().copy() for l in layers}
+        finally:
+            restore()
+        got = gguf_file.load_back(path)(ids).logits
+    err = float((got - ref).abs().max())
+    assert err <= gguf_file.GGUF_TOLERANCE["Q8_0"] * max(1.0, float(ref.abs().max()))
+    assert float((base - ref).abs().max()) > 3 * err  # the file carries the re-weighting
+    for l, w in folded_w.items():  # orientation, channel for channel: within one Q8_0 step
+        t = tb[f"blk.{l}.attn_output.weight"]
+        assert np.abs(gguf.quants.dequantize(t.data, t.tensor_type) - w).max() <= np.abs(w).max() / 127

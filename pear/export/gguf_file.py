@@ -6,7 +6,10 @@ those, only the quantisation blocks whose input channels are scaled are rewritte
 dequantised, multiplied by its channels' scales, and quantised again in the original type.
 The `gguf` package can quantise Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (and the float types); a tensor in
 any other type (K-quants, i-quants) is re-quantised whole to Q8_0 (F16 where a row is not a
-multiple of 32), which the metadata (``pear.attn_output_types``) and the report say.
+multiple of 32), which the metadata (``pear.attn_output_types``) and the report say. So is a
+tensor whose scales vary inside a quantisation block (per-channel coefficients): re-quantising
+such a block in its own 4- or 5-bit type would find new integers and add a second rounding as
+large as the first, while Q8_0 rounds 16 times finer.
 
 Why this is nearly lossless: a per-head scale is constant over a head's head_dim channels, and
 a quantisation block (32 channels) lies inside one head when head_dim is a multiple of 32; a
@@ -36,7 +39,8 @@ REQUANTISABLE = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F32", "F16", "BF16"}
 # Accepted max |GGUF - folded| logit difference relative to max |logit|, by how the scaled
 # attn_output tensors were stored (benchmarks/results/export_formats_cpu.md). Measured: repacked,
 # SmolLM2-135M Q4_1 (12 heads) 1.7e-4, Qwen2.5-Coder-0.5B Q5_0 1.6e-5; re-quantised whole to Q8_0,
-# which rounds unscaled channels too: Gemma-3-270M Q4_K 5.1e-3, SmolLM2 Q4_1 (forced) 2.6e-3.
+# which rounds unscaled channels too: Gemma-3-270M Q4_K 5.1e-3, SmolLM2 Q4_1 (forced) 2.6e-3, SmolLM2
+# per-channel scales 1 + 0.1 N(0, 1) on all 270 heads (30 tensors Q4_1 -> Q8_0) 7.4e-3.
 GGUF_TOLERANCE = {"repacked": 2e-3, "Q8_0": 2e-2, "F16": 5e-3}
 
 
@@ -57,11 +61,12 @@ def _reader(path: Path):
         raise PearError(f"{path} is not a readable GGUF file: {e}") from None
 
 
-def _target_type(qtype, n_in: int):
-    """(type to write, how): the original type where gguf can quantise it, else Q8_0 or F16."""
+def _target_type(qtype, n_in: int, blockwise_constant: bool = True):
+    """(type to write, how): the original type where gguf can quantise it and every block's
+    channels share one scale (a block scaled as a whole keeps its integers), else Q8_0 or F16."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-    if qtype.name in REQUANTISABLE:
+    if qtype.name in REQUANTISABLE and blockwise_constant:
         return qtype, "repacked"
     fallback = T.Q8_0 if n_in % GGML_QUANT_SIZES[T.Q8_0][0] == 0 else T.F16
     return fallback, fallback.name
@@ -78,11 +83,13 @@ def scale_tensor(tensor, v: torch.Tensor) -> tuple[np.ndarray, object, str]:
     if w.ndim != 2 or w.shape[1] != scale.size:
         raise PearError(f"{tensor.name}: shape {tuple(w.shape)} does not match {scale.size} input channels "
                         "(heads x head_dim); is this GGUF file the same model?")
-    target, how = _target_type(qtype, w.shape[1])
+    bs = GGML_QUANT_SIZES[qtype][0]  # channels per block (1 for float types)
+    blocks = scale.reshape(-1, bs)  # (in / bs, bs)
+    target, how = _target_type(qtype, w.shape[1], bool((blocks == blocks[:, :1]).all()))
     new = quants.quantize(w * scale[None, :], target)
     if how == "repacked" and new.dtype == np.uint8:  # keep the bytes of blocks with no scaled channel
-        bs, ts = GGML_QUANT_SIZES[qtype]
-        touched = (scale.reshape(-1, bs) != 1).any(axis=1)  # (in / bs,)
+        ts = GGML_QUANT_SIZES[qtype][1]
+        touched = (blocks != 1).any(axis=1)  # (in / bs,)
         old = np.asarray(tensor.data).reshape(w.shape[0], -1, ts)  # (out, blocks, bytes)
         new = np.where(touched[None, :, None], new.reshape(old.shape), old).reshape(np.asarray(tensor.data).shape)
     return np.ascontiguousarray(new), target, how

@@ -24,13 +24,14 @@ LayerScales = dict[int, torch.Tensor]  # layer -> (H * D,) fp32 scales of the ou
 
 
 def channel_scales(arch: Arch, coefs: Mapping[HeadKey, float]) -> LayerScales:
-    """Per-head coefficients -> per-layer input-channel scales (head's coefficient repeated
-    over head_dim; ones elsewhere). Only layers with at least one selected head appear."""
+    """Coefficients -> per-layer input-channel scales: a per-head coefficient repeated over
+    head_dim, a per-channel one (head_dim values) as it is; ones elsewhere. Only layers with
+    at least one selected head appear."""
     coefs = check_coefficients(arch, coefs)
     out: LayerScales = {}
     for (layer, head), a in coefs.items():
         v = out.setdefault(layer, torch.ones(arch.n_heads * arch.head_dim, dtype=torch.float32))
-        v[head * arch.head_dim:(head + 1) * arch.head_dim] = a  # (D,) block of head `head`
+        v[head * arch.head_dim:(head + 1) * arch.head_dim] = torch.as_tensor(a, dtype=torch.float32)  # (D,) or ()
     return out
 
 
