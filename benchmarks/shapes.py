@@ -27,9 +27,10 @@ SHAPES = {
 }
 
 
-def config_for(shape: str):
+def config_for(shape: str, **override):
+    """The configuration of `shape`; `override` replaces fields (e.g. vocab_size for a tokenizer)."""
     model_type, fields = SHAPES[shape]
-    cfg = AutoConfig.for_model(model_type, **fields)
+    cfg = AutoConfig.for_model(model_type, **{**fields, **override})
     cfg.bos_token_id, cfg.eos_token_id = 1, 2
     return cfg
 
@@ -47,9 +48,9 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(shape: str, device: str = "cuda", dtype=torch.bfloat16, device_map: str | None = None,
-          attn_implementation: str = "sdpa", seed: int = 0):
+          attn_implementation: str = "sdpa", seed: int = 0, **override):
     """A random model of `shape`: on one device, or spread over GPUs with device_map="auto"."""
-    cfg = config_for(shape)
+    cfg = config_for(shape, **override)
     if device_map is None:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)

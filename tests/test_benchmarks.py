@@ -34,7 +34,7 @@ def test_perf_scale_tiny_cpu_reports_every_part(tmp_path):
     assert "== discover-fast" in out.with_suffix(".profile.txt").read_text()
     # --py-profile: cProfile tables per part, naming pear's own functions
     py = out.with_suffix(".pyprofile.txt").read_text()
-    assert all(f"== {p}" in py for p in parts) and "discover.py" in py and "fit.py" in py
+    assert all(f"== {p}" in py for p in parts) and "pear/discover/" in py and "fit.py" in py
 
 
 def test_real_shapes_declare_the_published_sizes():
@@ -45,30 +45,6 @@ def test_real_shapes_declare_the_published_sizes():
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (64, 40, 8, 5120)
     model = shapes.build("tiny", device="cpu", dtype=torch.float32)
     assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
-
-
-def test_summarise_parts_reproduces_a_recorded_gpu_run(tmp_path):
-    """benchmarks/summarise_parts.py rebuilds results from per-example parts: on the recorded
-    SmolLM2 mdqa-10 full run it must give the results JSON's numbers exactly."""
-    import subprocess
-    import sys as _sys
-
-    root = Path(__file__).resolve().parent.parent
-    res_dir = root / "benchmarks" / "results" / "gpu_eval_full"
-    out = tmp_path / "partial.json"
-    subprocess.run([_sys.executable, str(root / "benchmarks" / "summarise_parts.py"), str(res_dir / "parts"),
-                    "--task", "mdqa-10", "--labels", "base", "pear", "--first-tokens", "1498", "--out", str(out)],
-                   check=True, capture_output=True, cwd=root)
-    pair = json.loads(out.read_text())["pairs"]
-    assert len(pair) == 1 and pair[0]["examples"] == 8850
-    recorded = json.loads((res_dir / "full-smollm2-135m-mdqa-10.json").read_text())["tasks"]["mdqa-10"]
-    for cond, got in pair[0]["conditions"].items():
-        for label in ("base", "pear"):
-            assert got[label]["correct"] == recorded["models"][label][cond]["correct"]
-            assert got[label]["n"] == recorded["models"][label][cond]["n"]
-        want = recorded["paired"]["pear"]["conditions"][cond]
-        assert got["paired"]["p_mcnemar"] == pytest.approx(want["p_mcnemar"])
-        assert got["paired"]["diff"] == pytest.approx(want["diff"])
 
 
 def test_backend_check_runs_both_modes_on_cpu():
