@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .errors import PearError
+from .provenance import versions
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
 from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
@@ -79,13 +78,6 @@ class RunResult:
                 f"{self.seconds['total']:.0f} s; saved {self.out}")
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"pear": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(terse=True)}
 
 
 def default_out(spec: str | None) -> Path:

@@ -17,8 +17,6 @@ Peak memory: `pear.bench.memory`.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_text
+from ..provenance import provenance
 from ..errors import PearError
 from ..evaluate.generate import context_window  # one reading of a config's window, for eval and bench
 from .memory import PeakMemory, _model_bytes, memory_method
@@ -184,10 +183,6 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
                 paired = [a / b for a, b in zip(results[v][m]["trials"], results["base"][m]["trials"])]
                 ratio[m] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
             results[v]["ratio_to_base"] = ratio
-    import transformers
-
-    from .. import __version__
-
     return {
         "benchmark": "overhead",
         "settings": {"model": model, "pear": pear, "context": context, "new_tokens": new_tokens, "trials": trials,
@@ -195,9 +190,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
                      "seed": seed, "variant_options": options, "input": "uniform random token ids",
                      "order_per_trial": orders},
         "device": dev,
-        "hardware": _hardware(dev),
-        "versions": {"pear": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        **provenance(dev),
         "memory_method": mem_method,
         "weights_bytes": weights,
         "pear_checkpoint": arch_check,
@@ -205,12 +198,6 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         "variants": results,
     }
 
-
-def _hardware(dev: str) -> dict:
-    hw = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if dev.startswith("cuda"):
-        hw["gpu"] = torch.cuda.get_device_name(dev)
-    return hw
 
 
 def format_table(res: dict) -> str:

@@ -34,3 +34,11 @@ def add_k_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--k", default=None, metavar="K|auto",
                    help="heads to select: an integer, or auto (the knee of the sorted positive Δπ, clamped to "
                    f"4..32); default {default}")
+
+
+def one_device(args: argparse.Namespace, command: str) -> None:
+    """Commands that time or train on a single device refuse --device-map with one clear line."""
+    if args.device_map is not None:
+        from ..errors import PearError
+
+        raise PearError(f"{command} runs on one device; --device-map is not supported")

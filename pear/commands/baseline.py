@@ -42,8 +42,9 @@ def add_cli(sub) -> None:
 def _cli_train_moice(args: argparse.Namespace) -> int:
     import sys
 
-    if args.device_map is not None:
-        raise PearError("pear baseline train moice runs on one device; --device-map is not supported")
+    from . import one_device
+
+    one_device(args, "pear baseline train moice")
     try:
         bases = None if args.bases is None else [float(b) for b in args.bases.split(",") if b.strip()]
     except ValueError:

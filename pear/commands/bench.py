@@ -37,8 +37,9 @@ def add_cli(sub) -> None:
 
 
 def _cli_overhead(args: argparse.Namespace) -> int:
-    if args.device_map is not None:
-        raise PearError("pear bench overhead runs on one device; --device-map is not supported")
+    from . import one_device
+
+    one_device(args, "pear bench overhead")
     from ..bench import format_table, overhead, write_json_atomic
     from ..hardware import announce
     from ..loading import resolve_spec

@@ -122,7 +122,7 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
 
     from ..loading import parse_device
     from ..atomic import plain_permissions
-    from ..pipeline import versions
+    from ..provenance import versions
 
     s = settings or TrainSettings()
     if arch not in ARCHS:
