@@ -3,16 +3,16 @@
     python3 benchmarks/recipe_study.py --work DIR [--models a,b,...] [--stage all|fit|screen|select|final]
 
 Protocol (written down before it ran, BENCHMARKS.md §5): every candidate recipe of
-`pear.recipes` is fitted on every model (seed 0); the candidates are screened on the *first*
-half of the multi-document QA questions (mdqa-20, the first SCREEN_Q questions of half 1, gold
-at documents 1, 6, 10, 15, 20); the recipe with the largest mean Δ accuracy over the models
-(ties: the smaller mean position gap) is chosen; the chosen recipe is fitted again with seed
-1, and base, paper, chosen (seed 0) and chosen (seed 1) are evaluated on the *second* half
-(mdqa-20, kv, closed-book, MMLU). Nothing measured on the second half takes part in the choice.
+`pear.recipes` is fitted on every screened model (seed 0); the candidates are screened on the
+*first* half of the multi-document QA questions (mdqa-20, the first SCREEN_Q questions of half 1,
+gold at documents 1, 6, 10, 15, 20); a rule of RULES chooses one recipe from those figures alone;
+the chosen recipe is fitted again with seed 1, and base, paper, chosen (seed 0) and chosen
+(seed 1) are evaluated on the *second* half (mdqa-20, kv, closed-book, MMLU) of every report
+model. Nothing measured on the second half takes part in the choice.
 
 Each step is a `pear` command (printed and logged), so every figure can be reproduced one
 command at a time; finished outputs are kept and skipped when the study is run again.
-Models run in parallel, one thread of commands per model (`--jobs`).
+`--jobs` commands run at once (one GPU holds several small models).
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.recipes import RECIPES  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
 SCREEN_TASK, SCREEN_Q = "mdqa-20", 100
-FINAL_TASKS = [("mdqa-20", 300), ("mmlu", None), ("closedbook", None), ("kv", 100)]  # (task, questions of half 2)
+GOAL_DELTA, GOAL_GAP = 0.03, 2 / 3  # the goal on a screened model: Δ ≥ +3 points, gap ≤ 2/3 of base's
+RULES = {  # name: (text, sort key over a candidate's screen score; the largest wins)
+    "goal": ("most screened models meeting Δ ≥ +3 points and gap ≤ 2/3 of base (mdqa-20, half 1); "
+             "ties: larger mean Δ, then smaller mean gap",
+             lambda s: (s["meets_goal"], s["mean_delta"], -s["mean_gap"])),
+    "mean": ("largest mean Δ accuracy over the models on mdqa-20 half 1 (ties: smaller mean gap)",
+             lambda s: (s["mean_delta"], -s["mean_gap"])),
+}
+FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", None)]  # (task, questions of half 2)
 
 
 def pear(args: list[str], log: Path) -> None:
@@ -49,6 +58,11 @@ def pear(args: list[str], log: Path) -> None:
 
 
 class Study:
+    """The study as a set of `pear` commands run `--jobs` at a time: a fit and the evaluation of
+    its model are one chain, so screening starts as soon as a fit is done. Every variant is
+    evaluated alone into a shared parts folder (content-keyed), and one `pear eval --parts only`
+    per model and task then assembles the table, with its paired statistics, from those parts."""
+
     def __init__(self, a):
         self.work, self.a = Path(a.work), a
         self.common = ["--device", a.device, "--dtype", "bf16"]
@@ -62,19 +76,28 @@ class Study:
     def run_dir(self, model: str, recipe: str, seed: int = 0) -> Path:
         return self.work / "runs" / model / (recipe if seed == 0 else f"{recipe}-seed{seed}")
 
-    def fit(self, model: str, recipe: str, seed: int = 0) -> Path:
+    def fit(self, model: str, recipe: str, seed: int = 0) -> str:
         out = self.run_dir(model, recipe, seed)
         if not (out / "model").is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
             pear(["run", "--model", self.spec(model), "--recipe", recipe, "--seed", str(seed), "--out", str(out),
-                  "--save-dtype", "bf16", "--no-progress", "--force"] + self.common + self.a.run_args, self.log(model))
-        return out / "model"
+                  "--save-dtype", "bf16", "--no-progress", "--force"] + self.common + self.a.run_args,
+                 self.log(model, f"fit-{recipe}-{seed}"))
+        return str(out / "model")
 
-    def log(self, model: str) -> Path:
+    def label_spec(self, model: str, label: str) -> str:
+        """The model a variant label names: the base, RECIPE (seed 0) or RECIPE-seedN."""
+        if label == "base":
+            return self.spec(model)
+        recipe, _, seed = label.partition("-seed")
+        return str(self.run_dir(model, recipe, int(seed or 0)) / "model")
+
+    def log(self, model: str, what: str) -> Path:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
-        return self.work / "logs" / f"{model}.log"
+        return self.work / "logs" / f"{model}-{what}.log"
 
-    def evaluate(self, model: str, variants: list[tuple[str, str]], task: str, half: int, limit, out: Path):
+    def evaluate(self, model: str, variants: list[tuple[str, str]], task: str, half: int, limit, out: Path,
+                 only: bool = False):
         if out.is_file():
             return
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,20 +107,59 @@ class Study:
         args += ["--task", task, "--half", str(half), "--out", str(out)] + self.eval_common
         if limit:
             args += ["--limit", str(limit)]
-        pear(args, self.log(model))
+        if only:
+            args += ["--parts", "only"]
+        pear(args, self.log(model, f"eval-{task}-h{half}-{variants[0][0] if len(variants) == 1 else 'all'}"))
+
+    def chain(self, model: str, label: str, make_spec, tasks: list[tuple[str, int, int | None]]):
+        """One job: make the variant's model (a fit, or nothing for the base), then evaluate it alone."""
+        spec = make_spec()
+        for task, half, limit in tasks:
+            self.evaluate(model, [(label, spec)], task, half, limit,
+                          self.work / "single" / model / f"{task}-h{half}-{label}.json")
+
+    def run_chains(self, chains: list[tuple]):
+        def go(c):
+            try:
+                self.chain(*c)
+            except Exception as e:  # one failure must not stop the others
+                print(f"{c[0]} {c[1]}: {e}", flush=True)
+
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            list(pool.map(go, chains))
 
     # ------------------------------------------------------------------ stages
-    def stage_fit(self, model: str):
-        for r in self.a.recipes:
-            self.fit(model, r)
+    def variants_screen(self, model: str) -> list[tuple[str, object]]:
+        return [("base", lambda: self.spec(model))] + [
+            (r, lambda r=r: self.fit(model, r)) for r in self.a.recipes]
 
-    def stage_screen(self, model: str):
-        variants = [("base", self.spec(model))] + [(r, str(self.fit(model, r))) for r in self.a.recipes]
-        self.evaluate(model, variants, SCREEN_TASK, 1, self.a.screen_q, self.work / "screen" / f"{model}.json")
+    def variants_final(self, model: str, chosen: str) -> list[tuple[str, object]]:
+        v = [("base", lambda: self.spec(model)), ("paper", lambda: self.fit(model, "paper"))]
+        if chosen != "paper":
+            v.append((chosen, lambda: self.fit(model, chosen)))
+        v.append((f"{chosen}-seed1", lambda: self.fit(model, chosen, seed=1)))
+        return v
+
+    def stage_fit(self):
+        self.run_chains([(m, r, lambda m=m, r=r: self.fit(m, r), [])
+                         for m in self.a.screen_models for r in self.a.recipes])
+
+    def stage_screen(self):
+        tasks = [(SCREEN_TASK, 1, self.a.screen_q)]
+        self.run_chains([(m, lab, mk, tasks) for m in self.a.screen_models for lab, mk in self.variants_screen(m)])
+        for m in self.a.screen_models:
+            variants = [(lab, self.label_spec(m, lab)) for lab, _ in self.variants_screen(m)]
+            self.assemble(m, variants, SCREEN_TASK, 1, self.a.screen_q, self.work / "screen" / f"{m}.json")
+
+    def assemble(self, model, variants, task, half, limit, out):
+        try:
+            self.evaluate(model, variants, task, half, limit, out, only=True)
+        except Exception as e:
+            print(f"{model} {task}: {e}", flush=True)
 
     def stage_select(self) -> str:
         table = {}
-        for m in self.a.models:
+        for m in self.a.screen_models:
             f = self.work / "screen" / f"{m}.json"
             if f.is_file():
                 res = json.loads(f.read_text())["tasks"][SCREEN_TASK]["models"]
@@ -106,36 +168,29 @@ class Study:
             raise RuntimeError("no screening results")
         score = {}
         for r in self.a.recipes:
-            deltas = [t[r]["all"] - t["base"]["all"] for t in table.values() if r in t]
-            gaps = [t[r]["gap"] for t in table.values() if r in t]
-            if len(deltas) == len(table):
-                score[r] = (sum(deltas) / len(deltas), -sum(gaps) / len(gaps))
-        chosen = max(score, key=lambda r: score[r])
-        sel = {"rule": "largest mean Δ accuracy over the models on mdqa-20 half 1 (ties: smaller mean gap)",
-               "models": list(table), "screen": table,
-               "score": {r: {"mean_delta": s[0], "mean_gap": -s[1]} for r, s in score.items()}, "chosen": chosen}
+            rows = [t for t in table.values() if r in t]
+            if len(rows) < len(table):
+                continue
+            deltas = [t[r]["all"] - t["base"]["all"] for t in rows]
+            gaps = [t[r]["gap"] for t in rows]
+            goal = sum(t[r]["all"] - t["base"]["all"] >= GOAL_DELTA and t[r]["gap"] <= GOAL_GAP * t["base"]["gap"]
+                       for t in rows)
+            score[r] = {"meets_goal": goal, "mean_delta": sum(deltas) / len(deltas), "mean_gap": sum(gaps) / len(gaps)}
+        key = RULES[self.a.rule][1]
+        chosen = max(score, key=lambda r: key(score[r]))
+        sel = {"rule": RULES[self.a.rule][0], "models": list(table), "screen": table, "score": score,
+               "chosen": chosen}
         (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
-        print(json.dumps(sel["score"], indent=1), "\nchosen:", chosen, flush=True)
+        print(json.dumps(score, indent=1), "\nchosen:", chosen, flush=True)
         return chosen
 
-    def stage_final(self, model: str, chosen: str):
-        variants = [("base", self.spec(model)), ("paper", str(self.fit(model, "paper")))]
-        if chosen != "paper":
-            variants.append((chosen, str(self.fit(model, chosen))))
-        variants.append((f"{chosen}-seed1", str(self.fit(model, chosen, seed=1))))
-        for task, limit in self.a.final_tasks:
-            self.evaluate(model, variants, task, 2, limit, self.work / "final" / f"{model}-{task}.json")
-
-    def per_model(self, stages: list[str], chosen: str | None):
-        def go(model):
-            try:
-                for s in stages:
-                    getattr(self, f"stage_{s}")(model, *(() if s != "final" else (chosen,)))
-            except Exception as e:  # one model's failure must not stop the others
-                print(f"{model}: {e}", flush=True)
-
-        with ThreadPoolExecutor(self.a.jobs) as pool:
-            list(pool.map(go, self.a.models))
+    def stage_final(self, chosen: str):
+        tasks = [(t, 2, lim) for t, lim in self.a.final_tasks]
+        self.run_chains([(m, lab, mk, tasks) for m in self.a.models for lab, mk in self.variants_final(m, chosen)])
+        for m in self.a.models:
+            variants = [(lab, self.label_spec(m, lab)) for lab, _ in self.variants_final(m, chosen)]
+            for t, _, lim in tasks:
+                self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")
 
 
 def _gap(v: dict) -> float:
@@ -146,12 +201,15 @@ def _gap(v: dict) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="folder for runs, results and logs")
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS), help="models of the report half (final stage)")
+    p.add_argument("--screen-models", default=",".join(SCREEN_MODELS), help="models that choose (fit, screen)")
+    p.add_argument("--rule", default="goal", choices=list(RULES), help="selection rule (round 1: mean)")
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "select", "final"])
+    p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "select", "final"],
+                   help="fit and screen use --screen-models, final uses --models")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--jobs", type=int, default=4, help="models in parallel")
+    p.add_argument("--jobs", type=int, default=4, help="commands in parallel")
     p.add_argument("--screen-q", type=int, default=SCREEN_Q, help="questions of half 1 for screening")
     p.add_argument("--final-limits", default=None, help="e.g. mdqa-20=300,kv=100 (questions of half 2)")
     p.add_argument("--run-args", default="", help="more `pear run` options for every fit (e.g. a quick smoke "
@@ -160,18 +218,21 @@ def main() -> int:
     p.add_argument("--max-batch-tokens", type=int, default=400_000)
     a = p.parse_args()
     a.models, a.recipes, a.run_args = a.models.split(","), a.recipes.split(","), shlex.split(a.run_args)
+    a.screen_models = a.screen_models.split(",")
     limits = dict(FINAL_TASKS)
     for kv in (a.final_limits.split(",") if a.final_limits else []):
         k, v = kv.split("=")
         limits[k] = None if v == "all" else int(v)
     a.final_tasks = list(limits.items())
     st = Study(a)
-    if a.stage in ("all", "fit", "screen"):
-        st.per_model(["fit", "screen"] if a.stage != "fit" else ["fit"], None)
+    if a.stage == "fit":
+        st.stage_fit()
+    if a.stage in ("all", "screen"):
+        st.stage_screen()
     if a.stage in ("all", "select", "final"):
         chosen = st.stage_select()
         if a.stage != "select":
-            st.per_model(["final"], chosen)
+            st.stage_final(chosen)
     return 0
 
 
