@@ -1,7 +1,7 @@
 """What the fit's training loop runs inside: a frozen model, eager attention on CPU,
 gradient checkpointing, and the resume checkpoint.
 
-Each piece is a context manager or a small file helper, so `pear.fit.fit` reads as the
+Each piece is a context manager or a small function, so `pear.fit.fit` reads as the
 algorithm alone; `pear.estimate` times a step inside the same contexts.
 
 Resume checkpoint: the training batch of step s is a pure function of ``(seed, s)``, so a
