@@ -2,10 +2,10 @@
 
     python3 benchmarks/fit_memory_gpu.py                  # needs one CUDA GPU; ~2-5 min on an H100
 
-No 7B checkpoint is reachable from our GPU machines, so the model is a randomly initialised
-Llama-2-7B-shaped llama (32 layers x 32 heads, hidden 4096, MLP 11008, vocab 32000) in
-bf16: memory depends on shapes, not on weight values. For each configuration (default fit,
-micro-batches of 5, gradient checkpointing) it runs 3 optimiser steps of the default fit
+The model is a randomly initialised Llama-2-7B-shaped llama (32 layers x 32 heads, hidden 4096,
+MLP 11008, vocab 32000) in bf16, so nothing is downloaded: memory depends on shapes, not on
+weight values. For each configuration (default fit, micro-batches of 5, gradient
+checkpointing) it runs 3 optimiser steps of the default fit
 (20 sequences of n = 50, K = 16 heads spread over layers 2..31, so the backward pass reaches
 almost every layer) and records torch.cuda.max_memory_allocated and seconds per step.
 Saves benchmarks/results/fit_memory_gpu.json.

@@ -31,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+from pear.hardware import cpu_bf16_flags, cpu_name  # noqa: E402
 
 
 def _timed(cmd: list[str]) -> float:
@@ -40,28 +42,11 @@ def _timed(cmd: list[str]) -> float:
     return round(time.perf_counter() - t, 2)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _capability() -> str:
     """PyTorch's CPU kernel level as pear run sees it (a fresh process: the env vars apply)."""
-    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
-
-
-def _bf16_flags() -> list[str]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx"))
+    code = "from pear.hardware import cpu_capability; print(cpu_capability())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO))).stdout.strip()
 
 
 def _compute_choice() -> dict:
@@ -113,8 +98,8 @@ def main() -> int:
                           "saved_model": pear_json["pear_run"]["heldout_proxy"]},
         "fit_settings": coefs["fit"]["settings"],
         "compute": _compute_choice(),
-        "machine": {"cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
-                    "cpu_capability": _capability(), "cpu_flags_bf16": _bf16_flags(),
+        "machine": {"cores": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version(),
+                    "cpu_capability": _capability(), "cpu_flags_bf16": cpu_bf16_flags(),
                     "simulated": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
                                   if k in os.environ} or None,
                     "loadavg_before": [round(v, 2) for v in load_before],

@@ -55,8 +55,8 @@ def estimate_run(model, tokenizer, fit_settings, discovery_settings, *, method: 
     from .discover import proxy_batches
     from .discover.progress import _Work
     from .families import resolve
-    from .fit import _nll, cpu_attention, default_micro_batch, frozen, scored_logits
-    from .proxy import make_model_batch
+    from .proxy import _nll, default_micro_batch, make_model_batch, scored_logits
+    from .training import cpu_attention, frozen
     from .folding import HeadScaling
 
     arch = resolve(model)

@@ -19,7 +19,8 @@ needs only the step, α, the optimiser and scheduler states and the losses so fa
 checkpoint path, fit writes one atomically every ``checkpoint_every`` steps, on Ctrl-C and
 at the end; running the same fit again resumes from it and gives the same α as an
 uninterrupted run. A checkpoint from a different fit (other heads, lr, seed, ...) is an
-error unless ``restart=True`` (``--restart``).
+error unless ``restart=True`` (``--restart``). The checkpoint files, the frozen model, eager
+attention on CPU and gradient checkpointing live in `pear.training`.
 
 Memory (7B on one 80 GB GPU): weights in bf16 take ~14 GB; activations for 20 x 101 tokens
 are a few GB. ``micro_batch`` splits each batch with gradient accumulation (same gradient),
@@ -28,7 +29,6 @@ are a few GB. ``micro_batch`` splits each batch with gradient accumulation (same
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -41,12 +41,12 @@ from typing import Iterable, Mapping
 import torch
 
 from . import distributed  # data-parallel
-from .atomic import open_atomic, write_text
+from .atomic import write_text
 from .dtypes import dtype_name
 from .errors import PearError
 from .families import resolve
 from .folding import HeadKey, HeadScaling, coefficients_json
-from .proxy import (  # noqa: F401
+from .proxy import (  # noqa: F401  (_nll, scored_logits: the copy objective looks them up here)
     ProxyBatch,
     _nll,
     default_micro_batch,
@@ -63,33 +63,17 @@ from .settings import (  # noqa: F401
     heldout_seed,
     train_seed,
 )
-
-
-@contextlib.contextmanager
-def cpu_attention(model):
-    """On CPU, run the fit with transformers' eager attention instead of SDPA, then switch back.
-
-    Proxy sequences are short (2n + 1 = 101 tokens), and for them PyTorch's CPU flash-attention
-    backward is slow: on SmolLM2-135M (bf16, 2 cores, 20 sequences) a training step took 3.54 s
-    with SDPA and 2.73 s with eager attention (median of 5 interleaved steps; same loss and
-    gradient to bf16 rounding). GPUs, other implementations, and models that cannot switch
-    are left as they are."""
-    impl = getattr(model.config, "_attn_implementation", None)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    switched = False
-    if on_cpu and impl == "sdpa":
-        try:
-            model.set_attn_implementation("eager")
-            switched = model.config._attn_implementation == "eager"
-        except (ValueError, NotImplementedError, AttributeError):
-            switched = False
-    try:
-        yield
-    finally:
-        if switched:
-            model.set_attn_implementation(impl)
-
-
+from .training import (  # noqa: F401  (checkpoint_path_for: part of pear.fit's names)
+    checkpoint_path_for,
+    clone_state,
+    cpu_attention,
+    fingerprint,
+    frozen,
+    grad_checkpointing,
+    load_resume,
+    resume_note,
+    save_resume,
+)
 
 
 def heldout_batch(model, tokenizer, settings: FitSettings) -> ProxyBatch:
@@ -136,84 +120,42 @@ class FitResult:
         return path
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def checkpoint_path_for(out: str | Path) -> Path:
-    """Where `pear fit --out X` keeps its resume checkpoint: X.ckpt beside X."""
-    out = Path(out)
-    return out.with_name(out.name + ".ckpt")
-
-
-def _fingerprint(model_spec, heads, settings: FitSettings, dtype: str) -> dict:
-    return {"model": model_spec, "heads": [list(h) for h in heads], "dtype": dtype, **settings.result_key()}
-
-
-def _save_ckpt(path: Path, state: dict) -> None:
-    with open_atomic(path, "wb") as f:
-        torch.save(state, f)
-
-
-def _load_ckpt(path: Path, key: dict, restart: bool) -> dict | None:
-    if not path.exists():
-        return None
-    if restart:
-        path.unlink()
-        print(f"pear: --restart: removed checkpoint {path}", file=sys.stderr)
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        old = state["key"]
-    except Exception as e:  # truncated or foreign file
-        raise PearError(f"cannot read fit checkpoint {path} ({type(e).__name__}); delete it or pass --restart") from None
-    if old != key:
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {key.get(k)!r}" for k in key if old.get(k) != key.get(k))
-        raise PearError(f"checkpoint {path} is from a different fit ({diff}); "
-                        "rerun with the same settings to resume, or pass --restart to start over")
-    return state
-
-
 # ---------------------------------------------------------------------------- training
-@contextlib.contextmanager
-def frozen(model):
-    """Freeze every model parameter for the duration; restore the flags afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+def _micro(model, settings: FitSettings, batch) -> int | None:
+    """Sequences per forward pass for this batch (see `default_micro_batch`)."""
+    if settings.micro_batch is not None or settings.objective == "copy":
+        return settings.micro_batch
+    if len({len(s.ids) for s in batch}) > 1:
+        # no padding: a padded row's masked positions can carry NaN activations through the
+        # hooks, and NaN x 0 gradient is NaN in alpha.grad; one sequence per pass is exact
+        return 1
+    longest = max(len(s.ids) + len(s.teacher_ids or ()) for s in batch)
+    return default_micro_batch(model, settings.length, tokens=longest)
 
 
-@contextlib.contextmanager
-def grad_checkpointing(model, enabled: bool):
-    """Recompute decoder-layer activations in the backward pass (non-reentrant, so the
-    hooks and frozen inputs need no special treatment).
-
-    Transformers only checkpoints layers whose `training` flag is set; we set that flag on
-    the layers themselves but not on their children, so dropout stays off (eval mode).
-    """
-    if not enabled:
-        yield
-        return
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PearError(f"{type(model).__name__} does not support gradient checkpointing; use --micro-batch instead")
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()  # not needed when non-reentrant; would extend backward to layer 0
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in layers:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.training = False
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
+def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, hs: HeadScaling) -> float:
+    """Forward + backward on the fresh batch of `step`; leaves the gradient in `hs.alpha.grad`.
+    The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``."""
+    batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh for this step
+    total = 0.0
+    micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
+    chunks = objective.split(batch, micro)
+    for b in distributed.shard(chunks):  # data-parallel: this rank's share of the batch
+        loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
+        loss.backward()
+        total += float(loss.detach())
+    if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
+        reg = settings.penalty * (hs.alpha - 1).pow(2).mean()
+        reg.backward()
+        total += float(reg.detach())
+    total = distributed.sum_grads_(hs.alpha, total)  # data-parallel: the whole batch's gradient and loss
+    leaked = [n for n, p in model.named_parameters() if p.grad is not None]
+    if leaked:  # the model must stay frozen: only alpha learns
+        raise RuntimeError(f"model parameters received gradients: {leaked[:3]}")
+    return total
 
 
+# ---------------------------------------------------------------------------- the loop
 def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None = None, *,
         checkpoint: str | Path | None = None, restart: bool = False, max_steps_this_run: int | None = None,
         progress: bool = True, model_spec: str | None = None, scores: Mapping[HeadKey, float] | None = None,
@@ -243,11 +185,11 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         raise PearError("no heads to fit")
     dtype = dtype_name(model)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    key = _fingerprint(model_spec, heads, settings, dtype)
-    state = _load_ckpt(ckpt_path, key, restart) if ckpt_path else None
+    key = fingerprint(model_spec, heads, settings, dtype)
+    state = load_resume(ckpt_path, key, restart) if ckpt_path else None
 
     t0 = time.perf_counter()
-    heldout = heldout_batch(model, tokenizer, settings)
+    heldout = heldout_batch(model, tokenizer, settings)  # (eval_batch, 2n + 1) token ids, its own seed
     held_obj = None if settings.objective == "copy" else objective.batch(
         model, tokenizer, settings.eval_batch, heldout_seed(settings.seed))
 
@@ -260,7 +202,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         return m
 
     with frozen(model), cpu_attention(model), HeadScaling(model, heads, channels=settings.channels) as hs:
-        alpha = hs.alpha
+        alpha = hs.alpha  # (K,), or (K, head_dim) per channel; fp32, the only trainable tensor
         opt = torch.optim.AdamW([alpha], lr=settings.lr, weight_decay=settings.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
         if state is None:
@@ -279,7 +221,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
 
         def snapshot() -> dict:
             return {"format": "pear-fit-checkpoint-1", "key": key, "step": step,
-                    "alpha": alpha.detach().cpu().clone(), "optimizer": _clone(opt.state_dict()),
+                    "alpha": alpha.detach().cpu().clone(), "optimizer": clone_state(opt.state_dict()),
                     "scheduler": sched.state_dict(), "losses": list(losses), "before": before,
                     "seconds": seconds_before + time.perf_counter() - t0}
 
@@ -297,7 +239,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     if not math.isfinite(loss):
                         raise PearError(f"fit stopped at step {step + 1}: training loss is {loss} "
                                         f"(lr {settings.lr:g}, bounds {settings.bounds}); lower --lr or use "
-                                        "--bounds unit" + _ckpt_note(ckpt_path))
+                                        "--bounds unit" + resume_note(ckpt_path))
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -305,7 +247,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     if not torch.isfinite(alpha).all():
                         bad = [f"L{l}H{h}" for (l, h), a in zip(hs.heads, alpha.tolist()) if not math.isfinite(a)]
                         raise PearError(f"fit stopped at step {step + 1}: coefficient(s) {', '.join(bad)} "
-                                        f"became non-finite (lr {settings.lr:g}); lower --lr" + _ckpt_note(ckpt_path))
+                                        f"became non-finite (lr {settings.lr:g}); lower --lr" + resume_note(ckpt_path))
                     step += 1
                     losses.append(loss)
                     good = snapshot()
@@ -314,10 +256,10 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                     f"{float(alpha.detach().max()):.2f}]")
                     if ckpt_path and distributed.is_main() and (  # data-parallel: rank 0 saves
                             step % settings.checkpoint_every == 0 or step == stop_at):
-                        _save_ckpt(ckpt_path, good)
+                        save_resume(ckpt_path, good)
         except KeyboardInterrupt:
             if ckpt_path:
-                _save_ckpt(ckpt_path, good)
+                save_resume(ckpt_path, good)
                 print(f"\npear: fit interrupted after step {good['step']}/{settings.steps}; checkpoint saved to "
                       f"{ckpt_path}; run the same command again to resume", file=sys.stderr)
             raise
@@ -330,52 +272,3 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     return FitResult(heads=heads, coefficients=coefs, losses=losses, before=before, after=after,
                      settings=settings, step=step, seconds=seconds, resumed_from=resumed_from, model=model_spec,
                      dtype=dtype, scores={h: scores[h] for h in heads if h in scores}, k_selection=k_selection)
-
-
-def _ckpt_note(path: Path | None) -> str:
-    return f"; checkpoint {path} kept (pass --restart to start over)" if path and path.exists() else ""
-
-
-def _clone(obj):
-    """Deep copy of an optimiser state dict (tensors cloned), so later steps do not change it."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    return obj
-
-
-def _micro(model, settings: FitSettings, batch) -> int | None:
-    """Sequences per forward pass for this batch (see `default_micro_batch`)."""
-    if settings.micro_batch is not None or settings.objective == "copy":
-        return settings.micro_batch
-    if len({len(s.ids) for s in batch}) > 1:
-        # no padding: a padded row's masked positions can carry NaN activations through the
-        # hooks, and NaN x 0 gradient is NaN in alpha.grad; one sequence per pass is exact
-        return 1
-    longest = max(len(s.ids) + len(s.teacher_ids or ()) for s in batch)
-    return default_micro_batch(model, settings.length, tokens=longest)
-
-
-def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, hs: HeadScaling) -> float:
-    """Forward + backward on the fresh batch of `step`; leaves the gradient in `hs.alpha.grad`.
-    The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``."""
-    batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))
-    total = 0.0
-    micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
-    chunks = objective.split(batch, micro)
-    for b in distributed.shard(chunks):  # data-parallel: this rank's share of the batch
-        loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
-        loss.backward()
-        total += float(loss.detach())
-    if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
-        reg = settings.penalty * (hs.alpha - 1).pow(2).mean()
-        reg.backward()
-        total += float(reg.detach())
-    total = distributed.sum_grads_(hs.alpha, total)  # data-parallel: the whole batch's gradient and loss
-    leaked = [n for n, p in model.named_parameters() if p.grad is not None]
-    if leaked:  # the model must stay frozen: only alpha learns
-        raise RuntimeError(f"model parameters received gradients: {leaked[:3]}")
-    return total

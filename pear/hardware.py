@@ -48,14 +48,24 @@ def cpu_capability() -> str:
         return "unknown"
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (Linux); None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16 and AMX feature flags (avx512_bf16, amx_bf16, ...): what native bf16 needs."""
+    return sorted(f for f in (_cpuinfo("flags") or "").split() if "bf16" in f or f.startswith("amx"))
 
 
 def cpu_key() -> str:

@@ -201,7 +201,7 @@ def test_cli_fit_nonfinite_is_one_error_line(tmp_path, capsys, monkeypatch):
 
 def test_cpu_fit_uses_eager_attention_and_restores_sdpa():
     """The fit switches a CPU model to eager attention (faster on short proxy sequences) and back."""
-    from pear.fit import cpu_attention
+    from pear.training import cpu_attention
     from tiny_models import tiny_model
 
     model = tiny_model("llama")

@@ -74,3 +74,13 @@ def test_avx2_only_cpu_gets_fp32(tmp_path):
     assert r.stdout.strip() == "fp32"
     (entry,) = json.loads((tmp_path / "hardware.json").read_text()).values()
     assert entry["capability"] == "AVX2" and not entry["native_bf16"] and entry["bf16_s"] > entry["fp32_s"]
+
+
+def test_cpu_bf16_flags_reads_the_native_bf16_features(monkeypatch):
+    """Benchmarks record these flags beside their figures: only the bf16 / AMX ones, sorted."""
+    fields = {"flags": "fpu sse2 avx2 amx_tile avx512f avx512_bf16 amx_bf16 avx_vnni", "model name": "Some CPU"}
+    monkeypatch.setattr(hardware, "_cpuinfo", fields.get)
+    assert hardware.cpu_bf16_flags() == ["amx_bf16", "amx_tile", "avx512_bf16"]
+    assert hardware.cpu_name() == "Some CPU"
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda field: None)  # no /proc/cpuinfo
+    assert hardware.cpu_bf16_flags() == [] and hardware.cpu_name()

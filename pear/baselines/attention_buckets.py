@@ -5,7 +5,7 @@ troughs of one base's long-distance attention decay are covered by another's; at
 decoding step the N next-token distributions are combined, weighted by each run's confidence.
 
 What we follow:
-- bases 10000, 17500, 18000, 19000, 20000, 25000 (the issue's default set; the paper's RAG
+- bases 10000, 17500, 18000, 19000, 20000, 25000 (our default set; the paper's RAG
   code also tries 10000..28000), scaled to the model's own base: ``b * model_base / 10000``
   (Gemma 3: per layer type, each against its own base);
 - confidence weights as in the reference code (github.com/AlibabaResearch/DAMO-ConvAI,

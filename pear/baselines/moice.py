@@ -52,16 +52,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 from transformers.activations import ACT2FN
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import PearError
 from . import Variant, WrappedModel, register
+from .attention import ModuleView, attention_modules, original_function, require_attention_interface, switched_attention
 from .attention_buckets import REFERENCE_BASE
-from .ms_poe import _ModuleView, _original_function
-from .rope import Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, unwrap
+from .rope import (Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, track_positions,
+                   unwrap)
 
 DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0)
 DEFAULT_TOP_K = 7
@@ -167,22 +165,14 @@ def load_balancing_loss(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- attention function
 def _make_attention(original: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        fn = _original_function(module, original)
+        fn = original_function(module, original)
         st = getattr(module, _ATTR, None)
-        view = _ModuleView(module, original, False)
+        view = ModuleView(module, original, False)
         if st is None or st[0].session is None:  # a call outside the wrapper
             return fn(view, query, key, value, attention_mask, **kwargs)
         return st[0]._attend(st[1], fn, view, query, key, value, attention_mask, **kwargs)
 
     return attention
-
-
-def _register(original: str) -> str:
-    name = _PREFIX + original.replace("|", "_")
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_attention(original))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
 
 
 @dataclass
@@ -208,9 +198,7 @@ class MoICE(WrappedModel):
 
     def __init__(self, model, routers: Routers):
         self.arch, self.rotary = require_rope("moice", model)
-        if not model._can_set_attn_implementation():
-            raise PearError(f"moice is not supported for {self.arch.model_type} models: their attention does not "
-                            "go through transformers' AttentionInterface")
+        require_attention_interface("moice", model, self.arch)
         if (len(routers.layers), routers.head_dim) != (self.arch.n_layers, self.arch.head_dim):
             raise PearError(f"moice routers are for {len(routers.layers)} layers of head_dim {routers.head_dim}; "
                             f"this model has {self.arch.n_layers} layers of head_dim {self.arch.head_dim}")
@@ -242,52 +230,22 @@ class MoICE(WrappedModel):
     def bases(self) -> dict:
         return {lt: e.bases for lt, e in self.experts.items()}
 
-    def _attention_modules(self):
-        blocks = self.model.get_submodule(self.arch.family.blocks)
-        proj = self.arch.family.out_proj.rsplit(".", 1)[0]  # "self_attn.o_proj" -> "self_attn"
-        return [blocks[l].get_submodule(proj) for l in range(self.arch.n_layers)]
-
     @contextlib.contextmanager
     def active(self):
-        original = self.model.config._attn_implementation
-        if original.startswith(_PREFIX):
-            raise PearError("moice is already active on this model")
-        mods = self._attention_modules()
-        name = _register(original)
-        self.model.set_attn_implementation(name)
-        if self.model.config._attn_implementation != name:
-            raise PearError(f"moice: could not switch this {self.arch.model_type} model to a custom attention function")
-        try:
-            for l, m in enumerate(mods):
-                setattr(m, _ATTR, (self, l))
+        mods = attention_modules(self.model, self.arch, range(self.arch.n_layers))
+        with switched_attention("moice", self.model, self.arch, prefix=_PREFIX, make=_make_attention, attr=_ATTR,
+                                marks={m: (self, l) for l, m in mods.items()}):
             yield self
-        finally:
-            for m in mods:
-                if hasattr(m, _ATTR):
-                    delattr(m, _ATTR)
-            self.model.set_attn_implementation(original)
 
     # -- forward: track positions (queries and every key in the cache), then run the model
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=None, inputs_embeds=None, **kwargs):
-        x = input_ids if input_ids is not None else inputs_embeds
-        B, T = x.shape[:2]
-        dev = x.device
         prev = getattr(past_key_values, _ATTR, None) if past_key_values is not None else None
-        if past_key_values is not None and prev is None and past_key_values.get_seq_length() > 0:
-            raise PearError("moice: this cache was not filled through the moice wrapper; start from past_key_values=None")
-        past = prev.keys.shape[1] if prev is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
-        position_ids = position_ids.to(dev).expand(B, T)
-        keys = position_ids if prev is None else torch.cat([prev.keys, position_ids], dim=1)
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == past + T:
-            valid = attention_mask.to(dev).bool()
-        else:
-            new = torch.ones(B, T, dtype=torch.bool, device=dev)
-            valid = new if prev is None else torch.cat([prev.key_valid, new], dim=1)
+        x = input_ids if input_ids is not None else inputs_embeds
+        pos = track_positions("moice", prev, past_key_values, x, attention_mask, position_ids)
+        position_ids = pos.query
         self.session = _Session()
-        self.session.positions = pos = Positions(query=position_ids, keys=keys, key_valid=valid)
+        self.session.positions = pos
         self.session.logits = [] if self.collect_logits else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -306,7 +264,7 @@ class MoICE(WrappedModel):
         if p is None or not hasattr(past, "batch_select_indices"):
             return False
         past.batch_select_indices(keep)
-        setattr(past, _ATTR, Positions(query=p.query[keep], keys=p.keys[keep], key_valid=p.key_valid[keep]))
+        setattr(past, _ATTR, p.rows(keep))
         return True
 
     # -- one layer: route, run each expert, mix; called from the registered attention function
@@ -314,10 +272,7 @@ class MoICE(WrappedModel):
         pos = self.session.positions
         B, H, T, _ = query.shape
         S = key.shape[2]
-        if pos.keys.shape[1] < S or pos.query.shape[1] != T:
-            raise PearError(f"moice: layer {layer} got {T} queries and {S} keys but the wrapper tracked "
-                            f"{pos.query.shape[1]} and {pos.keys.shape[1]} positions (unsupported cache type?)")
-        kpos = pos.keys[:, -S:]  # sliding-window layers keep the last keys
+        kpos, _ = pos.layer_keys("moice", layer, T, S)  # (B, S)
         ex = self.experts[layer_type(self.model.config, layer) if None not in self.experts else None]
         logits = self.routers.layers[layer](query.transpose(1, 2).float())  # (B, T, H, N)
         if self.session.logits is not None:

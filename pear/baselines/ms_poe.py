@@ -36,16 +36,13 @@ otherwise change how sdpa groups a 16-bit GQA computation, by rounding).
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import PearError
 from . import Variant, WrappedModel, register
-from .rope import Positions, inv_freq, layer_type, require_rope, rotate, unwrap
+from .attention import ModuleView, attention_modules, original_function, require_attention_interface, switched_attention
+from .rope import Positions, inv_freq, layer_type, require_rope, rotate, track_positions, unwrap
 
 DEFAULT_MIN_RATIO = 1.2
 DEFAULT_MAX_RATIO = 1.8
@@ -55,37 +52,6 @@ _PREFIX = "pear_ms_poe_"
 
 
 # ---------------------------------------------------------------------------- attention function
-class _ConfigView:
-    """The config as the original attention function must see it: under its own name (flash
-    attention picks its kernel from ``config._attn_implementation``)."""
-
-    def __init__(self, config, implementation: str):
-        self._config, self._attn_implementation = config, implementation
-
-    def __getattr__(self, name):
-        return getattr(self._config, name)
-
-
-class _ModuleView:
-    """The attention module as seen by the original attention function. With `one_group`, keys
-    and values come already repeated to the query heads, so it must not repeat them again."""
-
-    def __init__(self, module, implementation: str, one_group: bool):
-        self._module = module
-        self.config = _ConfigView(module.config, implementation)
-        if one_group:
-            self.num_key_value_groups = 1
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-def _original_function(module, name: str):
-    if name == "eager":  # "eager" is the modeling file's own function, not a registry entry
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[name]
-
-
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, KVH, S, D) -> (B, KVH*groups, S, D), query head h using KV head h // groups."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -93,22 +59,14 @@ def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _make_attention(original: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        fn = _original_function(module, original)
+        fn = original_function(module, original)
         st = getattr(module, _ATTR, None)
         if st is None or st.owner.session is None:  # a layer we leave alone, or a call outside the wrapper
-            return fn(_ModuleView(module, original, False), query, key, value, attention_mask, **kwargs)
-        return st.owner._attend(st.layer, fn, _ModuleView(module, original, False), _ModuleView(module, original, True),
+            return fn(ModuleView(module, original, False), query, key, value, attention_mask, **kwargs)
+        return st.owner._attend(st.layer, fn, ModuleView(module, original, False), ModuleView(module, original, True),
                                 query, key, value, attention_mask, **kwargs)
 
     return attention
-
-
-def _register(original: str) -> str:
-    name = _PREFIX + original.replace("|", "_")
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_attention(original))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    return name
 
 
 class _LayerState:
@@ -137,9 +95,7 @@ class MsPoE(WrappedModel):
         self.arch, self.rotary = require_rope("ms-poe", model)
         if not (0 < min_ratio <= max_ratio):
             raise PearError(f"ms-poe ratios must satisfy 0 < min_ratio <= max_ratio, got {min_ratio}, {max_ratio}")
-        if not model._can_set_attn_implementation():
-            raise PearError(f"ms-poe is not supported for {self.arch.model_type} models: their attention does not "
-                            "go through transformers' AttentionInterface")
+        require_attention_interface("ms-poe", model, self.arch)
         n = self.arch.n_layers
         layers = list(range(FIRST_LAYER, n)) if layers is None else sorted({int(l) for l in layers})
         if any(not 0 <= l < n for l in layers):
@@ -149,55 +105,23 @@ class MsPoE(WrappedModel):
         self.session: _Session | None = None
         self.last_session: _Session | None = None  # kept for inspection (e.g. the head scores)
 
-    # -- attention modules of the applied layers
-    def _attention_modules(self):
-        blocks = self.model.get_submodule(self.arch.family.blocks)
-        proj = self.arch.family.out_proj.rsplit(".", 1)[0]  # "self_attn.o_proj" -> "self_attn"
-        return {l: blocks[l].get_submodule(proj) for l in self.layers}
-
     @contextlib.contextmanager
     def active(self):
-        original = self.model.config._attn_implementation
-        if original.startswith(_PREFIX):
-            raise PearError("ms-poe is already active on this model")
-        mods = self._attention_modules()
-        name = _register(original)
-        self.model.set_attn_implementation(name)
-        if self.model.config._attn_implementation != name:
-            raise PearError(f"ms-poe: could not switch this {self.arch.model_type} model to a custom "
-                            "attention function")
-        try:
-            for l, m in mods.items():
-                setattr(m, _ATTR, _LayerState(self, l))
+        marks = {m: _LayerState(self, l) for l, m in attention_modules(self.model, self.arch, self.layers).items()}
+        with switched_attention("ms-poe", self.model, self.arch, prefix=_PREFIX, make=_make_attention, attr=_ATTR,
+                                marks=marks):
             yield self
-        finally:
-            for m in mods.values():
-                if hasattr(m, _ATTR):
-                    delattr(m, _ATTR)
-            self.model.set_attn_implementation(original)
 
     # -- forward
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=None, inputs_embeds=None, **kwargs):
-        x = input_ids if input_ids is not None else inputs_embeds
-        B, T = x.shape[:2]
-        dev = x.device
         prev = getattr(past_key_values, _ATTR, None) if past_key_values is not None else None
-        if past_key_values is not None and prev is None and past_key_values.get_seq_length() > 0:
-            raise PearError("ms-poe: this cache was not filled through the ms-poe wrapper; "
-                            "start from past_key_values=None")
-        past = prev.positions.keys.shape[1] if prev is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
-        position_ids = position_ids.to(dev).expand(B, T)
-        keys = position_ids if prev is None else torch.cat([prev.positions.keys, position_ids], dim=1)
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == past + T:
-            valid = attention_mask.to(dev).bool()
-        else:
-            new = torch.ones(B, T, dtype=torch.bool, device=dev)
-            valid = new if prev is None else torch.cat([prev.positions.key_valid, new], dim=1)
+        x = input_ids if input_ids is not None else inputs_embeds
+        positions = track_positions("ms-poe", prev.positions if prev is not None else None, past_key_values, x,
+                                    attention_mask, position_ids)
+        position_ids = positions.query
         session = prev if prev is not None else _Session(None)
-        session.positions = Positions(query=position_ids, keys=keys, key_valid=valid)
+        session.positions = positions
         self.session = session
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -217,22 +141,17 @@ class MsPoE(WrappedModel):
         if sess is None or not hasattr(past, "batch_select_indices"):
             return False
         past.batch_select_indices(keep)
-        p = sess.positions
-        sess.positions = Positions(query=p.query[keep], keys=p.keys[keep], key_valid=p.key_valid[keep])
+        sess.positions = sess.positions.rows(keep)
         sess.ratios = {l: r[keep] for l, r in sess.ratios.items()}
         sess.scores = {l: r[keep] for l, r in sess.scores.items()}
         return True
-
 
     # -- the per-layer work, called from the registered attention function
     def _attend(self, layer, fn, module, module_one_group, query, key, value, attention_mask, **kwargs):
         pos = self.session.positions
         B, H, T, _ = query.shape
         S = key.shape[2]
-        if pos.keys.shape[1] < S or pos.query.shape[1] != T:
-            raise PearError(f"ms-poe: layer {layer} got {T} queries and {S} keys but the wrapper tracked "
-                            f"{pos.query.shape[1]} and {pos.keys.shape[1]} positions (unsupported cache type?)")
-        kpos, kvalid = pos.keys[:, -S:], pos.key_valid[:, -S:]  # sliding-window layers keep the last keys
+        kpos, kvalid = pos.layer_keys("ms-poe", layer, T, S)  # (B, S)
         f = inv_freq(self.rotary, layer_type(self.model.config, layer)).to(query.device, torch.float32)
         groups = H // key.shape[1]
         sess = self.session

@@ -3,7 +3,8 @@
 Both baselines change where RoPE puts tokens, so both need the same three things: to refuse
 families whose position embedding is not RoPE (PEAR itself needs no such check), the inverse
 frequencies the model actually uses in a given layer (Gemma 3 keeps one set per layer type,
-Phi and GPT-NeoX rotate only part of each head), and a way to rotate q/k by extra angles.
+Phi and GPT-NeoX rotate only part of each head), a way to rotate q/k by extra angles, and the
+absolute position of every query and cached key (`track_positions`).
 
 Every Hugging Face RoPE type computes its angles as ``position * inv_freq`` (the type only
 changes how ``inv_freq`` is made), so rotations compose: rotating a vector already rotated to
@@ -131,3 +132,44 @@ class Positions:
     query: torch.Tensor  # (B, T)
     keys: torch.Tensor  # (B, S_total): all positions seen so far, including the queries
     key_valid: torch.Tensor  # (B, S_total) bool: False for padding
+
+    def rows(self, keep: torch.Tensor) -> "Positions":
+        """The positions of batch rows `keep` only (a cache cut down to those rows)."""
+        return Positions(query=self.query[keep], keys=self.keys[keep], key_valid=self.key_valid[keep])
+
+    def layer_keys(self, variant: str, layer: int, T: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity of the S keys a layer attends to with T queries, each (B, S):
+        the last S tracked (sliding-window layers keep only the last keys)."""
+        if self.keys.shape[1] < S or self.query.shape[1] != T:
+            raise PearError(f"{variant}: layer {layer} got {T} queries and {S} keys but the wrapper tracked "
+                            f"{self.query.shape[1]} and {self.keys.shape[1]} positions (unsupported cache type?)")
+        return self.keys[:, -S:], self.key_valid[:, -S:]
+
+
+def track_positions(variant: str, prev: Positions | None, past_key_values, x: torch.Tensor,
+                    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> Positions:
+    """The positions of one forward's queries and of every key in the cache after it.
+
+    A variant that rotates q and k by extra angles must know each token's absolute position,
+    also for keys already in the cache (left padding shifts them per row), so its wrapper
+    tracks them across calls: `prev` is what it tracked for `past_key_values` (None for a new
+    cache), `x` the input ids or embeddings (B, T, ...). Positions default to continuing after
+    the cached keys; a 2-D attention mask over the whole cache marks the valid keys, otherwise
+    every new key is valid.
+    """
+    B, T = x.shape[:2]
+    dev = x.device
+    if past_key_values is not None and prev is None and past_key_values.get_seq_length() > 0:
+        raise PearError(f"{variant}: this cache was not filled through the {variant} wrapper; "
+                        "start from past_key_values=None")
+    past = prev.keys.shape[1] if prev is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(past, past + T, device=dev).expand(B, T)
+    position_ids = position_ids.to(dev).expand(B, T)  # (B, T)
+    keys = position_ids if prev is None else torch.cat([prev.keys, position_ids], dim=1)  # (B, past + T)
+    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == past + T:
+        valid = attention_mask.to(dev).bool()
+    else:
+        new = torch.ones(B, T, dtype=torch.bool, device=dev)
+        valid = new if prev is None else torch.cat([prev.key_valid, new], dim=1)
+    return Positions(query=position_ids, keys=keys, key_valid=valid)

@@ -104,7 +104,8 @@ def add_cli(sub) -> None:
 
 
 def _cli_fit(args: argparse.Namespace) -> int:
-    from ..fit import checkpoint_path_for, fit
+    from ..fit import fit
+    from ..training import checkpoint_path_for
     from ..heads import all_heads, select_heads
     from ..hardware import announce
     from ..loading import load_model
