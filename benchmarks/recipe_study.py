@@ -211,6 +211,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--jobs", type=int, default=4, help="commands in parallel")
     p.add_argument("--screen-q", type=int, default=SCREEN_Q, help="questions of half 1 for screening")
+    p.add_argument("--final-tasks", default=",".join(t for t, _ in FINAL_TASKS), help="tasks of the report half")
     p.add_argument("--final-limits", default=None, help="e.g. mdqa-20=300,kv=100 (questions of half 2)")
     p.add_argument("--run-args", default="", help="more `pear run` options for every fit (e.g. a quick smoke "
                    "test: '--steps 1 --batch 1 --eval-batch 1')")
@@ -223,7 +224,7 @@ def main() -> int:
     for kv in (a.final_limits.split(",") if a.final_limits else []):
         k, v = kv.split("=")
         limits[k] = None if v == "all" else int(v)
-    a.final_tasks = list(limits.items())
+    a.final_tasks = [(t, limits[t]) for t in a.final_tasks.split(",")]
     st = Study(a)
     if a.stage == "fit":
         st.stage_fit()

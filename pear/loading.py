@@ -238,12 +238,36 @@ def load_model(
                         f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if ms.gguf_file and tokenizer is not None:
+        check_gguf_tokenizer(tokenizer)
     if device_map is None:
         model.to(dev)
     model.eval()
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, ms)
+
+
+PLAIN_TEXT = "The quick brown fox jumps over the lazy dog while the children were playing in the garden."
+
+
+def check_gguf_tokenizer(tokenizer, max_per_word: float = 2.0) -> None:
+    """Refuse a tokenizer that transformers rebuilt from GGUF metadata without its merges.
+
+    Some transformers releases (5.17 for Gemma-3 GGUF files, measured) build a tokenizer that
+    splits plain English into pieces of one or two letters: the model then reads 4 × longer,
+    garbled prompts and answers nonsense, with no error anywhere. Plain words cost one or two
+    tokens in every real vocabulary, so more than `max_per_word` per word means a broken build.
+    """
+    import transformers
+
+    words = len(PLAIN_TEXT.split())
+    n = len(tokenizer(PLAIN_TEXT, add_special_tokens=False)["input_ids"])
+    if n > max_per_word * words:
+        raise PearError(f"the tokenizer transformers {transformers.__version__} built from this GGUF file splits "
+                        f"plain English into fragments ({n} tokens for {words} words): this transformers release "
+                        "converts its vocabulary incompletely; install transformers 5.23 (tested) or load a model "
+                        "folder instead")
 
 
 def _first_line(e: BaseException) -> str:

@@ -220,3 +220,22 @@ def test_gguf_conversion_race_second_process_uses_first_folder(tmp_path, monkeyp
     loaded = pear.load_model(str(target), dtype="fp32", device="cpu")
     w = loaded.model.model.layers[0].self_attn.o_proj.weight
     assert torch.equal(w, smollm2.model.model.layers[0].self_attn.o_proj.weight)
+
+
+def test_gguf_tokenizer_without_merges_is_refused(smollm2):
+    """A tokenizer rebuilt from GGUF without its merges (one piece per letter) is refused with
+    one line naming the transformers version; a real vocabulary passes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pear.errors import PearError
+    from pear.loading import PLAIN_TEXT, check_gguf_tokenizer
+
+    check_gguf_tokenizer(smollm2.tokenizer)  # a real vocabulary: about a token per word
+    letters = sorted(set(PLAIN_TEXT.replace(" ", "")))
+    tk = Tokenizer(models.BPE({c: i for i, c in enumerate(["<unk>"] + letters)}, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    broken = PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert len(broken(PLAIN_TEXT)["input_ids"]) > 3 * len(PLAIN_TEXT.split())
+    with pytest.raises(PearError, match=r"splits plain English into fragments \(\d+ tokens for 17 words\)"):
+        check_gguf_tokenizer(broken)
