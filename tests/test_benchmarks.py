@@ -53,3 +53,36 @@ def test_backend_check_runs_both_modes_on_cpu():
     for mode in ("default", "nocudnn"):
         times = backend_check.main([mode, "--shape", "tiny", "--device", "cpu"])
         assert [m for m, _ in times] == ["fast", "fast", "exact"] and all(t > 0 for _, t in times)
+
+
+@pytest.mark.data
+def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
+    """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
+    holds mdqa-10): both paths give the same answers and their rates; a compile that cannot
+    work is reported in the JSON, exit 1, with the eager numbers kept."""
+    import decode_throughput
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = smollm2_bf16.tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--positions", "1,10",
+            "--max-new-tokens", "6", "--data-dir", str(data_dir)]
+    assert decode_throughput.main(args + ["--out", str(tmp_path / "ok.json")]) == 0
+    res = json.loads((tmp_path / "ok.json").read_text())
+    assert res["examples"] == 2 and res["skipped"] == 0 and res["eager"]["new_tokens"] > 2
+    assert res["static"]["outputs_differ_from_eager"] == 0 and res["static"]["runs_agree"]
+    assert res["static"]["compiled"] is False  # on CPU by default: the static cache alone
+    assert res["eager"]["examples_per_s"] > 0 and res["static"]["examples_per_s"] > 0 and res["speedup"] > 0
+    assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
+    assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
+
+    bad = args + ["--compile", "on", "--compile-backend", "no-such-backend", "--out", str(tmp_path / "bad.json")]
+    assert decode_throughput.main(bad) == 1
+    res = json.loads((tmp_path / "bad.json").read_text())
+    assert "torch.compile" in res["static"]["error"] and res["eager"]["examples_per_s"] > 0

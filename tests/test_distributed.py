@@ -16,12 +16,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 
 
-def torchrun(args: list[str], tmp_path: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N -m pear ARGS` with this checkout first on the path."""
+def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, target: tuple[str, ...] = ("-m", "pear")
+             ) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m pear ARGS` (or another target: a script) with this
+    checkout first on the path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", PEAR_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(29500 + os.getpid() % 1000), "-m", "pear"] + args
+           "--master-port", str(29500 + os.getpid() % 1000), *target] + args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
@@ -111,9 +113,74 @@ def test_fit_two_processes_equals_one(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.ckpt"))
 
 
+DISCOVER_ON_EACH_RANK = """
+import json, sys
+import torch
+import pear.discover as D
+import pear.discover.exact as DX
+from pear import distributed
+from pear.cli import main
+from pear.loading import load_model
+
+folder, out, top_m = sys.argv[1], sys.argv[2], int(sys.argv[3])
+real, rechecked = DX.ablate_heads, set()
+
+def counted(model, clean, layer, heads, *a, **k):
+    rechecked.update((layer, h) for h in heads)
+    return real(model, clean, layer, heads, *a, **k)
+
+DX.ablate_heads = counted
+rc = main(["discover", "--model", folder, "--out", out + "/heads.json", "--method", "fast", "--top-m", str(top_m),
+           "--settings", "4x8,6x6", "--k", "2", "--device", "cpu", "--dtype", "fp32", "--no-progress"])
+mine = sorted(rechecked)
+res = D.discover(load_model(folder, dtype="fp32", device="cpu").model, None, settings="4x8,6x6", method="fast",
+                 top_m=top_m, k=2, progress=False)
+r = distributed.rank()
+with open(f"{out}/rank{r}.json", "w") as f:
+    json.dump({"rc": rc, "rechecked": mine, "result": res.to_dict()}, f)
+"""
+
+
+def test_discover_two_processes_equals_one(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m pear discover`: the candidates' exact re-checks are split
+    between the ranks (each re-runs its share, none twice), every rank ends with the whole
+    result, rank 0 alone writes heads.json, and the heads and Δπ equal a single process's."""
+    from pear.cli import main
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    script = tmp_path / "discover_each_rank.py"
+    script.write_text(DISCOVER_ON_EACH_RANK)
+    (tmp_path / "two").mkdir()
+    two = torchrun([str(folder), str(tmp_path / "two"), "5"], tmp_path, target=(str(script),))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("fast discovery: ") == 1  # rank 0 alone reports and writes
+    assert not list((tmp_path / "two").glob("*.ckpt*"))  # the ranks' resume files are removed
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rc"] for r in ranks] == [0, 0]
+    shares = [{tuple(h) for h in r["rechecked"]} for r in ranks]
+    assert len(shares[0]) == 3 and len(shares[1]) == 2 and not shares[0] & shares[1]  # 5 heads, split
+
+    args = ["discover", "--model", str(folder), "--method", "fast", "--top-m", "5", "--settings", "4x8,6x6",
+            "--k", "2", "--device", "cpu", "--dtype", "fp32", "--no-progress"]
+    assert one_thread(main, args + ["--out", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert shares[0] | shares[1] == {(h["layer"], h["head"]) for h in one["heads"] if h["exact"]}
+    for dp in [json.loads((tmp_path / "two" / "heads.json").read_text())] + [r["result"] for r in ranks]:
+        assert [(h["layer"], h["head"], h["exact"]) for h in dp["heads"]] == \
+            [(h["layer"], h["head"], h["exact"]) for h in one["heads"]]
+        torch.testing.assert_close(torch.tensor([h["score"] for h in dp["heads"]]),
+                                   torch.tensor([h["score"] for h in one["heads"]]), rtol=0, atol=1e-6)
+        assert dp["forward_equivalents"] == pytest.approx(one["forward_equivalents"], abs=2e-3)
+    assert ranks[0]["result"]["heads"] == ranks[1]["result"]["heads"]  # every rank: the same whole result
+
+
 def test_run_two_processes_equals_one(tmp_path, monkeypatch):
-    """`torchrun --nproc-per-node 2 -m pear run`: discovery, the data-parallel fit, then rank 0
-    folds and saves; the same heads and coefficients as one process."""
+    """`torchrun --nproc-per-node 2 -m pear run`: discovery with its re-checks split between the
+    ranks, the data-parallel fit, then rank 0 folds and saves; the same heads, Δπ and
+    coefficients as one process."""
     from pear.cli import main
     from tiny_models import tiny_model
 
@@ -131,3 +198,7 @@ def test_run_two_processes_equals_one(tmp_path, monkeypatch):
     assert [(h["layer"], h["head"]) for h in one] == [(h["layer"], h["head"]) for h in dp]
     torch.testing.assert_close(torch.tensor([h["coefficient"] for h in dp]),
                                torch.tensor([h["coefficient"] for h in one]), rtol=0, atol=1e-5)
+    one, dp = (json.loads((tmp_path / d / "heads.json").read_text())["heads"] for d in ("one", "two"))
+    assert [(h["layer"], h["head"], h["exact"]) for h in one] == [(h["layer"], h["head"], h["exact"]) for h in dp]
+    torch.testing.assert_close(torch.tensor([h["score"] for h in dp]), torch.tensor([h["score"] for h in one]),
+                               rtol=0, atol=1e-6)

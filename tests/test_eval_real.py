@@ -35,3 +35,16 @@ def test_oracle_beats_closedbook(smollm2_fast, data_dir):
     assert oracle["accuracy"] > closed["accuracy"]
     outs = [s for s in res["samples"] if s["task"] == "oracle"]
     assert all(s["n_new_tokens"] <= 100 and "\n" not in s["output"].strip() for s in outs)  # stopped at the line
+
+
+def test_static_decoding_equals_eager_on_mdqa(smollm2, data_dir):
+    """`pear eval --decode static` on the real model: the same answers on multi-document QA as
+    the eager loop (fp32, on CPU: the static cache without compilation)."""
+    kw = dict(data_dir=data_dir, limit=1, positions="1,10", max_new_tokens=16, batch_size=2, progress=False,
+              n_resamples=10, log_samples=True)
+    eager = evaluate([smollm2], ["mdqa-10"], **kw)
+    static = evaluate([smollm2], ["mdqa-10"], decode="static", **kw)
+    assert static["models"][0]["decode"] == "static"
+    outs = [[(s["output"], s["n_new_tokens"]) for s in r["samples"]] for r in (eager, static)]
+    assert len(outs[0]) == 2 and outs[0] == outs[1]
+    assert any(n > 1 for _, n in outs[0])  # real answers, not an immediate stop

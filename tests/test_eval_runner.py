@@ -357,3 +357,49 @@ def test_context_window_reads_every_family_attribute():
         assert context_window(SimpleNamespace(config=SimpleNamespace(**{name: 777}))) == 777
     assert context_window(SimpleNamespace(config=SimpleNamespace(hidden_size=8))) is None
     assert {"max_seq_len", "max_sequence_length", "n_positions"} <= set(WINDOW_ATTRIBUTES)
+
+
+def test_static_decoding_equals_eager(tiny, data_dir):
+    """`--decode static`: the static cache and the decoding step traced by torch.compile (here
+    with the "eager" backend: dynamo's graph capture, no CPU code generation) give the eager
+    loop's tokens, with rows stopping at different steps and batches of two shapes (one cached
+    step reused, one recompiled); a variant keeps the eager loop."""
+    from pear.evaluate import static_decode as sd
+
+    ids = _ids(tiny.tokenizer) + [tiny.tokenizer("Paris is a city in").input_ids]
+    stop_after = {0: 2, 1: 9, 2: 4, 3: 6}
+    kw = dict(pad_id=tiny.tokenizer.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=3,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, **kw)
+    assert [len(o) for o in eager] == [2, 9, 4, 6]
+    dec = sd.StaticDecoder(tiny.model, compile=True, backend="eager", mode=None)
+    assert dec.compiled and dec.step is not tiny.model
+    assert sd.static_generate(tiny.model, ids, decoder=dec, **kw) == eager
+    assert sd.static_generate(tiny.model, ids, **kw) == eager  # on CPU by default: the static cache, no compile
+    assert dec.shape[1] % sd.CACHE_BUCKET == 0
+
+    res = evaluate([ModelEntry(tiny, label="plain"), ModelEntry(tiny, "ms-poe", label="msp")], ["mdqa-10"],
+                   data_dir=data_dir, limit=1, positions="1", max_new_tokens=6, progress=False, n_resamples=10,
+                   decode="static", log_samples=True)
+    assert [m["decode"] for m in res["models"]] == ["static", "eager"] and res["settings"]["decode"] == "static"
+    ref = evaluate([ModelEntry(tiny, label="plain")], ["mdqa-10"], data_dir=data_dir, limit=1, positions="1",
+                   max_new_tokens=6, progress=False, n_resamples=10, log_samples=True)
+    assert [s["output"] for s in res["samples"] if s["model"] == "plain"] == [s["output"] for s in ref["samples"]]
+    with pytest.raises(PearError, match="decode must be"):
+        evaluate([tiny], ["mdqa-10"], data_dir=data_dir, limit=1, decode="fast", progress=False)
+    with pytest.raises(PearError, match="--decode static needs"):
+        sd.StaticDecoder(strict_lm(tiny.model, []))
+
+
+def test_cli_decode_static(tiny, data_dir, tmp_path):
+    from pear.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(folder), "--task", "closedbook", "--limit", "2", "--data-dir", str(data_dir),
+                 "--device", "cpu", "--out", str(out), "--no-progress", "--bootstrap", "10", "--max-new-tokens", "4",
+                 "--decode", "static"]) == 0
+    res = json.loads(out.read_text())
+    assert res["models"][0]["decode"] == "static" and "--decode static" in res["settings"]["command"]

@@ -49,6 +49,10 @@ def _cli_discover(args: argparse.Namespace) -> int:
     res = discover(loaded.model, loaded.tokenizer, settings=settings, method=args.method, seed=args.seed,
                    top_m=args.top_m, k=k, batch_heads=args.batch_heads, progress=not args.no_progress,
                    model_spec=loaded.spec.spec, checkpoint=out.with_name(out.name + ".ckpt"))
+    from .. import distributed
+
+    if not distributed.is_main():  # data-parallel: every rank has the result, rank 0 writes it
+        return 0
     res.save(out)
     print(f"{res.method} discovery: {res.n_layers} layers x {res.n_heads} heads, {len(res.settings)} settings, "
           f"{res.seconds:.1f} s, {res.forward_equivalents:.1f} forward-equivalents")

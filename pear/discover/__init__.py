@@ -48,6 +48,14 @@ total derivative through all later layers, whatever the weights' requires_grad. 
 top M candidates by estimate (default max(4K, 32)) are re-scored exactly, re-using the
 cached clean passes; their exact scores replace the estimates and rank first.
 
+Several processes (`torchrun`, `accelerate launch`; `pear.distributed`): every rank runs the
+clean passes (cheap next to the re-runs) and takes rank 0's candidate list; the heads to
+re-check exactly are dealt round-robin from the lowest layer up (the costliest re-runs first,
+so the shares cost about the same), each rank re-checks its share, and the scores are
+all-gathered: every rank ends with the whole result, equal to one process's (a head's score
+is the same sum over the same settings; batched re-runs only group heads differently).
+Each rank keeps its own resume file (`.rankR-of-W`).
+
 Forward-equivalents: decoder-block work, counted as block calls weighted by rows × tokens,
 divided by that of one clean forward of the batch (n_layers × N × T, T = 2n + 1 with BOS),
 averaged over settings. A clean pass counts 1 (+ 1/N for the probe), a backward through the
@@ -71,6 +79,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from ..backends import attention_backends
 from ..errors import PearError
 from ..families import resolve
@@ -103,6 +112,8 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
     checkpoint: file for the resume state of the exact re-runs (`_Resume`): after Ctrl-C, the
     same call continues where it stopped; removed when discovery completes.
     record: more provenance for the result's `extra` (how the caller chose `top_m`).
+    Under torchrun / accelerate launch the exact re-runs are split over the ranks and every
+    rank returns the whole result.
     The model is not modified (hooks are removed on exit, even on errors).
     """
     if method not in METHODS:
@@ -117,6 +128,7 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
         raise PearError(f"k must be 'auto' or an integer >= 1, got {k!r}")
     if batch_heads is not None and batch_heads < 1:
         raise PearError(f"batch_heads must be >= 1, got {batch_heads}")
+    distributed.init()  # data-parallel under torchrun / accelerate launch
     arch = resolve(model)
     L, H = arch.n_layers, arch.n_heads
     top_m = min(L * H, top_m_plan(k, top_m=top_m)[-1])
@@ -139,7 +151,8 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
             work = _Work(model, arch)
             clean_work = [work.clean(b, grad) for b in batches]
             guess = sum(work.ablation(b, l) for b in batches for l in range(L)) * n_exact // L
-            bar = _progress(sum(clean_work) + guess, f"{method} Δπ", progress)
+            bar = _progress(sum(clean_work) + guess // distributed.world_size(), f"{method} Δπ",
+                            progress and distributed.is_main())  # data-parallel: rank 0 reports
             cleans = []
             for i, (b, w) in enumerate(zip(batches, clean_work)):
                 cleans.append(clean_pass(model, b, grad=grad, arch=arch))
@@ -151,16 +164,22 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
                 estimates, heads = candidates([c.estimates for c in cleans], top_m)
                 for c in cleans:
                     c.estimates = None
+                estimates, heads = distributed.broadcast((estimates, heads))  # data-parallel: one candidate list
             else:
                 heads = [(l, h) for l in range(L) for h in range(H)]
+            mine = distributed.shard(sorted(heads, key=lambda x: x[0]))  # data-parallel: low layers dealt first
             if bar is not None:
-                bar.total = sum(clean_work) + sum(work.ablation(b, l) for b in batches for l, _ in heads)
+                bar.total = sum(clean_work) + sum(work.ablation(b, l) for b in batches for l, _ in mine)
+            if checkpoint is not None and distributed.world_size() > 1:  # one resume file per rank
+                checkpoint = Path(f"{checkpoint}.rank{distributed.rank()}-of-{distributed.world_size()}")
             key = {"model": model_spec, "method": method, "settings": [list(x) for x in settings], "seed": seed,
-                   "heads": [list(h) for h in heads], "dtype": str(next(model.parameters()).dtype)}
+                   "heads": [list(h) for h in mine], "dtype": str(next(model.parameters()).dtype)}
             resume = _Resume(checkpoint, key, torch.zeros(L, H))
             if resume.done:
                 print(f"pear: resuming discovery from {checkpoint} ({len(resume.done)} re-runs done)", file=sys.stderr)
-            exact_scores, fe_exact = _exact(model, arch, cleans, heads, batch_heads, bar, work, resume)
+            exact_scores, fe_exact = _exact(model, arch, cleans, mine, batch_heads, bar, work, resume)
+            if distributed.world_size() > 1:  # data-parallel: every rank's share, on every rank
+                exact_scores, fe_exact = _merge(distributed.gather((mine, exact_scores, fe_exact)), L, H)
             if checkpoint is not None:
                 Path(checkpoint).unlink(missing_ok=True)
         finally:
@@ -181,3 +200,13 @@ def discover(model: nn.Module, tokenizer=None, settings: list[tuple[int, int]] |
                            seconds=time.perf_counter() - t0, forward_equivalents=fe + fe_exact,
                            model_spec=model_spec or getattr(model.config, "_name_or_path", None), k=k,
                            exact=exact, estimates=estimates, extra=extra)
+
+
+def _merge(parts: list, L: int, H: int) -> tuple[torch.Tensor, float]:
+    """The exact scores of every rank's heads in one (L, H) tensor, and the ranks' summed
+    forward-equivalents (the work of all ranks together, as one process would count it)."""
+    scores = torch.zeros(L, H)
+    for heads, s, _ in parts:
+        for key in heads:
+            scores[key] = s[key]
+    return scores, sum(fe for _, _, fe in parts)

@@ -169,17 +169,7 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
         can_compact = compact
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)  # (B,)
-            hit_eos = torch.isin(nxt, eos).tolist()
-            toks = nxt.tolist()
-            for r, i in enumerate(rows):
-                if fin[r]:
-                    continue
-                if hit_eos[r]:
-                    fin[r] = True
-                    continue
-                out[i].append(toks[r])
-                if done is not None and done(i, out[i]):
-                    fin[r] = True
+            take_tokens(nxt, eos, rows, fin, out, done)
             if all(fin) or step == max_new_tokens - 1:
                 break
             if can_compact and sum(fin) >= max(1, len(rows) // 4):
@@ -196,13 +186,36 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
             logits, past = fwd(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                                past_key_values=past, use_cache=True)
 
+    decode_batches(run, prompts, batches, batch_size, max_batch_tokens, max_new_tokens, on_batch)
+    return out
+
+
+def take_tokens(nxt: torch.Tensor, eos: torch.Tensor, rows: list[int], fin: list[bool], out: list[list[int]],
+                done: Callable[[int, list[int]], bool] | None) -> None:
+    """One decoding step's greedy tokens `nxt` (B,) into the outputs of the rows still running:
+    a row finishes at EOS (not kept) or once `done(index, new_ids)` says so."""
+    hit_eos = torch.isin(nxt, eos).tolist()
+    toks = nxt.tolist()
+    for r, i in enumerate(rows):
+        if fin[r]:
+            continue
+        if hit_eos[r]:
+            fin[r] = True
+            continue
+        out[i].append(toks[r])
+        if done is not None and done(i, out[i]):
+            fin[r] = True
+
+
+def decode_batches(run: Callable[[list[int]], None], prompts, batches, batch_size: int, max_batch_tokens: int,
+                   max_new_tokens: int, on_batch) -> None:
+    """run(batch) for every batch (given, or cut by length), halving a batch that runs out of memory."""
     with attention_backends():
         for batch in batches if batches is not None else \
                 make_batches([len(p) for p in prompts], batch_size, max_batch_tokens, max_new_tokens):
             _split_on_oom(run, batch)
             if on_batch is not None:
                 on_batch(len(batch))
-    return out
 
 
 @torch.no_grad()

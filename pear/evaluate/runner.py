@@ -35,6 +35,7 @@ from ..provenance import device_name, provenance
 from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, part_key
 from .generate import batch_limits, context_window
+from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
 from .registry import BuildContext, Task, build_task, parse_positions
 from .report import save_results
@@ -106,6 +107,7 @@ class Job:
     tokens: int
     chat: str
     progress: bool
+    decoder: Any = None  # static_decode.StaticDecoder (--decode static), else None: the eager loop
 
 
 def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[list[str], list[dict] | None, float]:
@@ -115,7 +117,8 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
     texts, ids = render_prompts(job.loaded, task, job.chat)
     recs, secs = [], 0.0
     step = PART_SIZE if cache.folder is not None else max(1, len(texts))
-    settings = {"dtype": str(next(job.loaded.model.parameters()).dtype), "window": context_window(job.loaded.model)}
+    settings = {"dtype": str(next(job.loaded.model.parameters()).dtype), "window": context_window(job.loaded.model),
+                **({"decode": "static"} if job.decoder is not None and task.kind == "generate" else {})}
     for s0 in range(0, len(texts), step):  # parts: a killed run loses at most one
         sub = dataclasses.replace(task, examples=task.examples[s0: s0 + step])
         key = None
@@ -129,7 +132,7 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
             t0 = time.perf_counter()
             rs = run_task(job.lm, job.loaded, sub, chat=job.chat, batch_size=job.rows, max_batch_tokens=job.tokens,
                           progress=job.progress, desc=f"{job.label} | {task.name}",
-                          rendered=(texts[s0: s0 + step], ids[s0: s0 + step]))
+                          rendered=(texts[s0: s0 + step], ids[s0: s0 + step]), decoder=job.decoder)
             stored = {"label": job.label, "task": task.name, "seconds": time.perf_counter() - t0,
                       "start": s0, "of": len(texts), "spec": job.entry.spec_str, "records": rs}
             if key is not None:
@@ -140,7 +143,25 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 
 # ------------------------------------------------------------------ evaluate
-def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir) -> None:
+DECODES = ("eager", "static")
+
+
+def _decoder(lm, label: str, decode: str) -> StaticDecoder | None:
+    """The static decoder of `lm` for decode "static", where it applies (a plain transformers
+    model of a family that compiles); else None, said once on stderr."""
+    if decode != "static":
+        return None
+    if not supports_static(lm):
+        if distributed.is_main():
+            print(f"pear: {label} decodes eagerly: --decode static takes plain transformers models of families "
+                  "that compile with a static cache (not a variant)", file=sys.stderr)
+        return None
+    return StaticDecoder(lm)
+
+
+def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode) -> None:
+    if decode not in DECODES:
+        raise PearError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     if parts not in ("reuse", "only"):
         raise PearError(f"parts must be reuse or only, got {parts!r}")
     if parts == "only" and parts_dir is None:
@@ -156,12 +177,12 @@ def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, pa
         raise PearError(f"a task is given twice in {tasks}")
 
 
-def _model_info(entry: ModelEntry, label: str, loaded: LoadedModel, rows: int, tokens: int) -> dict:
+def _model_info(entry: ModelEntry, label: str, loaded: LoadedModel, rows: int, tokens: int, decode: str) -> dict:
     return {"label": label, "spec": entry.spec_str, "variant": entry.variant, "variant_options": entry.options,
             "source": loaded.spec.kind, "path": loaded.spec.path,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
             "context_window": context_window(loaded.model), "chat_template": has_chat_template(loaded.tokenizer),
-            "batch_limits": {"rows": rows, "tokens": tokens}}
+            "batch_limits": {"rows": rows, "tokens": tokens}, "decode": decode}
 
 
 def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, half: int | None = None,
@@ -169,7 +190,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
              seed: int = 0, dtype: str = "auto", device: str = "auto", device_map=None, batch_size: int | str = "auto",
              max_batch_tokens: int | str = "auto", chat: str = "auto", distractor_pool: str = "nq",
              n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, parts: str = "reuse",
-             progress: bool = True, max_new_tokens: int | None = None, command: str | None = None) -> dict:
+             progress: bool = True, max_new_tokens: int | None = None, command: str | None = None,
+             decode: str = "eager") -> dict:
     """Evaluate every model entry on every task; return the results dict (see module doc).
 
     models: specs (str), LoadedModel objects, (spec, variant[, label]) tuples or ModelEntry.
@@ -179,10 +201,13 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     GPU memory; the values used are recorded per model under "batch_limits").
     parts (with `parts_dir`): "reuse" (compute what is missing) or "only" (compute nothing;
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
+    decode: greedy decoding, "eager" (a Python loop over the forward) or "static" (a static KV
+    cache and a decoding step compiled on CUDA: `static_decode`; a model under a variant
+    decodes eagerly, as models_info's "decode" records).
     """
     from ..baselines import get_variant
 
-    _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir)
+    _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode)
     distributed.init()
     entries = as_entries(models)
     labels = assign_labels(entries)
@@ -211,11 +236,12 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             loaded = load_model(entry.spec_str, dtype=dtype, device=device, device_map=device_map)
             loaded_key = (entry.spec_str, dtype, device)
         rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
-        models_info.append(_model_info(entry, label, loaded, rows, tokens))
         mkey = model_key(entry.spec, loaded) if cache.folder is not None and distributed.is_main() else None
         timing[label] = {}
         with variant.wrap(loaded, **entry.options) as lm:
-            job = Job(lm, loaded, entry, label, mkey, rows, tokens, chat, progress)
+            decoder = _decoder(lm, label, decode)
+            models_info.append(_model_info(entry, label, loaded, rows, tokens, "eager" if decoder is None else decode))
+            job = Job(lm, loaded, entry, label, mkey, rows, tokens, chat, progress, decoder)
             for task in built:
                 texts, recs, secs = run_parts(job, task, cache, parts)
                 if recs is None:
@@ -236,7 +262,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             "device": device_name(dev) if dev is not None else "none", "processes": distributed.world_size(),
             "tasks": tasks, "limit": limit, "half": half, "positions": positions, "seed": seed,
             "max_new_tokens": {t.name: t.max_new_tokens for t in built if t.kind == "generate"},
-            "dtype": dtype, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "chat": chat,
+            "dtype": dtype, "decode": decode, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "chat": chat,
             "distractor_pool": distractor_pool, "bootstrap_resamples": n_resamples, "data_dir": str(ddir),
             "data_files": data.data_stamps(ddir), **provenance(dev),
         },

@@ -11,6 +11,7 @@ all the records: the same records, batch for batch, as one process computes.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Callable
@@ -20,6 +21,7 @@ from ..errors import PearError
 from ..loading import LoadedModel
 from .generate import context_window, eos_token_ids, greedy_generate, make_batches, next_token_logprobs
 from .prompts import has_chat_template, render
+from .static_decode import static_generate
 from .registry import Task
 
 Scorer = Callable[..., dict[int, dict]]
@@ -72,15 +74,18 @@ def _estimating(bar, n_total: int, desc: str, progress: bool):
 
 
 @register_scorer("generate")
-def score_generate(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, **kw) -> dict[int, dict]:
-    """Greedy answers, scored by the task; stops early once `task.done` says the score is settled."""
+def score_generate(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, decoder=None,
+                   **kw) -> dict[int, dict]:
+    """Greedy answers, scored by the task; stops early once `task.done` says the score is settled.
+    decoder: a `static_decode.StaticDecoder` of `lm` (`--decode static`), else the eager loop."""
     tok = loaded.tokenizer
 
     def done(j, new):
         return task.done is not None and task.done(tok.decode(new, skip_special_tokens=True), examples[j])
 
-    outs = greedy_generate(lm, prompts, eos_ids=eos_token_ids(loaded.model, tok), max_new_tokens=task.max_new_tokens,
-                           done=done, batches=batches, **kw)
+    gen = greedy_generate if decoder is None else functools.partial(static_generate, decoder=decoder)
+    outs = gen(lm, prompts, eos_ids=eos_token_ids(loaded.model, tok), max_new_tokens=task.max_new_tokens,
+               done=done, batches=batches, **kw)
     res = {}
     for j in (j for b in batches for j in b):
         text = tok.decode(outs[j], skip_special_tokens=True)
@@ -89,8 +94,10 @@ def score_generate(lm, loaded: LoadedModel, task: Task, examples, prompts, batch
 
 
 @register_scorer("choice")
-def score_choice(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, **kw) -> dict[int, dict]:
-    """The choice whose (single) token is most likely next; its log-probabilities kept."""
+def score_choice(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, decoder=None,
+                 **kw) -> dict[int, dict]:
+    """The choice whose (single) token is most likely next; its log-probabilities kept (one
+    forward per prompt: no decoding, so `decoder` plays no part)."""
     cand = []
     for c in task.choices:
         t = loaded.tokenizer.encode(c, add_special_tokens=False)
@@ -109,9 +116,10 @@ def score_choice(lm, loaded: LoadedModel, task: Task, examples, prompts, batches
 
 def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_size: int = 8,
              max_batch_tokens: int = 32768, progress: bool = True, desc: str = "",
-             rendered: tuple[list[str], list[list[int]]] | None = None) -> list[dict]:
+             rendered: tuple[list[str], list[list[int]]] | None = None, decoder=None) -> list[dict]:
     """Records, one per example, in example order: id, condition, score (None = skipped),
-    output, n_prompt_tokens, and for choice tasks the choice log-probabilities."""
+    output, n_prompt_tokens, and for choice tasks the choice log-probabilities.
+    decoder: greedy decoding on a static cache (`static_decode.StaticDecoder`), else eager."""
     from tqdm.auto import tqdm
 
     model, tok = loaded.model, loaded.tokenizer
@@ -133,7 +141,8 @@ def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_s
                disable=not progress or not distributed.is_main())
     kw = dict(pad_id=tok.pad_token_id, device=model.get_input_embeddings().weight.device, batch_size=batch_size,
               max_batch_tokens=max_batch_tokens, on_batch=_estimating(bar, n_mine, desc or task.name, progress))
-    scored = SCORERS[task.kind](lm, loaded, task, [task.examples[i] for i in keep], prompts, mine, **kw)
+    scored = SCORERS[task.kind](lm, loaded, task, [task.examples[i] for i in keep], prompts, mine, decoder=decoder,
+                                **kw)
     bar.close()
     for part in distributed.gather(scored):  # every rank's batches, on every rank
         for j, fields in part.items():

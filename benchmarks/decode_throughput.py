@@ -1,0 +1,156 @@
+"""Evaluation throughput: eager greedy decoding vs `--decode static` (static KV cache, compiled step).
+
+    python3 benchmarks/decode_throughput.py --model smollm2-135m --device cuda --dtype bf16 \\
+        --task mdqa-10 --limit 100 --out benchmarks/results/decode_throughput_h200.json
+
+Both paths score the same examples through the harness (`pear.evaluate.scoring.run_task`, as
+`pear eval` does: same batches, same early stop at the answer's first line). Eager runs once
+after a small warm-up; static runs twice: the first run includes compiling the step and
+recording its CUDA graphs, the second is the steady state. Reported: examples/s of each run,
+the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
+should), accuracy under each, peak GPU memory, and the command, versions and hardware
+(`pear.provenance`). If compiling fails, the error is printed and saved under "static" and the
+exit status is 1; the eager numbers are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import traceback
+
+import torch
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="folder, .gguf file or preset")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--task", default="mdqa-10")
+    ap.add_argument("--limit", type=int, default=100, help="first N questions (x the task's default positions)")
+    ap.add_argument("--positions", default=None, help="gold positions (default: the task's)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--max-batch-tokens", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="compile the static path's step: auto = on CUDA only (as pear eval --decode static)")
+    ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode ('none' for none)")
+    ap.add_argument("--out", required=True, metavar="FILE.json")
+    return ap.parse_args(argv)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[object, float, float | None]:
+    """(fn(), wall seconds, peak GPU GiB or None)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return out, dt, peak
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    from pear.atomic import write_text
+    from pear.evaluate.data import resolve_data_dir
+    from pear.evaluate.generate import batch_limits
+    from pear.evaluate.registry import BuildContext, build_task, parse_positions
+    from pear.evaluate.scoring import render_prompts, run_task
+    from pear.evaluate.static_decode import StaticDecoder
+    from pear.hardware import announce
+    from pear.loading import load_model
+    from pear.provenance import provenance
+
+    as_int = lambda v: v if v == "auto" else int(v)  # noqa: E731
+    loaded = load_model(args.model, dtype=announce(args.device, args.dtype).dtype, device=args.device)
+    model = loaded.model
+    device = model.get_input_embeddings().weight.device
+    task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit,
+                                              positions=parse_positions(args.positions)))
+    task.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    rows, tokens = batch_limits(model, as_int(args.batch_size), as_int(args.max_batch_tokens))
+    rendered = render_prompts(loaded, task, "auto")
+    kw = dict(batch_size=rows, max_batch_tokens=tokens, progress=False, rendered=rendered)
+
+    def run(decoder=None):
+        return run_task(model, loaded, task, decoder=decoder, **kw)
+
+    res = {"command": "python3 benchmarks/decode_throughput.py " + shlex.join(argv),
+           "model": args.model, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+           "task": args.task, "limit": args.limit, "positions": args.positions, "max_new_tokens": task.max_new_tokens,
+           "batch_limits": {"rows": rows, "tokens": tokens}, **provenance(device)}
+
+    # eager: a warm-up on a few examples (kernels, allocator), then the timed run
+    import dataclasses
+
+    small = dataclasses.replace(task, examples=task.examples[:8])
+    run_task(model, loaded, small, batch_size=rows, max_batch_tokens=tokens, progress=False,
+             rendered=(rendered[0][:8], rendered[1][:8]))
+    eager, dt, peak = timed(run, device)
+    n = sum(not r["skipped"] for r in eager)
+    res["examples"], res["skipped"] = n, len(eager) - n
+    res["eager"] = _summary(eager, dt, peak)
+    print(f"eager:  {n} examples in {dt:.1f} s = {n / dt:.2f} examples/s", flush=True)
+
+    rc = 0
+    try:
+        compile = {"auto": None, "on": True, "off": False}[args.compile]
+        dec = StaticDecoder(model, compile=compile, backend=args.compile_backend,
+                            mode=None if args.compile_mode == "none" else args.compile_mode)
+        first, dt1, _ = timed(lambda: run(dec), device)
+        static, dt2, peak2 = timed(lambda: run(dec), device)
+        differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, static)
+                  if not e["skipped"] and e["output"] != s["output"]]
+        res["static"] = {**_summary(static, dt2, peak2), "compiled": dec.compiled,
+                         "compile": ({"backend": args.compile_backend, "mode": args.compile_mode}
+                                     if dec.compiled else None),
+                         "first_run": {"seconds": round(dt1, 3), "examples_per_s": round(n / dt1, 3)},
+                         "runs_agree": [r["output"] for r in first] == [r["output"] for r in static],
+                         "outputs_differ_from_eager": len(differ),
+                         "differing_examples": [dict(zip(("id", "condition", "eager", "static"), d))
+                                                for d in differ[:20]]}
+        res["speedup"] = round(dt / dt2, 3)
+        print(f"static: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run, compiling: {dt1:.1f} s); "
+              f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
+    except Exception as e:  # compiling or running the static path failed: say so, keep the eager numbers
+        res["static"] = {"error": f"{type(e).__name__}: {e}".strip()[:2000],
+                         "traceback": traceback.format_exc()[-4000:]}
+        print(f"static: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr, flush=True)
+        rc = 1
+    write_text(args.out, json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return rc
+
+
+def _summary(records: list[dict], seconds: float, peak_gib: float | None) -> dict:
+    done = [r for r in records if not r["skipped"]]
+    return {"seconds": round(seconds, 3), "examples_per_s": round(len(done) / seconds, 3),
+            "accuracy": round(sum(r["score"] for r in done) / max(1, len(done)), 4),
+            "new_tokens": sum(r.get("n_new_tokens", 0) for r in done),
+            "peak_gib": None if peak_gib is None else round(peak_gib, 2)}
+
+
+if __name__ == "__main__":
+    from pear.errors import PearError
+
+    try:
+        raise SystemExit(main())
+    except PearError as e:  # bad input (model, data folder, task): one line, nothing written
+        print(f"decode_throughput: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
