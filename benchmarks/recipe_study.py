@@ -113,10 +113,13 @@ class Study:
 
     def chain(self, model: str, label: str, make_spec, tasks: list[tuple[str, int, int | None]]):
         """One job: make the variant's model (a fit, or nothing for the base), then evaluate it alone."""
+        outs = [(task, half, limit, self.work / "single" / model / f"{task}-h{half}-{label}.json")
+                for task, half, limit in tasks]
+        if outs and all(out.is_file() for *_, out in outs):
+            return  # evaluated before: no need for its model
         spec = make_spec()
-        for task, half, limit in tasks:
-            self.evaluate(model, [(label, spec)], task, half, limit,
-                          self.work / "single" / model / f"{task}-h{half}-{label}.json")
+        for task, half, limit, out in outs:
+            self.evaluate(model, [(label, spec)], task, half, limit, out)
 
     def run_chains(self, chains: list[tuple]):
         def go(c):
@@ -158,12 +161,14 @@ class Study:
             print(f"{model} {task}: {e}", flush=True)
 
     def stage_select(self) -> str:
-        table = {}
+        table = {}  # from each variant's own screen file: the choice needs accuracies and gaps only
         for m in self.a.screen_models:
-            f = self.work / "screen" / f"{m}.json"
-            if f.is_file():
-                res = json.loads(f.read_text())["tasks"][SCREEN_TASK]["models"]
-                table[m] = {lab: {"all": v["all"]["accuracy"], "gap": _gap(v)} for lab, v in res.items()}
+            for lab in ["base"] + self.a.recipes:
+                f = self.work / "single" / m / f"{SCREEN_TASK}-h1-{lab}.json"
+                if f.is_file():
+                    v = json.loads(f.read_text())["tasks"][SCREEN_TASK]["models"][lab]
+                    table.setdefault(m, {})[lab] = {"all": v["all"]["accuracy"], "gap": _gap(v)}
+        table = {m: t for m, t in table.items() if "base" in t}
         if not table:
             raise RuntimeError("no screening results")
         score = {}
