@@ -86,3 +86,32 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert decode_throughput.main(bad) == 1
     res = json.loads((tmp_path / "bad.json").read_text())
     assert "torch.compile" in res["static"]["error"] and res["eager"]["examples_per_s"] > 0
+
+
+def _screen_file(work, model, label, per_position):
+    """A variant's screen file as `pear eval` writes it (only the fields the choice reads)."""
+    accs = {str(p): {"accuracy": a} for p, a in per_position.items()}
+    accs["all"] = {"accuracy": sum(per_position.values()) / len(per_position)}
+    f = work / "single" / model / f"mdqa-20-h1-{label}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"tasks": {"mdqa-20": {"models": {label: accs}}}}))
+
+
+@pytest.mark.parametrize("rule,chosen", [("goal", "flat"), ("mean", "ends")])
+def test_recipe_study_selection_rules(tmp_path, monkeypatch, rule, chosen):
+    """The goal rule counts models meeting Δ ≥ +3 points with the gap cut to 2/3; the round-1 rule
+    takes the largest mean Δ. `ends` gains more on average by lifting the best position (its gap
+    widens); `flat` lifts the middle on both models and wins under the goal rule."""
+    import recipe_study
+
+    for m in ("a", "b"):
+        _screen_file(tmp_path, m, "base", {1: 0.4, 10: 0.1, 20: 0.4})           # gap 0.30
+        _screen_file(tmp_path, m, "flat", {1: 0.4, 10: 0.25, 20: 0.4})         # +5 points, gap 0.15
+        _screen_file(tmp_path, m, "ends", {1: 0.7, 10: 0.1, 20: 0.4})          # +10 points, gap 0.60
+    monkeypatch.setattr(sys, "argv", ["recipe_study.py", "--work", str(tmp_path), "--stage", "select",
+                                      "--screen-models", "a,b", "--recipes", "flat,ends", "--rule", rule])
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"] == chosen
+    assert sel["score"]["flat"]["meets_goal"] == 2 and sel["score"]["ends"]["meets_goal"] == 0
+    assert sel["score"]["ends"]["mean_delta"] == pytest.approx(0.1)
