@@ -111,13 +111,20 @@ class Study:
             args += ["--parts", "only"]
         pear(args, self.log(model, f"eval-{task}-h{half}-{variants[0][0] if len(variants) == 1 else 'all'}"))
 
-    def chain(self, model: str, label: str, make_spec, tasks: list[tuple[str, int, int | None]]):
+    def make(self, model: str, label: str) -> str:
+        """The variant's model, fitted first where it is not there yet."""
+        if label == "base":
+            return self.spec(model)
+        recipe, _, seed = label.partition("-seed")
+        return self.fit(model, recipe, int(seed or 0))
+
+    def chain(self, model: str, label: str, tasks: list[tuple[str, int, int | None]]):
         """One job: make the variant's model (a fit, or nothing for the base), then evaluate it alone."""
         outs = [(task, half, limit, self.work / "single" / model / f"{task}-h{half}-{label}.json")
                 for task, half, limit in tasks]
         if outs and all(out.is_file() for *_, out in outs):
             return  # evaluated before: no need for its model
-        spec = make_spec()
+        spec = self.make(model, label)
         for task, half, limit, out in outs:
             self.evaluate(model, [(label, spec)], task, half, limit, out)
 
@@ -132,26 +139,18 @@ class Study:
             list(pool.map(go, chains))
 
     # ------------------------------------------------------------------ stages
-    def variants_screen(self, model: str) -> list[tuple[str, object]]:
-        return [("base", lambda: self.spec(model))] + [
-            (r, lambda r=r: self.fit(model, r)) for r in self.a.recipes]
-
-    def variants_final(self, model: str, chosen: str) -> list[tuple[str, object]]:
-        v = [("base", lambda: self.spec(model)), ("paper", lambda: self.fit(model, "paper"))]
-        if chosen != "paper":
-            v.append((chosen, lambda: self.fit(model, chosen)))
-        v.append((f"{chosen}-seed1", lambda: self.fit(model, chosen, seed=1)))
-        return v
+    def labels_final(self, chosen: str) -> list[str]:
+        return ["base", "paper"] + ([chosen] if chosen != "paper" else []) + [f"{chosen}-seed1"]
 
     def stage_fit(self):
-        self.run_chains([(m, r, lambda m=m, r=r: self.fit(m, r), [])
-                         for m in self.a.screen_models for r in self.a.recipes])
+        self.run_chains([(m, r, []) for m in self.a.screen_models for r in self.a.recipes])
 
     def stage_screen(self):
         tasks = [(SCREEN_TASK, 1, self.a.screen_q)]
-        self.run_chains([(m, lab, mk, tasks) for m in self.a.screen_models for lab, mk in self.variants_screen(m)])
+        labels = ["base"] + self.a.recipes
+        self.run_chains([(m, lab, tasks) for m in self.a.screen_models for lab in labels])
         for m in self.a.screen_models:
-            variants = [(lab, self.label_spec(m, lab)) for lab, _ in self.variants_screen(m)]
+            variants = [(lab, self.label_spec(m, lab)) for lab in labels]
             self.assemble(m, variants, SCREEN_TASK, 1, self.a.screen_q, self.work / "screen" / f"{m}.json")
 
     def assemble(self, model, variants, task, half, limit, out):
@@ -191,9 +190,10 @@ class Study:
 
     def stage_final(self, chosen: str):
         tasks = [(t, 2, lim) for t, lim in self.a.final_tasks]
-        self.run_chains([(m, lab, mk, tasks) for m in self.a.models for lab, mk in self.variants_final(m, chosen)])
+        labels = self.labels_final(chosen)
+        self.run_chains([(m, lab, tasks) for m in self.a.models for lab in labels])
         for m in self.a.models:
-            variants = [(lab, self.label_spec(m, lab)) for lab, _ in self.variants_final(m, chosen)]
+            variants = [(lab, self.label_spec(m, lab)) for lab in labels]
             for t, _, lim in tasks:
                 self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")
 
