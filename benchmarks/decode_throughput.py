@@ -8,7 +8,8 @@ Both paths score the same examples through the harness (`pear.evaluate.scoring.r
 after a small warm-up; static runs twice: the first run includes compiling the step and
 recording its CUDA graphs, the second is the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
-should), accuracy under each, peak GPU memory, and the command, versions and hardware
+should), accuracy under each, peak GPU memory, the time of the prompts alone (one new token:
+the floor of any decoding loop), and the command, versions and hardware
 (`pear.provenance`). If compiling fails, the error is printed and saved under "static" and the
 exit status is 1; the eager numbers are still written.
 """
@@ -106,6 +107,14 @@ def main(argv=None) -> int:
     res["examples"], res["skipped"] = n, len(eager) - n
     res["eager"] = _summary(eager, dt, peak)
     print(f"eager:  {n} examples in {dt:.1f} s = {n / dt:.2f} examples/s", flush=True)
+
+    # the floor no decoding loop can go under: the prompts alone (one new token each)
+    one = dataclasses.replace(task, max_new_tokens=1)
+    _, dt0, _ = timed(lambda: run_task(model, loaded, one, **kw), device)
+    res["prompts_only"] = {"seconds": round(dt0, 3), "examples_per_s": round(n / dt0, 3),
+                           "max_speedup": round(dt / dt0, 3)}
+    print(f"prompts only (1 new token): {dt0:.1f} s = {n / dt0:.2f} examples/s, the most any decoding loop "
+          f"can gain: x{dt / dt0:.2f}", flush=True)
 
     rc = 0
     try:

@@ -376,7 +376,7 @@ def test_static_decoding_equals_eager(tiny, data_dir):
     assert dec.compiled and dec.step is not tiny.model
     assert sd.static_generate(tiny.model, ids, decoder=dec, **kw) == eager
     assert sd.static_generate(tiny.model, ids, **kw) == eager  # on CPU by default: the static cache, no compile
-    assert dec.shape[1] % sd.CACHE_BUCKET == 0
+    assert dec.start[1] % sd.CACHE_BUCKET == 0
 
     res = evaluate([ModelEntry(tiny, label="plain"), ModelEntry(tiny, "ms-poe", label="msp")], ["mdqa-10"],
                    data_dir=data_dir, limit=1, positions="1", max_new_tokens=6, progress=False, n_resamples=10,
@@ -389,6 +389,53 @@ def test_static_decoding_equals_eager(tiny, data_dir):
         evaluate([tiny], ["mdqa-10"], data_dir=data_dir, limit=1, decode="fast", progress=False)
     with pytest.raises(PearError, match="--decode static needs"):
         sd.StaticDecoder(strict_lm(tiny.model, []))
+
+
+def test_static_decoding_compacts_rows(tiny, monkeypatch):
+    """Finished rows leave the batch: once half have finished, the running rows move to a cache
+    of the next power-of-two row count (here down to one row), and the answers stay the eager
+    loop's (which keeps every row here)."""
+    from pear.evaluate import static_decode as sd
+
+    monkeypatch.setattr(sd, "MIN_ROWS", 1)
+    tok = tiny.tokenizer
+    ids = [tok(f"Item {i}: " + "word " * i).input_ids for i in range(8)]
+    stop_after = [1, 2, 3, 3, 5, 6, 7, 10]
+    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=12, device="cpu", batch_size=8,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, compact=False, **kw)
+    assert [len(o) for o in eager] == stop_after
+    dec = sd.StaticDecoder(tiny.model, compile=True, backend="eager", mode=None)
+    assert sd.static_generate(tiny.model, ids, decoder=dec, **kw) == eager
+    assert sorted({rows for rows, _ in dec.caches}) == [1, 2, 4, 8]
+    assert sd.bucket(5) == 8 and sd.bucket(8) == 8 and sd.bucket(1) == 1
+
+
+def test_grouped_attention_equals_repeated_heads():
+    """One query token, grouped key/value heads: the group's query heads as query rows give
+    what SDPA gives on keys and values repeated to every head, masked or not; a longer query
+    goes to the original function untouched."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    from pear.evaluate.static_decode import grouped_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 3, 8, 2, 11, 16
+    k, v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    mask = torch.rand(B, 1, 1, L) > 0.3
+    mask[..., 0] = True
+    module = SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=True, training=False)
+    attention = grouped_attention(sdpa_attention_forward)
+    for m in (mask, None):
+        q = torch.randn(B, H, 1, D)
+        ref = F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=m).transpose(1, 2)
+        out, _ = attention(module, q, k, v, m, scaling=None)
+        torch.testing.assert_close(out, ref)
+    q = torch.randn(B, H, 4, D)
+    torch.testing.assert_close(attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
 
 
 def test_cli_decode_static(tiny, data_dir, tmp_path):
