@@ -5,8 +5,8 @@
 Protocol (written down before it ran, BENCHMARKS.md §5): every candidate recipe of
 `pear.recipes` is fitted on every screened model (seed 0); the candidates are screened on the
 *first* half of the multi-document QA questions (mdqa-20, the first SCREEN_Q questions of half 1,
-gold at documents 1, 6, 10, 15, 20); a rule of RULES chooses one recipe from those figures alone;
-the chosen recipe is fitted again with seed 1, and base, paper, chosen (seed 0) and chosen
+gold at documents 1, 6, 10, 15, 20); a rule of RULES chooses one recipe (or, `per-model`, one
+per model) from those figures alone; the chosen recipe is fitted again with seed 1, and base, paper, chosen (seed 0) and chosen
 (seed 1) are evaluated on the *second* half (mdqa-20, kv, closed-book, MMLU) of every report
 model. Nothing measured on the second half takes part in the choice.
 
@@ -39,7 +39,10 @@ RULES = {  # name: (text, sort key over a candidate's screen score; the largest 
              lambda s: (s["meets_goal"], s["mean_delta"], -s["mean_gap"])),
     "mean": ("largest mean Δ accuracy over the models on mdqa-20 half 1 (ties: smaller mean gap)",
              lambda s: (s["mean_delta"], -s["mean_gap"])),
+    "per-model": ("per model: the candidate with the largest Δ on mdqa-20 half 1 if that Δ is ≥ +3 points, "
+                  "else paper; a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
 }
+SIBLINGS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # same family, tokenizer and training data
 FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", None)]  # (task, questions of half 2)
 
 
@@ -159,7 +162,7 @@ class Study:
         except Exception as e:
             print(f"{model} {task}: {e}", flush=True)
 
-    def stage_select(self) -> str:
+    def stage_select(self) -> str | dict[str, str]:
         table = {}  # from each variant's own screen file: the choice needs accuracies and gaps only
         for m in self.a.screen_models:
             for lab in ["base"] + self.a.recipes:
@@ -170,6 +173,8 @@ class Study:
         table = {m: t for m, t in table.items() if "base" in t}
         if not table:
             raise RuntimeError("no screening results")
+        if self.a.rule == "per-model":
+            return self.select_per_model(table)
         score = {}
         for r in self.a.recipes:
             rows = [t for t in table.values() if r in t]
@@ -188,11 +193,34 @@ class Study:
         print(json.dumps(score, indent=1), "\nchosen:", chosen, flush=True)
         return chosen
 
-    def stage_final(self, chosen: str):
-        tasks = [(t, 2, lim) for t, lim in self.a.final_tasks]
-        labels = self.labels_final(chosen)
-        self.run_chains([(m, lab, tasks) for m in self.a.models for lab in labels])
+    def select_per_model(self, table: dict) -> dict[str, str]:
+        """The per-model rule: every model needs its whole screen (no choice from part of it)."""
+        chosen, deltas = {}, {}
+        for m, t in table.items():
+            missing = [r for r in self.a.recipes if r not in t]
+            if missing:
+                raise RuntimeError(f"{m}: screen incomplete, missing {', '.join(missing)}")
+            deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes}
+            best = max(self.a.recipes, key=lambda r: (deltas[m][r], -t[r]["gap"]))
+            chosen[m] = best if deltas[m][best] >= GOAL_DELTA - 1e-9 else "paper"
         for m in self.a.models:
+            if m not in chosen and SIBLINGS.get(m) in chosen:
+                chosen[m] = chosen[SIBLINGS[m]]
+        sel = {"rule": RULES["per-model"][0], "models": list(table), "screen": table, "delta": deltas,
+               "chosen": chosen}
+        (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
+        print("chosen:", json.dumps(chosen), flush=True)
+        return chosen
+
+    def stage_final(self, chosen: str | dict[str, str]):
+        tasks = [(t, 2, lim) for t, lim in self.a.final_tasks]
+        per_model = chosen if isinstance(chosen, dict) else {m: chosen for m in self.a.models}
+        missing = [m for m in self.a.models if m not in per_model]
+        if missing:
+            raise RuntimeError(f"no recipe chosen for {', '.join(missing)}")
+        self.run_chains([(m, lab, tasks) for m in self.a.models for lab in self.labels_final(per_model[m])])
+        for m in self.a.models:
+            labels = self.labels_final(per_model[m])
             variants = [(lab, self.label_spec(m, lab)) for lab in labels]
             for t, _, lim in tasks:
                 self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")

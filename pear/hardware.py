@@ -38,6 +38,11 @@ class Choice:
         return f"pear: {self.device}, {self.dtype}{t} ({self.reason})"
 
 
+def on_one_device(model) -> bool:
+    """False for a model split over devices by `--device-map` (accelerate's hf_device_map)."""
+    return len(set((getattr(model, "hf_device_map", None) or {0: 0}).values())) == 1
+
+
 def cpu_capability() -> str:
     """PyTorch's CPU kernel level: AVX2, AVX512, DEFAULT, ... (honours ATEN_CPU_CAPABILITY)."""
     import torch

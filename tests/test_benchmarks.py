@@ -115,3 +115,26 @@ def test_recipe_study_selection_rules(tmp_path, monkeypatch, rule, chosen):
     assert sel["chosen"] == chosen
     assert sel["score"]["flat"]["meets_goal"] == 2 and sel["score"]["ends"]["meets_goal"] == 0
     assert sel["score"]["ends"]["mean_delta"] == pytest.approx(0.1)
+
+
+def test_recipe_study_per_model_rule(tmp_path, monkeypatch, capsys):
+    """Per model: the largest Δ if it reaches +3 points, else paper; the unscreened 1.5B takes
+    its sibling's choice; a model whose screen lacks a candidate stops the choice."""
+    import recipe_study
+
+    for m in ("gemma3-270m", "qwen2.5-coder-0.5b"):
+        _screen_file(tmp_path, m, "base", {1: 0.4, 10: 0.1, 20: 0.4})
+        _screen_file(tmp_path, m, "paper", {1: 0.4, 10: 0.11, 20: 0.4})
+    _screen_file(tmp_path, "gemma3-270m", "chan", {1: 0.6, 10: 0.3, 20: 0.6})      # +20 points
+    _screen_file(tmp_path, "qwen2.5-coder-0.5b", "chan", {1: 0.41, 10: 0.13, 20: 0.4})  # +1.3: below +3
+    argv = ["recipe_study.py", "--work", str(tmp_path), "--stage", "select", "--rule", "per-model",
+            "--recipes", "paper,chan", "--screen-models", "gemma3-270m,qwen2.5-coder-0.5b",
+            "--models", "gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"] == {"gemma3-270m": "chan", "qwen2.5-coder-0.5b": "paper", "qwen2.5-coder-1.5b": "paper"}
+    assert sel["delta"]["gemma3-270m"]["chan"] == pytest.approx(0.2)
+    (tmp_path / "single" / "gemma3-270m" / "mdqa-20-h1-chan.json").unlink()
+    with pytest.raises(RuntimeError, match="gemma3-270m: screen incomplete, missing chan"):
+        recipe_study.main()

@@ -105,3 +105,34 @@ def test_hook_scales_in_low_precision():
         hooked = _logits(model)
     fold(model, COEFS)
     assert (hooked.float() - _logits(model).float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_16bit_fold_is_checked_in_fp32_and_dtypes_kept(model_type, monkeypatch):
+    """A bf16 model's fold check runs in fp32 (16-bit activations' own rounding over many
+    scaled heads would swamp the check), with the folded weights rounded to bf16 as saved:
+    the difference is that one rounding. Afterwards every parameter and buffer has its own
+    dtype again (the fp32 RoPE tables are not rounded to bf16); a wrong fold is caught."""
+    from pear.folding import FP32_CHECK_TOLERANCE, verify_fold
+    from pear.folding.checkpoint import verification_input
+
+    model = tiny_model(model_type, dtype=torch.bfloat16)
+    dtypes = {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
+    coefs = {(l, h): 1.0 + 0.15 * ((l + h) % 3 - 1) for l in range(2) for h in range(4)}  # every head
+    v = verify_fold(model, coefs)
+    assert v.compute_dtype == "float32" and v.as_dict()["compute_dtype"] == "float32"
+    assert v.max_abs_diff <= FP32_CHECK_TOLERANCE[torch.bfloat16] * v.logits_max_abs
+    assert {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()]} == dtypes
+    # the folded bf16 weights, in fp32 arithmetic, against the hooked bf16 base in fp32: the same check by hand
+    ids = verification_input(model)
+    folded = model.float()(ids).logits
+    unfold(model, coefs)
+    with HeadScaling(model, coefs, trainable=False):
+        hooked = model(ids).logits
+    assert (folded - hooked).abs().max() <= v.tolerance
+    import pear.folding.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "fold", lambda m, c: fold(m, {k: -a for k, a in c.items()}))  # a wrong fold
+    with pytest.raises(pear.PearError, match="fold verification failed"):
+        verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)

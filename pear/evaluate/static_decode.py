@@ -48,8 +48,9 @@ def supports_static(lm) -> bool:
     on one device (a `--device-map` split keeps the eager loop, as `generate` does)."""
     from transformers import PreTrainedModel
 
-    on_one = len(set((getattr(lm, "hf_device_map", None) or {0: 0}).values())) == 1
-    return isinstance(lm, PreTrainedModel) and bool(getattr(lm, "_can_compile_fullgraph", False)) and on_one
+    from ..hardware import on_one_device
+
+    return isinstance(lm, PreTrainedModel) and bool(getattr(lm, "_can_compile_fullgraph", False)) and on_one_device(lm)
 
 
 def grouped_attention(original: Callable) -> Callable:

@@ -9,14 +9,14 @@ Like PEFT's IA3 tuner, the pieces sit side by side:
   `fold_and_save`, the whole step behind `pear fold`.
 """
 
-from .checkpoint import (HUB_IDS, RELATIVE_TOLERANCE, AtomicDir, Verification, base_file_info, check_out_dir,
+from .checkpoint import (FP32_CHECK_TOLERANCE, HUB_IDS, RELATIVE_TOLERANCE, AtomicDir, Verification, base_file_info, check_out_dir,
                          fold_and_save, save_checkpoint, verification_input, verify_fold)
 from .coefficients import (Coefficient, HeadKey, check_coefficients, coefficients_json, granularity, is_channelwise,
                            read_coefficients, summary_value)
 from .scaling import HeadScaling, fold, unfold
 
 __all__ = [
-    "HUB_IDS", "RELATIVE_TOLERANCE", "AtomicDir", "Verification", "base_file_info", "check_out_dir", "fold_and_save",
+    "FP32_CHECK_TOLERANCE", "HUB_IDS", "RELATIVE_TOLERANCE", "AtomicDir", "Verification", "base_file_info", "check_out_dir", "fold_and_save",
     "save_checkpoint", "verification_input", "verify_fold", "Coefficient", "HeadKey", "check_coefficients",
     "coefficients_json", "granularity", "is_channelwise", "read_coefficients", "summary_value", "HeadScaling", "fold",
     "unfold",
