@@ -18,6 +18,7 @@ command at a time; finished outputs are kept and skipped when the study is run a
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shlex
 import subprocess
@@ -25,6 +26,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.recipes import RECIPES  # noqa: E402
@@ -226,6 +229,49 @@ class Study:
                 self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")
 
 
+def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
+                  positions=("1", "6", "10", "15", "20")) -> dict:
+    """Every screened variant against its model's base on the same examples, from the per-example
+    parts of the screen (`work/parts`, as `pear eval --parts-dir` writes them): accuracy, Δ with
+    its paired bootstrap interval, exact McNemar p, accuracy per gold position and the gap. Needs
+    no model, so it runs anywhere the parts are."""
+    from pear.evaluate.stats import compare
+
+    def model_of(spec: str) -> str | None:
+        for m in models:  # the base is the model's file or preset; a variant is runs/MODEL/RECIPE/model
+            if spec in (m, f"{m}.gguf") or spec.endswith(f"/{m}.gguf") or f"/runs/{m}/" in spec:
+                return m
+        return None
+
+    recs = {}
+    for f in sorted((work / "parts").glob(f"*__{SCREEN_TASK}__*.json.gz")):
+        d = json.loads(gzip.open(f).read())
+        m = model_of(d["spec"])
+        if m and d["start"] == 0 and len(d["records"]) == d["of"] == screen_q * len(positions):  # the screen's, whole
+            recs[(m, d["label"])] = d["records"]
+    out = {}
+    for (m, label), r in sorted(recs.items()):
+        base = recs.get((m, "base"))
+        if label == "base" or base is None or len(base) != len(r):
+            continue
+        if [(x["id"], x["condition"]) for x in base] != [(x["id"], x["condition"]) for x in r]:
+            raise RuntimeError(f"{m} {label}: not the base's examples")
+        a, b = ([float(x["score"]) for x in recs_] for recs_ in (base, r))
+        per, base_per = ({c: _mean([x["score"] for x in rr if x["condition"] == c]) for c in positions}
+                         for rr in (r, base))
+        cmp = compare(np.array(a), np.array(b))
+        out[f"{m}/{label}"] = {"acc": _mean(b), "diff": cmp["diff"], "ci95": cmp["ci95"], "p_mcnemar": cmp["p_mcnemar"],
+                               "gap": max(per.values()) - min(per.values()),
+                               "base_gap": max(base_per.values()) - min(base_per.values()),
+                               "per_position": per, "base_per_position": base_per, "n": len(b)}
+    (work / "screen_paired.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 def _gap(v: dict) -> float:
     accs = [x["accuracy"] for c, x in v.items() if c != "all"]
     return max(accs) - min(accs)
@@ -239,8 +285,9 @@ def main() -> int:
     p.add_argument("--rule", default="goal", choices=list(RULES), help="selection rule (round 1: mean)")
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "select", "final"],
-                   help="fit and screen use --screen-models, final uses --models")
+    p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "paired", "select", "final"],
+                   help="fit and screen use --screen-models, final uses --models; paired: the screen's paired "
+                        "statistics from its parts (screen_paired.json), no model needed")
     p.add_argument("--device", default="cuda")
     p.add_argument("--jobs", type=int, default=4, help="commands in parallel")
     p.add_argument("--screen-q", type=int, default=SCREEN_Q, help="questions of half 1 for screening")
@@ -263,6 +310,8 @@ def main() -> int:
         st.stage_fit()
     if a.stage in ("all", "screen"):
         st.stage_screen()
+    if a.stage in ("all", "screen", "paired"):
+        screen_paired(st.work, a.screen_models, a.screen_q)
     if a.stage in ("all", "select", "final"):
         chosen = st.stage_select()
         if a.stage != "select":

@@ -138,3 +138,30 @@ def test_recipe_study_per_model_rule(tmp_path, monkeypatch, capsys):
     (tmp_path / "single" / "gemma3-270m" / "mdqa-20-h1-chan.json").unlink()
     with pytest.raises(RuntimeError, match="gemma3-270m: screen incomplete, missing chan"):
         recipe_study.main()
+
+
+def test_recipe_study_paired_from_parts(tmp_path):
+    """The screen's paired statistics come from the per-example parts alone (no model): each
+    variant against its model's base on the same examples; parts of another size (the report
+    half's) are left out."""
+    import gzip
+
+    import recipe_study
+
+    def part(name, spec, label, scores, of=None):
+        recs = [{"id": f"q{i // 5}", "condition": c, "score": s, "skipped": False}
+                for i, (c, s) in enumerate(zip(["1", "6", "10", "15", "20"] * 2, scores))]
+        (tmp_path / "parts").mkdir(exist_ok=True)
+        with gzip.open(tmp_path / "parts" / f"{label}__mdqa-20__{name}.json.gz", "wt") as f:
+            json.dump({"label": label, "spec": spec, "start": 0, "of": of or len(recs), "records": recs}, f)
+
+    part("a", "/m/gemma3-270m.gguf", "base", [1, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+    part("b", "/w/runs/gemma3-270m/chan/model", "chan", [1, 1, 1, 0, 1, 1, 1, 1, 0, 1])
+    part("c", "/w/runs/gemma3-270m/late/model", "late", [1] * 10, of=30)  # another half's size: ignored
+    out = recipe_study.screen_paired(tmp_path, ["gemma3-270m"], screen_q=2)
+    assert list(out) == ["gemma3-270m/chan"]
+    v = out["gemma3-270m/chan"]
+    assert v["acc"] == 0.8 and v["diff"] == pytest.approx(0.5) and v["n"] == 10
+    assert v["per_position"] == {"1": 1.0, "6": 1.0, "10": 1.0, "15": 0.0, "20": 1.0}
+    assert v["gap"] == 1.0 and v["base_gap"] == 1.0 and v["ci95"][0] > 0
+    assert json.loads((tmp_path / "screen_paired.json").read_text()) == out
