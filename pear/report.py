@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import savefig, write_text
+from .recipes import DEFAULT_RECIPE, measured_text
 from .settings import BOUNDS, DEFAULT_BOUNDS
 
 
@@ -201,11 +202,13 @@ every model weight frozen. Training loss, mean of the first / last 5 steps: {los
 
 ![training loss](fit_loss.png)
 
+{measured_text(r.settings.get('recipe') or DEFAULT_RECIPE, r.model)}
+
 {_discovery_text(r)}
 
 ## Fold check
 
-Folded vs hooked logits on a fixed input: max |difference| {v['max_abs_logit_diff']:.3g}
+Folded vs hooked logits on a fixed input{f" ({v['compute_dtype']} arithmetic)" if v.get('compute_dtype') else ""}: max |difference| {v['max_abs_logit_diff']:.3g}
 (tolerance {v['tolerance']:.3g}), argmax agreement {v['argmax_agreement']:.4f}.
 
 ## Seconds per stage

@@ -88,6 +88,25 @@ def test_default_out_and_effect_words():
     assert [effect(a) for a in (-0.3, 0.0, 0.6, 1.0, 1.4)] == ["FLIPPED", "removed", "weakened", "unchanged", "amplified"]
 
 
+def test_recipe_effects_in_reports_match_the_recorded_screen():
+    """report.md's table of what a recipe did (pear.recipes.MEASURED) is the screen's recorded
+    paired statistics (BENCHMARKS.md §5), rounded as printed; a model that is not a preset is
+    told its effect is unknown."""
+    from pathlib import Path
+
+    from pear.recipes import MEASURED, RECIPES, measured_text
+
+    f = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round2/screen_paired.json"
+    screen = json.loads(f.read_text())
+    assert {k for k in screen} == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
+    for key, v in screen.items():
+        m, r = key.split("/")
+        assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
+    assert set(MEASURED) == set(RECIPES)
+    assert "(this model) | +20.6 |" in measured_text("retrieval-channels", "gemma3-270m")
+    assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
+
+
 @pytest.mark.real
 def test_pear_run_real_model(tmp_path, smollm2, capsys):
     """Small settings on the real default model: the saved folder reloads with plain
@@ -119,6 +138,7 @@ def test_pear_run_real_model(tmp_path, smollm2, capsys):
     assert data["fit"]["after"]["proxy_loss"] < data["fit"]["before"]["proxy_loss"]
     report = (out / "report.md").read_text()
     assert "smollm2-135m" in report and "Seconds per stage" in report
+    assert "Measured effect of recipe `paper`" in report and "| smollm2-135m (this model) | +0.8 |" in report
 
 
 class _StopAfterDiscovery(Exception):
