@@ -6,8 +6,8 @@ than the GPU work. Here the KV cache is preallocated (transformers' `StaticCache
 one-token step always has the same shapes, and `model.get_compiled_call` (the torch.compile
 wrapper `generate` uses; inductor, mode "reduce-overhead") replays it as CUDA graphs.
 
-Two things keep the compiled step as cheap as the eager one per row (measured on an H200:
-without them it was 2x slower than eager):
+Two things keep the compiled step from costing more per row than the eager one (without
+them this path was slower than eager; BENCHMARKS.md §3c):
 * Grouped-query attention without copies. Under torch.compile transformers' SDPA path
   repeats the key/value heads to every query head (`repeat_kv`): for Qwen2.5 that writes and
   reads the whole cache 7 times per step. `grouped_attention` instead lays a group's query
