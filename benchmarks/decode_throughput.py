@@ -42,6 +42,8 @@ def parse(argv):
                     help="compile the static path's step: auto = on CUDA only (as pear eval --decode static)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode ('none' for none)")
+    ap.add_argument("--compile-dynamic", action="store_true",
+                    help="compile with symbolic shapes from the start (one compilation instead of one per new size)")
     ap.add_argument("--out", required=True, metavar="FILE.json")
     return ap.parse_args(argv)
 
@@ -120,14 +122,15 @@ def main(argv=None) -> int:
     try:
         compile = {"auto": None, "on": True, "off": False}[args.compile]
         dec = StaticDecoder(model, compile=compile, backend=args.compile_backend,
-                            mode=None if args.compile_mode == "none" else args.compile_mode)
+                            mode=None if args.compile_mode == "none" else args.compile_mode,
+                            dynamic=True if args.compile_dynamic else None)
         first, dt1, _ = timed(lambda: run(dec), device)
         static, dt2, peak2 = timed(lambda: run(dec), device)
         differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, static)
                   if not e["skipped"] and e["output"] != s["output"]]
         res["static"] = {**_summary(static, dt2, peak2), "compiled": dec.compiled,
-                         "compile": ({"backend": args.compile_backend, "mode": args.compile_mode}
-                                     if dec.compiled else None),
+                         "compile": ({"backend": args.compile_backend, "mode": args.compile_mode,
+                                      "dynamic": bool(args.compile_dynamic)} if dec.compiled else None),
                          "first_run": {"seconds": round(dt1, 3), "examples_per_s": round(n / dt1, 3)},
                          "runs_agree": [r["output"] for r in first] == [r["output"] for r in static],
                          "outputs_differ_from_eager": len(differ),

@@ -409,6 +409,8 @@ def test_static_decoding_compacts_rows(tiny, monkeypatch):
     assert sd.static_generate(tiny.model, ids, decoder=dec, **kw) == eager
     assert sorted({rows for rows, _ in dec.caches}) == [1, 2, 4, 8]
     assert sd.bucket(5) == 8 and sd.bucket(8) == 8 and sd.bucket(1) == 1
+    dynamic = sd.StaticDecoder(tiny.model, compile=True, backend="eager", mode=None, dynamic=True)
+    assert sd.static_generate(tiny.model, ids, decoder=dynamic, **kw) == eager  # symbolic shapes from the start
 
 
 def test_grouped_attention_equals_repeated_heads():

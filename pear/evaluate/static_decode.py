@@ -102,10 +102,12 @@ class StaticDecoder:
     bucket of the batch being decoded. They are reset and reused while batches repeat the
     same shape (a new cache object means new CUDA graphs).
 
-    compile: None = on CUDA only; backend / mode: torch.compile's (tests use backend "eager")."""
+    compile: None = on CUDA only; backend / mode: torch.compile's (tests use backend "eager");
+    dynamic: torch.compile's (None: compile for the first shapes, then again with the sizes
+    that changed as symbols; True: symbolic from the start, one compilation)."""
 
     def __init__(self, model, compile: bool | None = None, backend: str = "inductor",
-                 mode: str | None = "reduce-overhead"):
+                 mode: str | None = "reduce-overhead", dynamic: bool | None = None):
         if not supports_static(model):
             raise PearError(f"--decode static needs a transformers model whose family compiles with a static cache; "
                             f"{type(model).__name__} does not (use --decode eager)")
@@ -117,7 +119,7 @@ class StaticDecoder:
         self.step = model
         if self.compiled:
             try:
-                self.step = model.get_compiled_call(CompileConfig(backend=backend, mode=mode))
+                self.step = model.get_compiled_call(CompileConfig(backend=backend, mode=mode, dynamic=dynamic))
             except Exception as e:  # an unknown backend, a torch without a compiler
                 raise _compile_error(e) from e
         self.caches, self.start = {}, None  # {(rows, length): StaticCache}, the batch shape they belong to
