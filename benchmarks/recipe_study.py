@@ -6,9 +6,9 @@ Protocol (written down before it ran, BENCHMARKS.md §5): every candidate recipe
 `pear.recipes` is fitted on every screened model (seed 0); the candidates are screened on the
 *first* half of the multi-document QA questions (mdqa-20, the first SCREEN_Q questions of half 1,
 gold at documents 1, 6, 10, 15, 20); a rule of RULES chooses one recipe (or, `per-model`, one
-per model) from those figures alone; the chosen recipe is fitted again with seed 1, and base, paper, chosen (seed 0) and chosen
-(seed 1) are evaluated on the *second* half (mdqa-20, kv, closed-book, MMLU) of every report
-model. Nothing measured on the second half takes part in the choice.
+per model) from those figures alone; the chosen recipe is fitted again with seed 1, and base,
+paper, chosen (seed 0) and chosen (seed 1) are evaluated on the *second* half (mdqa-20, kv,
+closed-book, MMLU) of every report model. Nothing measured on the second half takes part in the choice.
 
 Each step is a `pear` command (printed and logged), so every figure can be reproduced one
 command at a time; finished outputs are kept and skipped when the study is run again.
@@ -26,8 +26,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.recipes import RECIPES  # noqa: E402
@@ -232,10 +230,13 @@ class Study:
 def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
                   positions=("1", "6", "10", "15", "20")) -> dict:
     """Every screened variant against its model's base on the same examples, from the per-example
-    parts of the screen (`work/parts`, as `pear eval --parts-dir` writes them): accuracy, Δ with
-    its paired bootstrap interval, exact McNemar p, accuracy per gold position and the gap. Needs
-    no model, so it runs anywhere the parts are."""
-    from pear.evaluate.stats import compare
+    parts of the screen (`work/parts`, as `pear eval --parts-dir` writes them), summarised as
+    `pear eval` does (`pear.evaluate.summary`): accuracy, Δ with its paired bootstrap interval,
+    exact McNemar p, accuracy per gold position and the gap. Needs no model, so it runs anywhere
+    the parts are."""
+    from types import SimpleNamespace
+
+    from pear.evaluate.summary import summarise
 
     def model_of(spec: str) -> str | None:
         for m in models:  # the base is the model's file or preset; a variant is runs/MODEL/RECIPE/model
@@ -243,33 +244,30 @@ def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
                 return m
         return None
 
-    recs = {}
+    recs: dict[str, dict[str, list]] = {}  # model: {label: records}
     for f in sorted((work / "parts").glob(f"*__{SCREEN_TASK}__*.json.gz")):
         d = json.loads(gzip.open(f).read())
         m = model_of(d["spec"])
         if m and d["start"] == 0 and len(d["records"]) == d["of"] == screen_q * len(positions):  # the screen's, whole
-            recs[(m, d["label"])] = d["records"]
+            recs.setdefault(m, {})[d["label"]] = d["records"]
+    task = SimpleNamespace(conditions=list(positions), metric=None, kind=None, positional=True, info={}, examples=[])
     out = {}
-    for (m, label), r in sorted(recs.items()):
-        base = recs.get((m, "base"))
-        if label == "base" or base is None or len(base) != len(r):
+    for m, by_label in sorted(recs.items()):
+        if "base" not in by_label:
             continue
-        if [(x["id"], x["condition"]) for x in base] != [(x["id"], x["condition"]) for x in r]:
-            raise RuntimeError(f"{m} {label}: not the base's examples")
-        a, b = ([float(x["score"]) for x in recs_] for recs_ in (base, r))
-        per, base_per = ({c: _mean([x["score"] for x in rr if x["condition"] == c]) for c in positions}
-                         for rr in (r, base))
-        cmp = compare(np.array(a), np.array(b))
-        out[f"{m}/{label}"] = {"acc": _mean(b), "diff": cmp["diff"], "ci95": cmp["ci95"], "p_mcnemar": cmp["p_mcnemar"],
-                               "gap": max(per.values()) - min(per.values()),
-                               "base_gap": max(base_per.values()) - min(base_per.values()),
-                               "per_position": per, "base_per_position": base_per, "n": len(b)}
+        labels = ["base"] + sorted(lab for lab in by_label if lab != "base")
+        summary = summarise(task, labels, by_label, n_resamples=10_000, seed=0)
+        base = summary["models"]["base"]
+        for lab in labels[1:]:
+            v, cmp = summary["models"][lab], summary["paired"][lab]["conditions"]["all"]
+            if cmp["n"] != len(by_label["base"]):
+                raise RuntimeError(f"{m} {lab}: not the base's examples")
+            out[f"{m}/{lab}"] = {"acc": v["all"]["accuracy"], "diff": cmp["diff"], "ci95": cmp["ci95"],
+                                 "p_mcnemar": cmp["p_mcnemar"], "gap": _gap(v), "base_gap": _gap(base),
+                                 "per_position": {c: v[c]["accuracy"] for c in positions},
+                                 "base_per_position": {c: base[c]["accuracy"] for c in positions}, "n": cmp["n"]}
     (work / "screen_paired.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
-
-
-def _mean(xs) -> float:
-    return sum(xs) / len(xs)
 
 
 def _gap(v: dict) -> float:

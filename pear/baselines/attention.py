@@ -67,7 +67,8 @@ def attention_modules(model, arch, layers) -> dict[int, nn.Module]:
     return {l: blocks[l].get_submodule(proj) for l in layers}
 
 
-def _register(prefix: str, make: Callable[[str], Callable], original: str) -> str:
+def register_attention(prefix: str, make: Callable[[str], Callable], original: str) -> str:
+    """Register ``make(original)`` (and `original`'s mask function) once, under `prefix`; its name."""
     name = prefix + original.replace("|", "_")
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, make(original))
@@ -83,7 +84,7 @@ def switched_attention(variant: str, model, arch, *, prefix: str, make: Callable
     original = model.config._attn_implementation
     if original.startswith(prefix):
         raise PearError(f"{variant} is already active on this model")
-    name = _register(prefix, make, original)
+    name = register_attention(prefix, make, original)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise PearError(f"{variant}: could not switch this {arch.model_type} model to a custom attention function")

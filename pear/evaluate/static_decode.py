@@ -78,18 +78,15 @@ def grouped_attention(original: Callable) -> Callable:
 @contextlib.contextmanager
 def grouped_decoding(model):
     """Run `model` with `grouped_attention` while decoding (SDPA models only; others as they are)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..baselines.attention import register_attention
 
     original = model.config._attn_implementation
     if original != "sdpa":
         yield
         return
-    name = GROUPED + original
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, grouped_attention(ALL_ATTENTION_FUNCTIONS[original]))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    name = register_attention(GROUPED, lambda o: grouped_attention(ALL_ATTENTION_FUNCTIONS[o]), original)
     model.set_attn_implementation(name)
     try:
         yield
