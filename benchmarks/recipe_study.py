@@ -227,51 +227,93 @@ class Study:
                 self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")
 
 
-def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
-                  positions=("1", "6", "10", "15", "20")) -> dict:
-    """Every screened variant against its model's base on the same examples, from the per-example
-    parts of the screen (`work/parts`, as `pear eval --parts-dir` writes them), summarised as
-    `pear eval` does (`pear.evaluate.summary`): accuracy, Δ with its paired bootstrap interval,
-    exact McNemar p, accuracy per gold position and the gap. Needs no model, so it runs anywhere
-    the parts are."""
+def _model_of(spec: str, models: list[str]) -> str | None:
+    for m in models:  # the base is the model's file or preset; a variant is runs/MODEL/RECIPE/model
+        if spec in (m, f"{m}.gguf") or spec.endswith(f"/{m}.gguf") or f"/runs/{m}/" in spec:
+            return m
+    return None
+
+
+def _records(work: Path, task: str, models: list[str], size_ok) -> dict[str, dict[str, list]]:
+    """{model: {label: records}}: each variant's whole evaluation of `task` whose size passes
+    `size_ok`, joined from its parts (`pear eval --parts-dir` saves a long one in several)."""
+    chunks: dict[tuple, dict[int, list]] = {}
+    for f in sorted((work / "parts").glob(f"*__{task}__*.json.gz")):
+        d = json.loads(gzip.open(f).read())
+        m = _model_of(d["spec"], models)
+        if m and size_ok(d["of"]):
+            chunks.setdefault((m, d["label"], d["spec"], d["of"]), {})[d["start"]] = d["records"]
+    out: dict[str, dict[str, list]] = {}
+    for (m, label, _, of), parts in sorted(chunks.items()):
+        recs = [r for s in sorted(parts) for r in parts[s]]
+        if len(recs) != of:
+            continue  # a part is missing: left out, not half-counted
+        if label in out.get(m, {}):
+            raise RuntimeError(f"{m} {label} {task}: two evaluations of that size")
+        out.setdefault(m, {})[label] = recs
+    return out
+
+
+def _paired(by_label: dict[str, list], what: str) -> dict:
+    """Every variant against the base on the same examples, summarised as `pear eval` does
+    (`pear.evaluate.summary`): accuracy, Δ with its paired bootstrap interval, exact McNemar p,
+    accuracy per condition (gold position) and the best-minus-worst gap."""
     from types import SimpleNamespace
 
     from pear.evaluate.summary import summarise
 
-    def model_of(spec: str) -> str | None:
-        for m in models:  # the base is the model's file or preset; a variant is runs/MODEL/RECIPE/model
-            if spec in (m, f"{m}.gguf") or spec.endswith(f"/{m}.gguf") or f"/runs/{m}/" in spec:
-                return m
-        return None
+    conds = list(dict.fromkeys(r["condition"] for r in by_label["base"]))
+    task = SimpleNamespace(conditions=conds, metric=None, kind=None, positional=conds != ["all"], info={}, examples=[])
+    labels = ["base"] + sorted(lab for lab in by_label if lab != "base")
+    summary = summarise(task, labels, by_label, n_resamples=10_000, seed=0)
+    base, out = summary["models"]["base"], {}
+    for lab in labels[1:]:
+        v, cmp = summary["models"][lab], summary["paired"][lab]["conditions"]["all"]
+        if cmp["n"] != len(by_label["base"]):
+            raise RuntimeError(f"{what} {lab}: not the base's examples")
+        row = {"acc": v["all"]["accuracy"], "diff": cmp["diff"], "ci95": cmp["ci95"], "p_mcnemar": cmp["p_mcnemar"]}
+        if task.positional:
+            row.update(gap=_gap(v), base_gap=_gap(base), per_position={c: v[c]["accuracy"] for c in conds},
+                       base_per_position={c: base[c]["accuracy"] for c in conds})
+        else:
+            row["base_acc"] = base["all"]["accuracy"]
+        out[lab] = {**row, "n": cmp["n"]}
+    return out
 
-    recs: dict[str, dict[str, list]] = {}  # model: {label: records}
-    for f in sorted((work / "parts").glob(f"*__{SCREEN_TASK}__*.json.gz")):
-        d = json.loads(gzip.open(f).read())
-        m = model_of(d["spec"])
-        if m and d["start"] == 0 and len(d["records"]) == d["of"] == screen_q * len(positions):  # the screen's, whole
-            recs.setdefault(m, {})[d["label"]] = d["records"]
-    task = SimpleNamespace(conditions=list(positions), metric=None, kind=None, positional=True, info={}, examples=[])
-    out = {}
-    for m, by_label in sorted(recs.items()):
-        if "base" not in by_label:
-            continue
-        labels = ["base"] + sorted(lab for lab in by_label if lab != "base")
-        summary = summarise(task, labels, by_label, n_resamples=10_000, seed=0)
-        base = summary["models"]["base"]
-        for lab in labels[1:]:
-            v, cmp = summary["models"][lab], summary["paired"][lab]["conditions"]["all"]
-            if cmp["n"] != len(by_label["base"]):
-                raise RuntimeError(f"{m} {lab}: not the base's examples")
-            out[f"{m}/{lab}"] = {"acc": v["all"]["accuracy"], "diff": cmp["diff"], "ci95": cmp["ci95"],
-                                 "p_mcnemar": cmp["p_mcnemar"], "gap": _gap(v), "base_gap": _gap(base),
-                                 "per_position": {c: v[c]["accuracy"] for c in positions},
-                                 "base_per_position": {c: base[c]["accuracy"] for c in positions}, "n": cmp["n"]}
+
+def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
+                  positions=("1", "6", "10", "15", "20")) -> dict:
+    """Every screened variant against its model's base on the same examples, from the per-example
+    parts of the screen (`work/parts`); needs no model, so it runs anywhere the parts are. Writes
+    screen_paired.json."""
+    recs = _records(work, SCREEN_TASK, models, lambda of: of == screen_q * len(positions))
+    out = {f"{m}/{lab}": row for m, by_label in sorted(recs.items()) if "base" in by_label
+           for lab, row in _paired(by_label, m).items()}
     (work / "screen_paired.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
+def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | None]]) -> dict:
+    """The same for the report half (half 2): for each model and task, the variants whose
+    single evaluation (`single/MODEL/TASK-h2-LABEL.json`) is there, from their parts. Writes
+    report_paired.json, {model: {task: {label: row}}}."""
+    out: dict[str, dict] = {}
+    for m in models:
+        for task, _ in tasks:
+            alls = [json.loads(f.read_text())["tasks"][task]["models"][f.name[len(task) + 4:-5]]["all"]
+                    for f in (work / "single" / m).glob(f"{task}-h2-*.json")]
+            sizes = {a["n"] + a["skipped"] for a in alls}
+            if len(sizes) != 1:
+                continue  # nothing evaluated, or variants of different sizes
+            by_label = _records(work, task, [m], lambda of: of in sizes).get(m, {})
+            if "base" in by_label and len(by_label) > 1:
+                out.setdefault(m, {})[task] = _paired(by_label, f"{m} {task}")
+    (work / "report_paired.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def _gap(v: dict) -> float:
-    accs = [x["accuracy"] for c, x in v.items() if c != "all"]
+    accs = [x["accuracy"] for c, x in v.items() if c not in ("all", "subjects", "macro_accuracy")]
     return max(accs) - min(accs)
 
 
@@ -284,8 +326,9 @@ def main() -> int:
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "paired", "select", "final"],
-                   help="fit and screen use --screen-models, final uses --models; paired: the screen's paired "
-                        "statistics from its parts (screen_paired.json), no model needed")
+                   help="fit and screen use --screen-models, final uses --models; paired: the paired statistics "
+                        "of the screen and the report half from their parts (screen_paired.json, "
+                        "report_paired.json), no model needed")
     p.add_argument("--device", default="cuda")
     p.add_argument("--jobs", type=int, default=4, help="commands in parallel")
     p.add_argument("--screen-q", type=int, default=SCREEN_Q, help="questions of half 1 for screening")
@@ -310,6 +353,8 @@ def main() -> int:
         st.stage_screen()
     if a.stage in ("all", "screen", "paired"):
         screen_paired(st.work, a.screen_models, a.screen_q)
+    if a.stage == "paired":
+        report_paired(st.work, a.models, a.final_tasks)
     if a.stage in ("all", "select", "final"):
         chosen = st.stage_select()
         if a.stage != "select":
