@@ -165,3 +165,48 @@ def test_recipe_study_paired_from_parts(tmp_path):
     assert v["per_position"] == {"1": 1.0, "6": 1.0, "10": 1.0, "15": 0.0, "20": 1.0}
     assert v["gap"] == 1.0 and v["base_gap"] == 1.0 and v["ci95"][0] > 0
     assert json.loads((tmp_path / "screen_paired.json").read_text()) == out
+
+
+def test_recipe_study_report_paired_joins_parts(tmp_path):
+    """The report half's statistics: the variants evaluated on half 2 (their `single/` files say
+    which and how many examples), each joined from its parts (a long evaluation is saved in
+    several), against the base; a task without positions has no gap."""
+    import gzip
+
+    import recipe_study
+
+    def single(task, label, n):
+        d = tmp_path / "single" / "smollm2-135m"
+        d.mkdir(parents=True, exist_ok=True)
+        v = {"all": {"n": n, "skipped": 0}}
+        (d / f"{task}-h2-{label}.json").write_text(json.dumps({"tasks": {task: {"models": {label: v}}}}))
+
+    def part(name, task, spec, label, conds, scores, start, of):
+        recs = [{"id": f"q{(start + i) // len(set(conds))}", "condition": c, "score": s}
+                for i, (c, s) in enumerate(zip(conds, scores))]
+        (tmp_path / "parts").mkdir(exist_ok=True)
+        with gzip.open(tmp_path / "parts" / f"{label}__{task}__{name}.json.gz", "wt") as f:
+            json.dump({"label": label, "spec": spec, "start": start, "of": of, "records": recs}, f)
+
+    base, odc = "/m/smollm2-135m.gguf", "/w/runs/smollm2-135m/odc/model"
+    for label in ("base", "odc"):
+        single("mdqa-20", label, 4)
+        single("closedbook", label, 3)
+    part("a", "mdqa-20", base, "base", ["1", "20"], [0, 1], 0, 4)
+    part("b", "mdqa-20", base, "base", ["1", "20"], [0, 1], 2, 4)
+    part("c", "mdqa-20", odc, "odc", ["1", "20"], [1, 1], 0, 4)
+    part("d", "mdqa-20", odc, "odc", ["1", "20"], [1, 0], 2, 4)
+    part("e", "mdqa-20", odc, "screen", ["1", "20"] * 5, [1] * 10, 0, 10)  # half 1's size: not read
+    part("f", "closedbook", base, "base", ["all"] * 3, [1, 0, 0], 0, 3)
+    part("g", "closedbook", odc, "odc", ["all"] * 3, [0, 0, 0], 0, 3)
+    out = recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300), ("closedbook", None)])
+    v = out["smollm2-135m"]["mdqa-20"]["odc"]
+    assert v["n"] == 4 and v["acc"] == 0.75 and v["diff"] == pytest.approx(0.25)
+    assert v["per_position"] == {"1": 1.0, "20": 0.5} and v["base_per_position"] == {"1": 0.0, "20": 1.0}
+    assert v["gap"] == 0.5 and v["base_gap"] == 1.0
+    c = out["smollm2-135m"]["closedbook"]["odc"]
+    assert c["acc"] == 0.0 and c["base_acc"] == pytest.approx(1 / 3) and "gap" not in c and c["n"] == 3
+    assert json.loads((tmp_path / "report_paired.json").read_text()) == out
+    (tmp_path / "parts" / "odc__mdqa-20__d.json.gz").unlink()  # a part missing: the variant is left out
+    assert "mdqa-20" not in recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300)]).get(
+        "smollm2-135m", {})

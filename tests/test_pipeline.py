@@ -94,16 +94,23 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     told its effect is unknown."""
     from pathlib import Path
 
-    from pear.recipes import MEASURED, RECIPES, measured_text
+    from pear.recipes import HELD_OUT, MEASURED, RECIPES, measured_text
 
-    f = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round2/screen_paired.json"
-    screen = json.loads(f.read_text())
+    study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round3"
+    screen = json.loads((study / "screen_paired.json").read_text())
     assert {k for k in screen} == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
     for key, v in screen.items():
         m, r = key.split("/")
         assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
     assert set(MEASURED) == set(RECIPES)
-    assert "(this model) | +20.6 |" in measured_text("retrieval-channels", "gemma3-270m")
+    held = {}  # the report half's mdqa-20: RECIPE or RECIPE-seed1 per model
+    for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
+        for label, v in sorted(tasks["mdqa-20"].items()):
+            held.setdefault(label.split("-seed")[0], {}).setdefault(m, []).append(
+                (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}")))
+    assert held == HELD_OUT
+    text = measured_text("retrieval-channels", "gemma3-270m")
+    assert "(this model) | +20.6 |" in text and "(this model) | +17.9 (p=1e-42) | +17.1 (p=5e-39) |" in text
     assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
 
 
