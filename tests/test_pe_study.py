@@ -131,6 +131,26 @@ def test_evaluation_and_report(study_dir):
         assert (study_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_recipe_that_scales_every_channel(study_dir):
+    """The study with another recipe on the same checkpoints: per-channel scales of every head on
+    the retrieval objective (options as JSON, passages cut to fit the 128-token window); no
+    discovery runs, so the report has no heat map, and the table's mean α is over channels."""
+    opts = ["recipe=retrieval-channels", "steps=2", "batch=2", "dtype=fp32", "eval_batch=4",
+            'objective_options={"source": "squad", "documents": 2, "words": 20}']
+    argv = _argv(study_dir, **{"--recipe": "retrieval-channels", "--stages": "pear,eval,report"})
+    argv = [a for i, a in enumerate(argv) if not (a == "--run-option" or (i and argv[i - 1] == "--run-option"))]
+    for o in opts:
+        argv += ["--run-option", o]
+    assert main(argv) == 0
+    run = json.loads((study_dir / "rope" / "pear-retrieval-channels.run.json").read_text())
+    assert run["key"]["run_options"]["objective_options"]["documents"] == 2
+    assert all(isinstance(v, list) for v in run["coefficients"].values())  # one scale per channel
+    assert not (study_dir / "heads-retrieval-channels.png").exists()
+    assert "| rope | GPTNeoXForCausalLM |" in (study_dir / "study-retrieval-channels.md").read_text()
+    with pytest.raises(PearError, match="objective copy"):  # the recipe's objective decides which options exist
+        parse_run_options(['objective_options={"documents": 2}'])
+
+
 def test_stages_reused_or_refused(study_dir, capsys):
     stamp = (study_dir / "rope" / "base" / "model.safetensors").stat().st_mtime_ns
     assert main(_argv(study_dir, **{"--stages": "train,pear"})) == 0  # same settings: nothing redone

@@ -126,10 +126,10 @@ def markdown_table(summary: dict) -> str:
                 cells.append(f"{c}: {100 * v['base']['accuracy']:.0f}→{100 * v['pear']['accuracy']:.0f}{star}")
             lines.append(f"- {arch} / {task}: " + ", ".join(cells))
     lines += ["", "| position embedding | class | parameters | final train loss | held-out loss | K | "
-              "proxy copy accuracy base → PEAR | mean α |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "proxy copy accuracy base → PEAR | mean α (per-channel scales: over channels) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for arch, a in summary["archs"].items():
         tr, pr = a.get("train") or {}, a.get("pear") or {}
-        coefs = list((pr.get("coefficients") or {}).values())
+        coefs = [x for v in (pr.get("coefficients") or {}).values() for x in (v if isinstance(v, list) else [v])]
         mean_a = f"{sum(coefs) / len(coefs):.3f}" if coefs else "—"
         before, after = pr.get("before", {}).get("copy_accuracy"), pr.get("after", {}).get("copy_accuracy")
         proxy = f"{before:.3f} → {after:.3f}" if before is not None and after is not None else "—"

@@ -61,7 +61,10 @@ def _check_run_options(opts: dict) -> None:
     from ..loading import parse_dtype
     from ..proxy import parse_settings
 
-    FitSettings(**{k: v for k, v in opts.items() if k in {f.name for f in dataclasses.fields(FitSettings)}})
+    from ..recipes import get_recipe
+
+    fit = {k: v for k, v in opts.items() if k in {f.name for f in dataclasses.fields(FitSettings)}}
+    FitSettings(**{**get_recipe(opts.get("recipe")).fit, **fit})  # as pear.run builds it: the recipe, then these
     if "k" in opts:
         parse_k(str(opts["k"]))
     if opts.get("method", "fast") not in ("fast", "exact"):
@@ -74,6 +77,11 @@ def _check_run_options(opts: dict) -> None:
 
 
 def _value(raw: str):
+    if raw.startswith(("{", "[")):  # e.g. objective_options={"source": "squad", "documents": 5}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise PearError(f"--run-option value {raw!r} is not valid JSON") from None
     for conv in (int, float):
         try:
             return conv(raw)
@@ -192,8 +200,9 @@ def report(out, archs: list[str], recipe: str, tasks: list[str], command: str = 
             raise PearError(f"report: {arch} lacks its trained model, PEAR run or evaluation in {out}")
         records[arch] = rec
         pr = json.loads(run_file.read_text())
-        disc = read_heads(out / arch / f"pear-{recipe}" / "heads.json")
-        heads[arch] = (disc.scores, [(h["layer"], h["head"]) for h in pr["heads"]])
+        hfile = out / arch / f"pear-{recipe}" / "heads.json"
+        if hfile.is_file():  # a recipe that scales every head runs no discovery: no heat map
+            heads[arch] = (read_heads(hfile).scores, [(h["layer"], h["head"]) for h in pr["heads"]])
         ev = json.loads(eval_file.read_text())
         a = {"class": rec["class"], "model_type": rec["model_type"], "position": rec["position"],
              "train": {k: rec[k] for k in ("parameters", "final_loss", "heldout", "tokens", "seconds", "device")},
@@ -217,7 +226,8 @@ def report(out, archs: list[str], recipe: str, tasks: list[str], command: str = 
     write_text(out / f"study-{recipe}.json", json.dumps(summary, indent=1) + "\n")
     write_text(out / f"study-{recipe}.md", f"# Position-embedding study, recipe `{recipe}`\n\n{table}")
     plot_positions(summary, out / f"study-{recipe}.png")
-    plot_heads(heads, out / f"heads-{recipe}.png")
+    if heads:
+        plot_heads(heads, out / f"heads-{recipe}.png")
     plot_training(records, out / "train_loss.png")
     print(table)
     return summary
