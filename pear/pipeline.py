@@ -39,7 +39,6 @@ from .fit import FitSettings, fit, heldout_batch, proxy_metrics
 from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
 from .heads import all_heads, find_heads, parse_k, top_m_plan
 from .loading import load_model, parse_dtype, resolve_spec
-from .recipes import DEFAULT_RECIPE
 
 SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
 
@@ -127,7 +126,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     model: spec (folder, hub id, .gguf, preset; default smollm2-135m). out: the folder to
     create (default runs/<model>-pear; must be empty or absent unless force). k: int or
     "auto" (default: the recipe's). method: discovery "fast" or "exact". recipe: a name in
-    `pear.recipes` (default its DEFAULT_RECIPE), used when `settings` is None. The fit is
+    `pear.recipes` (default `default_recipe(model)`: the preset's confirmed recipe, else
+    DEFAULT_RECIPE), used when `settings` is None. The fit is
     described once: either `settings` (a `FitSettings`, taken as it is) or keywords of
     `FitSettings` on top of the recipe (e.g. ``steps=60, batch=20, lr=5e-3, bounds="unit",
     seed=1``); both at once is an error, so nothing overrides the settings object silently.
@@ -138,14 +138,16 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     base) or "peft" (an IA3 adapter).
     top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
     """
-    from .recipes import get_recipe
+    from .recipes import default_recipe, get_recipe
 
     t_total = time.perf_counter()
     from .preflight import check_discovery_settings, check_k, check_out_folder
     from .proxy import parse_settings
 
+    if recipe is None and settings is None:
+        recipe = default_recipe(model)
     rec = get_recipe(recipe)
-    recipe_name = recipe or (DEFAULT_RECIPE if settings is None else "custom")
+    recipe_name = recipe or "custom"
     k = parse_k(str(k if k is not None else rec.k))
     out = Path(out) if out is not None else default_out(model)
     check_out_folder(out, force)

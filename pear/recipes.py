@@ -53,6 +53,18 @@ RECIPES: dict[str, Recipe] = {
                                                scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
+# `pear run` / `pear fit` on a preset without --recipe use its entry here, set only where the recipe
+# study's report half confirms the recipe on that model (BENCHMARKS.md §5, round 3, rule 4: above base
+# on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower).
+# Every other model, and a preset not listed, gets DEFAULT_RECIPE.
+PRESET_DEFAULTS: dict[str, str] = {}
+
+
+def default_recipe(model: str | None) -> str:
+    """The recipe used when none is named: the preset's confirmed one, else DEFAULT_RECIPE."""
+    from .loading import DEFAULT_MODEL
+
+    return PRESET_DEFAULTS.get(DEFAULT_MODEL if model is None else str(model), DEFAULT_RECIPE)
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5;
 # tests/test_pipeline.py keeps both tables equal to the study's recorded paired statistics).

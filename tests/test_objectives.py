@@ -243,3 +243,44 @@ def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
     with pytest.raises(PearError, match="not both"):  # a keyword would override the object: refused, not silent
         P.run(str(folder), tmp_path / "out2", settings=FitSettings(bounds="unit"), bounds="nonneg", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_preset_default_recipe_applies_only_without_recipe(tmp_path, monkeypatch):
+    """A preset listed in PRESET_DEFAULTS gets its recipe when none is named, on the command
+    line and in pear.run; --recipe still wins, and any other model gets the paper's recipe."""
+    import argparse
+
+    import pear.pipeline as P
+    import pear.recipes as R
+    from pear.commands.fit import add_fit_args, k_from_args, recipe_from_args, settings_from_args
+
+    def args(*argv, model="smollm2-135m"):
+        p = argparse.ArgumentParser()
+        p.add_argument("--model", default=None)
+        add_fit_args(p)
+        return p.parse_args(["--model", model, *argv] if model else list(argv))
+
+    assert R.default_recipe("smollm2-135m") == R.DEFAULT_RECIPE and settings_from_args(args()).objective == "copy"
+    monkeypatch.setattr(R, "PRESET_DEFAULTS", {"smollm2-135m": "long-copy"})
+    assert recipe_from_args(args()) == "long-copy" and recipe_from_args(args(model=None)) == "long-copy"
+    assert settings_from_args(args()).objective == "long-copy" and settings_from_args(args()).scales == "all-heads"
+    assert k_from_args(args()) == "auto"
+    assert settings_from_args(args("--recipe", "paper")).objective == "copy"
+    assert recipe_from_args(args(model="/some/folder")) == "paper"
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    seen = {}
+
+    def stop(model, tok, heads, fs, **kw):
+        seen["fs"] = fs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "fit", stop)
+    monkeypatch.setattr(R, "PRESET_DEFAULTS", {str(folder): "long-copy"})  # as if this folder were a preset
+    with pytest.raises(KeyboardInterrupt):
+        P.run(str(folder), tmp_path / "out", progress=False, dtype="fp32", steps=1)
+    assert seen["fs"].objective == "long-copy" and seen["fs"].steps == 1
+    with pytest.raises(KeyboardInterrupt):
+        P.run(str(folder), tmp_path / "out", progress=False, dtype="fp32", recipe="paper", force=True)
+    assert seen["fs"].objective == "copy"

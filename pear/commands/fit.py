@@ -21,7 +21,7 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
 
     d = FitSettings()
     p.add_argument("--recipe", default=None, choices=list(RECIPES),
-                   help=f"named fit settings (default {DEFAULT_RECIPE}): "
+                   help=f"named fit settings (default: the preset's confirmed recipe, else {DEFAULT_RECIPE}): "
                    + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
     add_k_arg(p, "the recipe's (auto)")
     p.add_argument("--bounds", default=None, choices=list(BOUNDS),
@@ -63,13 +63,20 @@ FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_
             "grad_checkpointing", "objective", "scales", "penalty")
 
 
+def recipe_from_args(args: argparse.Namespace) -> str:
+    """--recipe, or the model's default (`pear.recipes.default_recipe`)."""
+    from ..recipes import default_recipe
+
+    return args.recipe or default_recipe(args.model)
+
+
 def settings_from_args(args: argparse.Namespace) -> FitSettings:
     """The recipe's settings, with every option given on the command line on top."""
     from ..fit import FitSettings
     from ..objectives import parse_options
     from ..recipes import get_recipe
 
-    values = dict(get_recipe(args.recipe).fit)
+    values = dict(get_recipe(recipe_from_args(args)).fit)
     if args.objective is not None and args.objective != values.get("objective"):
         values.pop("objective_options", None)  # the recipe's options belong to its own objective
     values.update({k: getattr(args, k) for k in FIT_ARGS if getattr(args, k, None) is not None})
@@ -82,7 +89,7 @@ def k_from_args(args: argparse.Namespace) -> int | str:
     from ..heads import parse_k
     from ..recipes import get_recipe
 
-    return parse_k(args.k if args.k is not None else get_recipe(args.recipe).k)
+    return parse_k(args.k if args.k is not None else get_recipe(recipe_from_args(args)).k)
 
 
 def add_cli(sub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .fit import add_fit_args, k_from_args, settings_from_args
+from .fit import add_fit_args, k_from_args, recipe_from_args, settings_from_args
 from .fold import add_format_arg
 
 
@@ -37,7 +37,6 @@ def add_cli(sub) -> None:
 def _cli_run(args: argparse.Namespace) -> int:
     from ..hardware import announce
     from ..pipeline import default_out, run
-    from ..recipes import DEFAULT_RECIPE
     from ..preflight import check_discovery_settings, check_k, check_out_folder
     from ..proxy import parse_settings
 
@@ -48,7 +47,7 @@ def _cli_run(args: argparse.Namespace) -> int:
     check_k(args.model, k_from_args(args), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
     dtype = announce(args.device, args.dtype).dtype  # and the thread count
     res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings,
-              recipe=args.recipe or DEFAULT_RECIPE, discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
+              recipe=recipe_from_args(args), discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
     if res is None:  # data-parallel: rank 0 reports
