@@ -223,8 +223,8 @@ def test_paper_recipe_is_the_papers_setting():
     assert all(FitSettings(**r.fit).objective in OBJECTIVES for r in RECIPES.values())
 
 
-def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
-    """pear.run(settings=...) is not overridden by run's own keyword defaults."""
+def _run_until_fit(tmp_path, monkeypatch):
+    """A tiny model folder, and pear.run stopped where it would fit: the FitSettings it built land in `seen`."""
     import pear.pipeline as P
 
     folder = tmp_path / "tiny"
@@ -236,6 +236,12 @@ def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(P, "fit", stop)
+    return P, folder, seen
+
+
+def test_run_keeps_the_settings_object(tmp_path, monkeypatch):
+    """pear.run(settings=...) is not overridden by run's own keyword defaults."""
+    P, folder, seen = _run_until_fit(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         P.run(str(folder), tmp_path / "out", settings=FitSettings(bounds="unit", seed=3, scales="all-heads"),
               progress=False, dtype="fp32")
@@ -250,7 +256,6 @@ def test_a_preset_default_recipe_applies_only_without_recipe(tmp_path, monkeypat
     line and in pear.run; --recipe still wins, and any other model gets the paper's recipe."""
     import argparse
 
-    import pear.pipeline as P
     import pear.recipes as R
     from pear.commands.fit import add_fit_args, k_from_args, recipe_from_args, settings_from_args
 
@@ -268,15 +273,7 @@ def test_a_preset_default_recipe_applies_only_without_recipe(tmp_path, monkeypat
     assert settings_from_args(args("--recipe", "paper")).objective == "copy"
     assert recipe_from_args(args(model="/some/folder")) == "paper"
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    seen = {}
-
-    def stop(model, tok, heads, fs, **kw):
-        seen["fs"] = fs
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(P, "fit", stop)
+    P, folder, seen = _run_until_fit(tmp_path, monkeypatch)
     monkeypatch.setattr(R, "PRESET_DEFAULTS", {str(folder): "long-copy"})  # as if this folder were a preset
     with pytest.raises(KeyboardInterrupt):
         P.run(str(folder), tmp_path / "out", progress=False, dtype="fp32", steps=1)
