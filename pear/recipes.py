@@ -66,6 +66,7 @@ def default_recipe(model: str | None) -> str:
 
     return PRESET_DEFAULTS.get(DEFAULT_MODEL if model is None else str(model), DEFAULT_RECIPE)
 
+
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5;
 # tests/test_pipeline.py keeps both tables equal to the study's recorded paired statistics).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200; "
