@@ -90,6 +90,15 @@ HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # recipe: {preset
     "retrieval-channels": {"gemma3-270m": [(17.9, 1e-42), (17.1, 5e-39)]},
 }
 
+HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed 0: {preset: {task: (Δ, p)}}
+    "paper": {"smollm2-135m": {"kv": (-0.7, 0.69), "closedbook": (0.5, 0.52), "mmlu": (0.0, 1)},
+              "gemma3-270m": {"kv": (0.7, 0.62), "closedbook": (0.2, 0.73)},
+              "qwen2.5-coder-0.5b": {"kv": (1.0, 0.58), "closedbook": (-0.6, 0.12), "mmlu": (0.8, 2.3e-05)}},
+    "oracle-distill-channels": {"smollm2-135m": {"kv": (-0.3, 1), "closedbook": (-1.6, 0.02), "mmlu": (-0.2, 0.02)}},
+    "retrieval-channels": {"gemma3-270m": {"kv": (16.7, 8.1e-13), "closedbook": (0.2, 0.81),
+                                           "mmlu": (-1.9, 0.00014)}},  # MMLU measured on CPU (BENCHMARKS.md §5)
+}
+
 
 def measured_text(name: str, model: str) -> str:
     """report.md's paragraph on what `name` is expected to do, with the measured tables."""
@@ -103,10 +112,12 @@ def measured_text(name: str, model: str) -> str:
     text = (f"Measured effect of recipe `{name}` on the presets ({MEASURED_ON}; BENCHMARKS.md §5).{here}\n\n"
             f"| preset | Δ mdqa-20 (points) | p |\n|---|---:|---:|\n{table}")
     if held:
-        seeds = "\n".join(f"| {mark(m)} | " + " | ".join([f"{d:+.1f} (p={p:.2g})" for d, p in v] + ["-"] * (2 - len(v))) + " |"
-                           for m, v in held.items())
-        text += (f"\n\nOn held-out questions ({HELD_OUT_ON}):\n\n| preset | Δ mdqa-20, seed 0 | seed 1 |\n"
-                 f"|---|---:|---:|\n{seeds}")
+        other = HELD_OUT_OTHER.get(name, {})
+        seeds = "\n".join(f"| {mark(m)} | " + " | ".join([f"{d:+.1f} (p={p:.2g})" for d, p in v] + ["-"] * (2 - len(v)))
+                           + " | " + (", ".join(f"{t} {d:+.1f} (p={p:.2g})" for t, (d, p) in other.get(m, {}).items())
+                                      or "-") + " |" for m, v in held.items())
+        text += (f"\n\nOn held-out questions ({HELD_OUT_ON}; other tasks: seed 0, Δ points):\n\n"
+                 f"| preset | Δ mdqa-20, seed 0 | seed 1 | kv, closed-book, MMLU |\n|---|---:|---:|---|\n{seeds}")
     return text
 
 
