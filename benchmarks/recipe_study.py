@@ -10,6 +10,11 @@ per model) from those figures alone; the chosen recipe is fitted again with seed
 paper, chosen (seed 0) and chosen (seed 1) are evaluated on the *second* half (mdqa-20, kv,
 closed-book, MMLU) of every report model. Nothing measured on the second half takes part in the choice.
 
+A candidate is a recipe name, or a recipe with fit options changed (``paper@lr=0.02,steps=80``,
+fitted as ``pear run --recipe paper --lr 0.02 --steps 80``); ``--guard mmlu=2000`` screens every
+candidate on a second task too, and the per-model rule keeps only those that lose at most half a
+point there.
+
 Each step is a `pear` command (printed and logged), so every figure can be reproduced one
 command at a time; finished outputs are kept and skipped when the study is run again.
 `--jobs` commands run at once (one GPU holds several small models).
@@ -41,10 +46,28 @@ RULES = {  # name: (text, sort key over a candidate's screen score; the largest 
     "mean": ("largest mean Δ accuracy over the models on mdqa-20 half 1 (ties: smaller mean gap)",
              lambda s: (s["mean_delta"], -s["mean_gap"])),
     "per-model": ("per model: the candidate with the largest Δ on mdqa-20 half 1 if that Δ is ≥ +3 points, "
-                  "else paper; a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
+                  "else paper (with --guard: among the candidates that lose at most half a point on the guard "
+                  "task); a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
 }
 SIBLINGS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # same family, tokenizer and training data
+OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup")  # what a candidate RECIPE@KEY=VALUE,... may change
+GUARD_MIN = -0.005  # --guard: a candidate may lose at most half a point on the guard task (half 1)
 FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", None)]  # (task, questions of half 2)
+
+
+def candidate(name: str) -> tuple[str, list[str]]:
+    """A candidate's recipe and its `pear run` options: "paper" -> ("paper", []);
+    "paper@lr=0.02,steps=80" -> ("paper", ["--lr", "0.02", "--steps", "80"])."""
+    recipe, _, over = name.partition("@")
+    if recipe not in RECIPES:
+        raise ValueError(f"candidate {name!r}: unknown recipe {recipe!r}")
+    args = []
+    for item in filter(None, over.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in OVERRIDES or not value:
+            raise ValueError(f"candidate {name!r}: use RECIPE@KEY=VALUE,... with KEY among {', '.join(OVERRIDES)}")
+        args += [f"--{key}", value]
+    return recipe, args
 
 
 def pear(args: list[str], log: Path) -> None:
@@ -80,11 +103,12 @@ class Study:
     def run_dir(self, model: str, recipe: str, seed: int = 0) -> Path:
         return self.work / "runs" / model / (recipe if seed == 0 else f"{recipe}-seed{seed}")
 
-    def fit(self, model: str, recipe: str, seed: int = 0) -> str:
-        out = self.run_dir(model, recipe, seed)
+    def fit(self, model: str, name: str, seed: int = 0) -> str:
+        out = self.run_dir(model, name, seed)
         if not (out / "model").is_dir():
             out.parent.mkdir(parents=True, exist_ok=True)
-            pear(["run", "--model", self.spec(model), "--recipe", recipe, "--seed", str(seed), "--out", str(out),
+            recipe, options = candidate(name)
+            pear(["run", "--model", self.spec(model), "--recipe", recipe, *options, "--seed", str(seed), "--out", str(out),
                   "--save-dtype", "bf16", "--no-progress", "--force"] + self.common + self.a.run_args,
                  self.log(model, f"fit-{recipe}-{seed}"))
         return str(out / "model")
@@ -150,7 +174,7 @@ class Study:
         self.run_chains([(m, r, []) for m in self.a.screen_models for r in self.a.recipes])
 
     def stage_screen(self):
-        tasks = [(SCREEN_TASK, 1, self.a.screen_q)]
+        tasks = [(SCREEN_TASK, 1, self.a.screen_q)] + ([(self.a.guard[0], 1, self.a.guard[1])] if self.a.guard else [])
         labels = ["base"] + self.a.recipes
         self.run_chains([(m, lab, tasks) for m in self.a.screen_models for lab in labels])
         for m in self.a.screen_models:
@@ -194,21 +218,35 @@ class Study:
         print(json.dumps(score, indent=1), "\nchosen:", chosen, flush=True)
         return chosen
 
+    def guard_deltas(self, model: str) -> dict[str, float]:
+        """--guard: each candidate's accuracy minus the base's on the guard task (half 1)."""
+        task, _ = self.a.guard
+        acc = {}
+        for lab in ["base"] + self.a.recipes:
+            f = self.work / "single" / model / f"{task}-h1-{lab}.json"
+            if not f.is_file():
+                raise RuntimeError(f"{model}: guard {task} missing for {lab}")
+            acc[lab] = json.loads(f.read_text())["tasks"][task]["models"][lab]["all"]["accuracy"]
+        return {r: acc[r] - acc["base"] for r in self.a.recipes}
+
     def select_per_model(self, table: dict) -> dict[str, str]:
-        """The per-model rule: every model needs its whole screen (no choice from part of it)."""
-        chosen, deltas = {}, {}
+        """The per-model rule: every model needs its whole screen (no choice from part of it);
+        with --guard, a candidate that loses more than half a point on the guard task is out."""
+        chosen, deltas, guards = {}, {}, {}
         for m, t in table.items():
             missing = [r for r in self.a.recipes if r not in t]
             if missing:
                 raise RuntimeError(f"{m}: screen incomplete, missing {', '.join(missing)}")
             deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes}
-            best = max(self.a.recipes, key=lambda r: (deltas[m][r], -t[r]["gap"]))
-            chosen[m] = best if deltas[m][best] >= GOAL_DELTA - 1e-9 else "paper"
+            guards[m] = self.guard_deltas(m) if self.a.guard else {}
+            allowed = [r for r in self.a.recipes if guards[m].get(r, 0.0) >= GUARD_MIN - 1e-9]
+            best = max(allowed, key=lambda r: (deltas[m][r], -t[r]["gap"]), default="paper")
+            chosen[m] = best if deltas[m].get(best, 0.0) >= GOAL_DELTA - 1e-9 else "paper"
         for m in self.a.models:
             if m not in chosen and SIBLINGS.get(m) in chosen:
                 chosen[m] = chosen[SIBLINGS[m]]
         sel = {"rule": RULES["per-model"][0], "models": list(table), "screen": table, "delta": deltas,
-               "chosen": chosen}
+               "chosen": chosen, **({"guard": {"task": self.a.guard[0], "delta": guards}} if self.a.guard else {})}
         (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
         print("chosen:", json.dumps(chosen), flush=True)
         return chosen
@@ -324,7 +362,11 @@ def main() -> int:
     p.add_argument("--screen-models", default=",".join(SCREEN_MODELS), help="models that choose (fit, screen)")
     p.add_argument("--rule", default="goal", choices=list(RULES), help="selection rule (round 1: mean)")
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="candidates: recipes of pear.recipes, or RECIPE@KEY=VALUE,... with KEY among " + ", ".join(OVERRIDES))
+    p.add_argument("--guard", default=None, metavar="TASK=N",
+                   help="also screen on the first N items of TASK (half 1); the per-model rule drops a candidate "
+                        "that loses more than half a point there (e.g. mmlu=2000)")
     p.add_argument("--stage", default="all", choices=["all", "fit", "screen", "paired", "select", "final"],
                    help="fit and screen use --screen-models, final uses --models; paired: the paired statistics "
                         "of the screen and the report half from their parts (screen_paired.json, "
@@ -341,6 +383,14 @@ def main() -> int:
     a = p.parse_args()
     a.models, a.recipes, a.run_args = a.models.split(","), a.recipes.split(","), shlex.split(a.run_args)
     a.screen_models = a.screen_models.split(",")
+    try:
+        [candidate(r) for r in a.recipes if "@" in r]  # a bad option fails here, before any work
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.guard:
+        task, _, n = a.guard.partition("=")
+        a.guard = (task, int(n) if n else None)
     limits = dict(FINAL_TASKS)
     for kv in (a.final_limits.split(",") if a.final_limits else []):
         k, v = kv.split("=")

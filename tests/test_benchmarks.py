@@ -210,3 +210,49 @@ def test_recipe_study_report_paired_joins_parts(tmp_path):
     (tmp_path / "parts" / "odc__mdqa-20__d.json.gz").unlink()  # a part missing: the variant is left out
     assert "mdqa-20" not in recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300)]).get(
         "smollm2-135m", {})
+
+
+def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch, capsys):
+    """A candidate may change a recipe's fit options (fitted with those `pear run` options); with
+    --guard the per-model rule drops a candidate that loses more than half a point on the guard
+    task, however much it gains on mdqa-20."""
+    import recipe_study
+
+    assert recipe_study.candidate("paper") == ("paper", [])
+    assert recipe_study.candidate("paper@lr=0.02,steps=80") == ("paper", ["--lr", "0.02", "--steps", "80"])
+    for bad in ("nosuch@lr=1", "paper@lr", "paper@dtype=fp32"):
+        with pytest.raises(ValueError):
+            recipe_study.candidate(bad)
+
+    def mmlu_file(model, label, acc):
+        f = tmp_path / "single" / model / f"mmlu-h1-{label}.json"
+        f.write_text(json.dumps({"tasks": {"mmlu": {"models": {label: {"all": {"accuracy": acc}}}}}}))
+
+    m = "gemma3-270m"
+    cands = ["paper", "retrieval-channels", "paper@lr=0.02"]
+    _screen_file(tmp_path, m, "base", {1: 0.4, 10: 0.1, 20: 0.4})
+    _screen_file(tmp_path, m, "paper", {1: 0.4, 10: 0.11, 20: 0.4})
+    _screen_file(tmp_path, m, "retrieval-channels", {1: 0.6, 10: 0.3, 20: 0.6})   # +20 points ...
+    _screen_file(tmp_path, m, "paper@lr=0.02", {1: 0.45, 10: 0.2, 20: 0.45})      # +6.7 points
+    for label, acc in [("base", 0.30), ("paper", 0.30), ("retrieval-channels", 0.28), ("paper@lr=0.02", 0.297)]:
+        mmlu_file(m, label, acc)                                                   # ... at -2 MMLU points
+    argv = ["recipe_study.py", "--work", str(tmp_path), "--stage", "select", "--rule", "per-model",
+            "--recipes", ",".join(cands), "--screen-models", m, "--models", m]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert recipe_study.main() == 0
+    assert json.loads((tmp_path / "selection.json").read_text())["chosen"] == {m: "retrieval-channels"}
+    monkeypatch.setattr(sys, "argv", argv + ["--guard", "mmlu=2000"])
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"] == {m: "paper@lr=0.02"} and sel["guard"]["delta"][m]["retrieval-channels"] == pytest.approx(-0.02)
+
+    calls = []  # the fit of such a candidate: its recipe and options, in its own folder
+    monkeypatch.setattr(recipe_study, "pear", lambda args, log: calls.append(args))
+    monkeypatch.setattr(sys, "argv", argv)
+    st = recipe_study.Study(recipe_study.argparse.Namespace(
+        work=str(tmp_path), device="cpu", batch_size=8, max_batch_tokens=1000, model_file=None, run_args=[]))
+    st.fit(m, "paper@lr=0.02", seed=1)
+    assert calls[0][calls[0].index("--recipe") + 1:][:3] == ["paper", "--lr", "0.02"]
+    assert calls[0][calls[0].index("--out") + 1].endswith("runs/gemma3-270m/paper@lr=0.02-seed1")
+    monkeypatch.setattr(sys, "argv", argv[:-4] + ["--recipes", "paper@lr"])
+    assert recipe_study.main() == 2 and "KEY=VALUE" in capsys.readouterr().err
