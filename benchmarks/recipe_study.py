@@ -110,7 +110,7 @@ class Study:
             recipe, options = candidate(name)
             pear(["run", "--model", self.spec(model), "--recipe", recipe, *options, "--seed", str(seed), "--out", str(out),
                   "--save-dtype", "bf16", "--no-progress", "--force"] + self.common + self.a.run_args,
-                 self.log(model, f"fit-{recipe}-{seed}"))
+                 self.log(model, f"fit-{name}-{seed}"))
         return str(out / "model")
 
     def label_spec(self, model: str, label: str) -> str:
@@ -191,9 +191,8 @@ class Study:
         table = {}  # from each variant's own screen file: the choice needs accuracies and gaps only
         for m in self.a.screen_models:
             for lab in ["base"] + self.a.recipes:
-                f = self.work / "single" / m / f"{SCREEN_TASK}-h1-{lab}.json"
-                if f.is_file():
-                    v = json.loads(f.read_text())["tasks"][SCREEN_TASK]["models"][lab]
+                v = _single(self.work, m, SCREEN_TASK, 1, lab)
+                if v is not None:
                     table.setdefault(m, {})[lab] = {"all": v["all"]["accuracy"], "gap": _gap(v)}
         table = {m: t for m, t in table.items() if "base" in t}
         if not table:
@@ -223,10 +222,10 @@ class Study:
         task, _ = self.a.guard
         acc = {}
         for lab in ["base"] + self.a.recipes:
-            f = self.work / "single" / model / f"{task}-h1-{lab}.json"
-            if not f.is_file():
+            v = _single(self.work, model, task, 1, lab)
+            if v is None:
                 raise RuntimeError(f"{model}: guard {task} missing for {lab}")
-            acc[lab] = json.loads(f.read_text())["tasks"][task]["models"][lab]["all"]["accuracy"]
+            acc[lab] = v["all"]["accuracy"]
         return {r: acc[r] - acc["base"] for r in self.a.recipes}
 
     def select_per_model(self, table: dict) -> dict[str, str]:
@@ -263,6 +262,12 @@ class Study:
             variants = [(lab, self.label_spec(m, lab)) for lab in labels]
             for t, _, lim in tasks:
                 self.assemble(m, variants, t, 2, lim, self.work / "final" / f"{m}-{t}.json")
+
+
+def _single(work: Path, model: str, task: str, half: int, label: str) -> dict | None:
+    """A variant's own evaluation (`single/MODEL/TASK-hHALF-LABEL.json`): its accuracies by condition."""
+    f = work / "single" / model / f"{task}-h{half}-{label}.json"
+    return json.loads(f.read_text())["tasks"][task]["models"][label] if f.is_file() else None
 
 
 def _model_of(spec: str, models: list[str]) -> str | None:
@@ -338,8 +343,9 @@ def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | No
     out: dict[str, dict] = {}
     for m in models:
         for task, _ in tasks:
-            alls = [json.loads(f.read_text())["tasks"][task]["models"][f.name[len(task) + 4:-5]]["all"]
-                    for f in (work / "single" / m).glob(f"{task}-h2-*.json")]
+            prefix = f"{task}-h2-"
+            alls = [_single(work, m, task, 2, f.stem[len(prefix):])["all"]
+                    for f in (work / "single" / m).glob(f"{prefix}*.json")]
             sizes = {a["n"] + a["skipped"] for a in alls}
             if len(sizes) != 1:
                 continue  # nothing evaluated, or variants of different sizes
@@ -351,7 +357,7 @@ def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | No
 
 
 def _gap(v: dict) -> float:
-    accs = [x["accuracy"] for c, x in v.items() if c not in ("all", "subjects", "macro_accuracy")]
+    accs = [x["accuracy"] for c, x in v.items() if c != "all"]
     return max(accs) - min(accs)
 
 
@@ -384,7 +390,9 @@ def main() -> int:
     a.models, a.recipes, a.run_args = a.models.split(","), a.recipes.split(","), shlex.split(a.run_args)
     a.screen_models = a.screen_models.split(",")
     try:
-        [candidate(r) for r in a.recipes if "@" in r]  # a bad option fails here, before any work
+        for r in a.recipes:  # a bad option fails here, before any work
+            if "@" in r:
+                candidate(r)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

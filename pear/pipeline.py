@@ -22,7 +22,6 @@ from them (the clean passes are re-run: they are seeded).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import sys
 import time
@@ -138,7 +137,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     base) or "peft" (an IA3 adapter).
     top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
     """
-    from .recipes import default_recipe, get_recipe
+    from .recipes import default_recipe, get_recipe, recipe_settings
 
     t_total = time.perf_counter()
     from .preflight import check_discovery_settings, check_k, check_out_folder
@@ -164,7 +163,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     if settings is not None and fit_overrides:
         raise PearError(f"pear.run: pass the fit either as settings=FitSettings(...) or as keywords "
                         f"({', '.join(sorted(fit_overrides))}), not both")
-    fs = settings if settings is not None else dataclasses.replace(FitSettings(**rec.fit), **fit_overrides)
+    fs = settings if settings is not None else recipe_settings(recipe, **fit_overrides)
     seed = fs.seed
     fs.make_objective(data_dir).check_data()
     cdtype = parse_dtype(compute_dtype(dtype, device))

@@ -121,6 +121,13 @@ def measured_text(name: str, model: str) -> str:
     return text
 
 
+def recipe_settings(name: str | None, **overrides):
+    """The FitSettings of recipe `name` with `overrides` on top, as `pear.run` fits them."""
+    from .settings import FitSettings
+
+    return FitSettings(**{**get_recipe(name).fit, **overrides})
+
+
 def get_recipe(name: str | None) -> Recipe:
     name = name or DEFAULT_RECIPE
     if name not in RECIPES:

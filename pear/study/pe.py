@@ -61,10 +61,10 @@ def _check_run_options(opts: dict) -> None:
     from ..loading import parse_dtype
     from ..proxy import parse_settings
 
-    from ..recipes import get_recipe
+    from ..recipes import recipe_settings
 
-    fit = {k: v for k, v in opts.items() if k in {f.name for f in dataclasses.fields(FitSettings)}}
-    FitSettings(**{**get_recipe(opts.get("recipe")).fit, **fit})  # as pear.run builds it: the recipe, then these
+    recipe_settings(opts.get("recipe"), **{k: v for k, v in opts.items()
+                                           if k in {f.name for f in dataclasses.fields(FitSettings)}})
     if "k" in opts:
         parse_k(str(opts["k"]))
     if opts.get("method", "fast") not in ("fast", "exact"):
