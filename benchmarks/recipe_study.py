@@ -50,7 +50,7 @@ RULES = {  # name: (text, sort key over a candidate's screen score; the largest 
                   "task); a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
 }
 SIBLINGS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # same family, tokenizer and training data
-OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup")  # what a candidate RECIPE@KEY=VALUE,... may change
+OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor")  # what a candidate RECIPE@KEY=VALUE,... may change
 GUARD_MIN = -0.005  # --guard: a candidate may lose at most half a point on the guard task (half 1)
 FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", None)]  # (task, questions of half 2)
 
@@ -68,6 +68,18 @@ def candidate(name: str) -> tuple[str, list[str]]:
             raise ValueError(f"candidate {name!r}: use RECIPE@KEY=VALUE,... with KEY among {', '.join(OVERRIDES)}")
         args += [f"--{key}", value]
     return recipe, args
+
+
+def split_candidates(text: str) -> list[str]:
+    """"paper,paper@lr=0.02,steps=80,retrieval" -> ["paper", "paper@lr=0.02,steps=80", "retrieval"]:
+    a KEY=VALUE item belongs to the candidate before it."""
+    out: list[str] = []
+    for item in filter(None, text.split(",")):
+        if "=" in item and "@" not in item and out and "@" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
 
 
 def pear(args: list[str], log: Path) -> None:
@@ -387,7 +399,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=400_000)
     a = p.parse_args()
-    a.models, a.recipes, a.run_args = a.models.split(","), a.recipes.split(","), shlex.split(a.run_args)
+    a.models, a.recipes, a.run_args = a.models.split(","), split_candidates(a.recipes), shlex.split(a.run_args)
     a.screen_models = a.screen_models.split(",")
     try:
         for r in a.recipes:  # a bad option fails here, before any work

@@ -46,6 +46,7 @@ from .dtypes import dtype_name
 from .errors import PearError
 from .families import resolve
 from .folding import HeadKey, HeadScaling, coefficients_json
+from .objectives import anchor
 from .proxy import (  # noqa: F401  (_nll, scored_logits: the copy objective looks them up here)
     ProxyBatch,
     _nll,
@@ -60,6 +61,7 @@ from .settings import (  # noqa: F401
     SCALES,
     Bounds,
     FitSettings,
+    anchor_seed,
     heldout_seed,
     train_seed,
 )
@@ -135,7 +137,8 @@ def _micro(model, settings: FitSettings, batch) -> int | None:
 
 def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, hs: HeadScaling) -> float:
     """Forward + backward on the fresh batch of `step`; leaves the gradient in `hs.alpha.grad`.
-    The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``."""
+    The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``, plus
+    ``anchor`` x the knowledge anchor's KL on `batch` fresh plain-text paragraphs (`objectives.anchor`)."""
     batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh for this step
     total = 0.0
     micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
@@ -144,6 +147,12 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
         loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
         loss.backward()
         total += float(loss.detach())
+    if settings.anchor:
+        seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step))
+        for part in distributed.shard([[s] for s in seqs]):  # one per pass: no padding (see `_micro`)
+            loss = settings.anchor * anchor.loss(model, part, hs) / len(seqs)
+            loss.backward()
+            total += float(loss.detach())
     if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
         reg = settings.penalty * (hs.alpha - 1).pow(2).mean()
         reg.backward()
@@ -173,6 +182,10 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     distributed.init()  # data-parallel under torchrun / accelerate launch
     objective = settings.make_objective(data_dir)
     objective.check_data()
+    if settings.anchor:  # the anchor reads SQuAD 2.0's paragraphs
+        from .objectives import squad
+
+        squad.path(data_dir)
     if settings.micro_batch is None and settings.objective == "copy":
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(model, settings.length))
     from transformers import get_linear_schedule_with_warmup
@@ -192,6 +205,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     heldout = heldout_batch(model, tokenizer, settings)  # (eval_batch, 2n + 1) token ids, its own seed
     held_obj = None if settings.objective == "copy" else objective.batch(
         model, tokenizer, settings.eval_batch, heldout_seed(settings.seed))
+    held_anchor = anchor.batch(tokenizer, data_dir, settings.eval_batch, anchor_seed(settings.seed, -1)) \
+        if settings.anchor else None
 
     def metrics(hs) -> dict[str, float]:
         m = proxy_metrics(model, heldout, settings.micro_batch if settings.objective == "copy" else None)
@@ -199,6 +214,10 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
             with torch.no_grad():
                 m["objective_loss"] = sum(float(objective.loss(model, b, hs)) * len(b) for b in
                                           objective.split(held_obj, _micro(model, settings, held_obj))) / len(held_obj)
+        if held_anchor is not None:  # 0 for the base model: how far the scales moved it on plain text
+            with torch.no_grad():
+                m["anchor_kl"] = sum(float(anchor.loss(model, held_anchor[i:i + 1], hs))
+                                     for i in range(len(held_anchor))) / len(held_anchor)
         return m
 
     with frozen(model), cpu_attention(model), HeadScaling(model, heads, channels=settings.channels) as hs:

@@ -74,13 +74,14 @@ class FitSettings:
     objective_options: dict = field(default_factory=dict)  # KEY=VALUE options of the objective
     scales: str = "heads"  # parameterisation (SCALES)
     penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
+    anchor: float = 0.0  # weight of the knowledge anchor, KL(base || scaled) on plain text (`objectives.anchor`)
     # below: do not change the result (beyond rounding), may differ between resumed runs
     micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
     checkpoint_every: int = 10
 
     RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
-                     "objective", "objective_options", "scales", "penalty")
+                     "objective", "objective_options", "scales", "penalty", "anchor")
 
     def __post_init__(self):
         if self.bounds not in BOUNDS:
@@ -100,6 +101,8 @@ class FitSettings:
             raise PearError(f"unknown scales '{self.scales}'; use one of {', '.join(SCALES)}")
         if not (math.isfinite(self.penalty) and self.penalty >= 0):
             raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
+        if not (math.isfinite(self.anchor) and self.anchor >= 0):
+            raise PearError(f"anchor must be a number >= 0, got {self.anchor}")
         obj = self.make_objective()  # unknown objective or option: fail now, before any model work
         # options as the objective reads them (the command line gives strings): one fingerprint per fit
         self.objective_options = {k: obj.options[k] for k in self.objective_options}
@@ -136,6 +139,11 @@ class FitSettings:
 def train_seed(seed: int, step: int) -> int:
     """Seed of the training batch at `step`: independent streams per (seed, step)."""
     return int(np.random.SeedSequence([seed, step, 0]).generate_state(1)[0])
+
+
+def anchor_seed(seed: int, step: int) -> int:
+    """Seed of the knowledge anchor's paragraphs at `step` (tag 2; step -1: the held-out ones)."""
+    return int(np.random.SeedSequence([seed, step + 1, 2]).generate_state(1)[0])
 
 
 def heldout_seed(seed: int) -> int:

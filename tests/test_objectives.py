@@ -281,3 +281,43 @@ def test_a_preset_default_recipe_applies_only_without_recipe(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         P.run(str(folder), tmp_path / "out", progress=False, dtype="fp32", recipe="paper", force=True)
     assert seen["fs"].objective == "copy"
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_the_knowledge_anchor_keeps_plain_text_predictions(smollm2, data_dir):
+    """The same retrieval fit with and without `anchor`: the anchored scales change the model's
+    next-token distribution on held-out plain paragraphs less; the anchor is 0 at alpha = 1."""
+    from pear.objectives import anchor
+    from pear.settings import anchor_seed
+
+    m, tok = smollm2.model, smollm2.tokenizer
+    held = anchor.batch(tok, data_dir, 2, anchor_seed(0, -1))  # the fit's eval_batch
+    assert held == anchor.batch(tok, data_dir, 2, anchor_seed(0, -1)) != anchor.batch(tok, data_dir, 2, anchor_seed(0, 0))
+
+    def kl(coefficients):
+        with torch.no_grad(), HeadScaling(m, coefficients, trainable=False) as hs:
+            return sum(float(anchor.loss(m, [s], hs)) for s in held) / len(held)
+
+    heads = all_heads(m)
+    assert kl({h: [1.0] * 64 for h in heads}) == pytest.approx(0.0, abs=1e-6)
+    s = FitSettings(steps=4, batch=2, eval_batch=2, lr=0.05, objective="retrieval",
+                    objective_options=SMALL["retrieval"], scales="channels")
+    free = fit(m, tok, heads, s, progress=False, data_dir=data_dir)
+    held_fit = fit(m, tok, heads, s, anchor=20.0, progress=False, data_dir=data_dir)
+    assert held_fit.after["anchor_kl"] == pytest.approx(kl(held_fit.coefficients), rel=1e-3)
+    assert kl(held_fit.coefficients) < 0.7 * kl(free.coefficients)
+    assert held_fit.settings.result_key()["anchor"] == 20.0
+
+
+def test_anchor_is_checked_before_work(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    args = ["fit", "--model", str(folder), "--scales", "all-heads", "--steps", "1", "--batch", "1",
+            "--out", str(tmp_path / "c.json")]
+    assert main(args + ["--anchor", "-1"]) != 0
+    assert "anchor must be a number >= 0" in capsys.readouterr().err
+    monkeypatch.setenv("PEAR_DATA", str(tmp_path / "nowhere"))
+    assert main(args + ["--anchor", "1"]) != 0
+    assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()

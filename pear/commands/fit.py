@@ -47,6 +47,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="parameterisation: " + "; ".join(f"{k}: {v}" for k, v in SCALES.items()))
     p.add_argument("--penalty", type=float, default=None,
                    help="weight of mean((alpha - 1)^2) in the loss (default 0)")
+    p.add_argument("--anchor", type=float, default=None,
+                   help="weight of the knowledge anchor: KL(base || scaled) on plain Wikipedia paragraphs of "
+                   "SQuAD 2.0, which keeps what the model knows (default 0; see pear.objectives.anchor)")
     p.add_argument("--data-dir", default=None,
                    help="data folder for objectives that read one (SQuAD 2.0; default $PEAR_DATA)")
     p.add_argument("--seed", type=int, default=None)
@@ -60,7 +63,7 @@ def _objective_names():
 
 
 FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
-            "grad_checkpointing", "objective", "scales", "penalty")
+            "grad_checkpointing", "objective", "scales", "penalty", "anchor")
 
 
 def recipe_from_args(args: argparse.Namespace) -> str:

@@ -47,7 +47,7 @@ def _recipe(meta: Mapping) -> str:
                 "copying task, every model weight frozen).")
     fs = run.get("fit_settings", {})
     keys = ["steps", "batch", "length", "lr", "seed"]
-    keys += ["objective", "objective_options", "scales", "penalty"]
+    keys += ["objective", "objective_options", "scales", "penalty", "anchor"]
     fit = ", ".join(f"{k} {fs[k]}" for k in keys if k in fs)
     if run.get("method") is None:  # every head scaled: no discovery
         chosen = f"every head scaled ({run.get('scales')}, {run.get('granularity')} scales)"
