@@ -186,9 +186,11 @@ class Study:
         self.run_chains([(m, r, []) for m in self.a.screen_models for r in self.a.recipes])
 
     def stage_screen(self):
-        tasks = [(SCREEN_TASK, 1, self.a.screen_q)] + ([(self.a.guard[0], 1, self.a.guard[1])] if self.a.guard else [])
         labels = ["base"] + self.a.recipes
-        self.run_chains([(m, lab, tasks) for m in self.a.screen_models for lab in labels])
+        self.run_chains([(m, lab, [(SCREEN_TASK, 1, self.a.screen_q)]) for m in self.a.screen_models for lab in labels])
+        if self.a.guard:  # the guard task where it can change the choice: the base and candidates at >= +3
+            guard = [(self.a.guard[0], 1, self.a.guard[1])]
+            self.run_chains([(m, lab, guard) for m in self.a.screen_models for lab in ["base"] + self.eligible(m)])
         for m in self.a.screen_models:
             variants = [(lab, self.label_spec(m, lab)) for lab in labels]
             self.assemble(m, variants, SCREEN_TASK, 1, self.a.screen_q, self.work / "screen" / f"{m}.json")
@@ -229,20 +231,33 @@ class Study:
         print(json.dumps(score, indent=1), "\nchosen:", chosen, flush=True)
         return chosen
 
+    def eligible(self, model: str) -> list[str]:
+        """The candidates the per-model rule could choose: those with Δ >= +3 points on the screen
+        (a candidate below can never be chosen, so its guard value is not needed)."""
+        base = _single(self.work, model, SCREEN_TASK, 1, "base")
+        out = []
+        for r in self.a.recipes:
+            v = _single(self.work, model, SCREEN_TASK, 1, r)
+            if base is not None and v is not None and \
+                    v["all"]["accuracy"] - base["all"]["accuracy"] >= GOAL_DELTA - 1e-9:
+                out.append(r)
+        return out
+
     def guard_deltas(self, model: str) -> dict[str, float]:
-        """--guard: each candidate's accuracy minus the base's on the guard task (half 1)."""
+        """--guard: each eligible candidate's accuracy minus the base's on the guard task (half 1)."""
         task, _ = self.a.guard
         acc = {}
-        for lab in ["base"] + self.a.recipes:
+        for lab in ["base"] + self.eligible(model):
             v = _single(self.work, model, task, 1, lab)
             if v is None:
                 raise RuntimeError(f"{model}: guard {task} missing for {lab}")
             acc[lab] = v["all"]["accuracy"]
-        return {r: acc[r] - acc["base"] for r in self.a.recipes}
+        return {r: acc[r] - acc["base"] for r in acc if r != "base"}
 
     def select_per_model(self, table: dict) -> dict[str, str]:
         """The per-model rule: every model needs its whole screen (no choice from part of it);
-        with --guard, a candidate that loses more than half a point on the guard task is out."""
+        with --guard, a candidate that loses more than half a point on the guard task is out (the
+        guard is measured only for candidates at >= +3 points: the others cannot be chosen)."""
         chosen, deltas, guards = {}, {}, {}
         for m, t in table.items():
             missing = [r for r in self.a.recipes if r not in t]
@@ -291,15 +306,22 @@ def _model_of(spec: str, models: list[str]) -> str | None:
 
 def _records(work: Path, task: str, models: list[str], size_ok) -> dict[str, dict[str, list]]:
     """{model: {label: records}}: each variant's whole evaluation of `task` whose size passes
-    `size_ok`, joined from its parts (`pear eval --parts-dir` saves a long one in several)."""
+    `size_ok`, joined from its parts (`pear eval --parts-dir` saves a long one in several).
+    Parts are joined by label, not by path: an evaluation resumed in another folder reuses the
+    parts whose content key (the model's weights, the examples, the settings) matches, so one
+    evaluation's parts can name two paths of the same model. Two different parts at one start
+    are an error."""
     chunks: dict[tuple, dict[int, list]] = {}
     for f in sorted((work / "parts").glob(f"*__{task}__*.json.gz")):
         d = json.loads(gzip.open(f).read())
         m = _model_of(d["spec"], models)
         if m and size_ok(d["of"]):
-            chunks.setdefault((m, d["label"], d["spec"], d["of"]), {})[d["start"]] = d["records"]
+            at = chunks.setdefault((m, d["label"], d["of"]), {})
+            if d["start"] in at and at[d["start"]] != d["records"]:
+                raise RuntimeError(f"{m} {d['label']} {task}: two different parts at example {d['start']}")
+            at[d["start"]] = d["records"]
     out: dict[str, dict[str, list]] = {}
-    for (m, label, _, of), parts in sorted(chunks.items()):
+    for (m, label, of), parts in sorted(chunks.items()):
         recs = [r for s in sorted(parts) for r in parts[s]]
         if len(recs) != of:
             continue  # a part is missing: left out, not half-counted

@@ -195,7 +195,7 @@ def test_recipe_study_report_paired_joins_parts(tmp_path):
     part("a", "mdqa-20", base, "base", ["1", "20"], [0, 1], 0, 4)
     part("b", "mdqa-20", base, "base", ["1", "20"], [0, 1], 2, 4)
     part("c", "mdqa-20", odc, "odc", ["1", "20"], [1, 1], 0, 4)
-    part("d", "mdqa-20", odc, "odc", ["1", "20"], [1, 0], 2, 4)
+    part("d", "mdqa-20", "/v/runs/smollm2-135m/odc/model", "odc", ["1", "20"], [1, 0], 2, 4)  # resumed elsewhere
     part("e", "mdqa-20", odc, "screen", ["1", "20"] * 5, [1] * 10, 0, 10)  # half 1's size: not read
     part("f", "closedbook", base, "base", ["all"] * 3, [1, 0, 0], 0, 3)
     part("g", "closedbook", odc, "odc", ["all"] * 3, [0, 0, 0], 0, 3)
@@ -207,6 +207,10 @@ def test_recipe_study_report_paired_joins_parts(tmp_path):
     c = out["smollm2-135m"]["closedbook"]["odc"]
     assert c["acc"] == 0.0 and c["base_acc"] == pytest.approx(1 / 3) and "gap" not in c and c["n"] == 3
     assert json.loads((tmp_path / "report_paired.json").read_text()) == out
+    part("d2", "mdqa-20", odc, "odc", ["1", "20"], [0, 0], 2, 4)  # another evaluation at the same start
+    with pytest.raises(RuntimeError, match="two different parts"):
+        recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300)])
+    (tmp_path / "parts" / "odc__mdqa-20__d2.json.gz").unlink()
     (tmp_path / "parts" / "odc__mdqa-20__d.json.gz").unlink()  # a part missing: the variant is left out
     assert "mdqa-20" not in recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300)]).get(
         "smollm2-135m", {})
@@ -237,8 +241,8 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     _screen_file(tmp_path, m, "paper", {1: 0.4, 10: 0.11, 20: 0.4})
     _screen_file(tmp_path, m, "retrieval-channels", {1: 0.6, 10: 0.3, 20: 0.6})   # +20 points ...
     _screen_file(tmp_path, m, "paper@lr=0.02", {1: 0.45, 10: 0.2, 20: 0.45})      # +6.7 points
-    for label, acc in [("base", 0.30), ("paper", 0.30), ("retrieval-channels", 0.28), ("paper@lr=0.02", 0.297)]:
-        mmlu_file(m, label, acc)                                                   # ... at -2 MMLU points
+    for label, acc in [("base", 0.30), ("retrieval-channels", 0.28), ("paper@lr=0.02", 0.297)]:
+        mmlu_file(m, label, acc)                   # ... at -2 MMLU points; paper (+0.3) cannot be chosen: no guard
     argv = ["recipe_study.py", "--work", str(tmp_path), "--stage", "select", "--rule", "per-model",
             "--recipes", ",".join(cands), "--screen-models", m, "--models", m]
     monkeypatch.setattr(sys, "argv", argv)
@@ -248,6 +252,7 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     assert recipe_study.main() == 0
     sel = json.loads((tmp_path / "selection.json").read_text())
     assert sel["chosen"] == {m: "paper@lr=0.02"} and sel["guard"]["delta"][m]["retrieval-channels"] == pytest.approx(-0.02)
+    assert set(sel["guard"]["delta"][m]) == {"retrieval-channels", "paper@lr=0.02"}
 
     calls = []  # the fit of such a candidate: its recipe and options, in its own folder
     monkeypatch.setattr(recipe_study, "pear", lambda args, log: calls.append(args))

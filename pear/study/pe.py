@@ -104,7 +104,8 @@ def _same_or_refuse(path: Path, wanted: dict, what: str) -> bool:
 def study(out, *, archs=None, settings: TrainSettings | None = None, tasks: str = DEFAULT_TASKS,
           positions: str | None = DEFAULT_POSITIONS, limit: int | None = 100, recipe: str = "paper",
           run_options: dict | None = None, stages=STAGES, tokenizer: str | None = None, data_dir=None,
-          device: str = "auto", workers: int | None = None, progress: bool = True, command: str = "") -> dict:
+          device: str = "auto", workers: int | None = None, micro_batch: int | None = None, progress: bool = True,
+          command: str = "") -> dict:
     """Run the study's stages; returns the summary (also written as study-<recipe>.json)."""
     from ..evaluate.data import resolve_data_dir
     from ..evaluate.registry import BuildContext, build_task, parse_positions
@@ -138,7 +139,8 @@ def study(out, *, archs=None, settings: TrainSettings | None = None, tasks: str 
                     from .corpus import training_passages
 
                     tok, passages = study_tokenizer(tokenizer), training_passages(ddir)
-                train(arch, base, tok, passages, s, device=device, workers=workers, progress=progress, command=command)
+                train(arch, base, tok, passages, s, device=device, workers=workers, micro_batch=micro_batch,
+                      progress=progress, command=command)
         if "pear" in stages:
             _pear(base, pdir, opts, s.seed, device, progress)
         if "eval" in stages:
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data folder (default $PEAR_DATA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers (default: 8 on GPU, 0 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="windows per forward pass in training (default 8: ~10 GB of GPU memory at the default "
+                   "size; the same gradient up to rounding)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         study(args.out, archs=args.archs, settings=settings, tasks=args.tasks, positions=args.positions,
               limit=args.limit, recipe=args.recipe, run_options=parse_run_options(args.run_option),
               stages=[x.strip() for x in args.stages.split(",") if x.strip()], tokenizer=args.tokenizer,
-              data_dir=args.data_dir, device=args.device, workers=args.workers, progress=not args.no_progress,
+              data_dir=args.data_dir, device=args.device, workers=args.workers, micro_batch=args.micro_batch,
+              progress=not args.no_progress,
               command=" ".join(["python3 benchmarks/pe_study.py", *(argv if argv is not None else sys.argv[1:])]))
     except PearError as e:
         print(f"error: {e}", file=sys.stderr)

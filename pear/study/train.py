@@ -116,8 +116,15 @@ def _heldout_loss(model, windows: torch.Tensor, device, autocast) -> float:
 
 
 def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: TrainSettings | None = None, *,
-          device: str = "auto", workers: int | None = None, progress: bool = True, command: str = "") -> dict:
-    """Train `arch` (an `archs.ARCHS` name) and save it in `out` (atomically). Returns train.json's dict."""
+          device: str = "auto", workers: int | None = None, micro_batch: int | None = None, progress: bool = True,
+          command: str = "") -> dict:
+    """Train `arch` (an `archs.ARCHS` name) and save it in `out` (atomically). Returns train.json's dict.
+
+    micro_batch: windows per forward pass (None: the whole batch). Every window has the same
+    length, so the mean of the micro-batches' losses is the batch's loss and the gradient is the
+    same up to rounding; it bounds memory: the logits of 32 windows x 1,024 tokens x 49,152
+    tokens are 6.4 GB in fp32 alone, and three such trainings at once filled an 141 GB GPU.
+    Without a progress bar, one line goes to stderr every 10 % of the steps."""
     from tqdm.auto import tqdm
 
     from ..loading import parse_device
@@ -125,6 +132,8 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
     from ..provenance import versions
 
     s = settings or TrainSettings()
+    if micro_batch is not None and micro_batch < 1:
+        raise PearError(f"micro batch must be >= 1, got {micro_batch}")
     if arch not in ARCHS:
         raise PearError(f"unknown study architecture '{arch}'; use one of {', '.join(ARCHS)}")
     size = parse_size(s.size)
@@ -155,11 +164,15 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
     bar = tqdm(total=s.steps, desc=f"train {arch}", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     pending = []
+    micro = micro_batch or s.batch
     for step, batch in enumerate(loader):
         batch = batch.to(dev, non_blocking=True)  # (B, T)
-        with autocast():
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        loss = 0.0
+        for part in batch.split(micro):  # (b, T) each; same-length windows: mean of means = mean
+            with autocast():
+                part_loss = model(input_ids=part, labels=part).loss * (len(part) / len(batch))
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         opt.step()
         sched.step()
@@ -172,6 +185,9 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
         if (step + 1) % s.heldout_every == 0 or step + 1 == s.steps:
             held.append({"step": step + 1, "loss": _heldout_loss(model, heldout, dev, autocast)})
         bar.update(1)
+        if not progress and ((step + 1) % max(1, s.steps // 10) == 0 or step + 1 == s.steps):
+            print(f"train {arch}: step {step + 1}/{s.steps}, loss {float(loss):.3f}, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     bar.close()
     if cuda:
         torch.cuda.synchronize()
@@ -188,7 +204,7 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
         "passages": len(mix.starts), "text_tokens": int(len(mix.flat)),
         "tokens": s.steps * s.batch * window, "seconds": round(seconds, 2),
         "tokens_per_s": round(s.steps * s.batch * window / seconds, 1), "device": _device_name(dev),
-        "workers": n_workers, "losses": [round(x, 5) for x in losses], "heldout": held,
+        "workers": n_workers, "micro_batch": micro, "losses": [round(x, 5) for x in losses], "heldout": held,
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "versions": versions(), "command": command,
     }
     with atomic_dir(Path(out)) as tmp:
