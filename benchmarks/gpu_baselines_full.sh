@@ -12,8 +12,10 @@
 #               and Attention Buckets on the first LIMIT items (LIMIT=all: all of them); then a
 #               Ms-PoE diagnostic (one uniform ratio 1.2). QUEUE="full baselines diagnostic"
 #               picks the parts.
-#   workers     on a machine of several GPUs: WORKERS (2) `pear eval --parts claim` processes per
-#               GPU of GPUS (default: all), sharing OUT/parts, for every baseline on the full data
+#   workers     on a machine of several GPUs: every baseline (VARIANTS) on the full data, one
+#               `torchrun` of WORKERS (2) processes per GPU (data parallel, sharing OUT/parts)
+#   moice       MoICE: train its routers on each MODEL (`pear baseline train moice`,
+#               OUT/runs/<model>-moice), then base and MoICE on the first LIMIT items of BTASKS
 #   assemble    once the workers are done: one results JSON per model from the parts alone
 #               (`--parts only`; nothing is computed)
 # Each `pear eval` call keeps per-example parts in OUT/parts, so a run cut short continues where
@@ -21,7 +23,7 @@
 # nearly double throughput; two Attention Buckets processes at 64 rows / 200,000 tokens hold
 # ~120-134 GB of an H200, so two per GPU is the limit there.
 set -uo pipefail
-STEP=${1:?usage: gpu_baselines_full.sh pear|queue|workers|worker|assemble OUT MODEL [MODEL ...]}
+STEP=${1:?usage: gpu_baselines_full.sh pear|queue|workers|moice|assemble OUT MODEL [MODEL ...]}
 OUT=${2:?usage: gpu_baselines_full.sh STEP OUT MODEL [MODEL ...]}
 shift 2
 [ $# -ge 1 ] || { echo "usage: gpu_baselines_full.sh STEP OUT MODEL [MODEL ...]" >&2; exit 2; }
@@ -73,20 +75,22 @@ queue)
          --model "$m" "${UNIFORM[@]}" --task mdqa-10 "${LIM[@]}" "${BIG[@]}"
     done
   fi ;;
-workers)  # start WORKERS detached workers on each GPU of GPUS
-  for g in ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}; do
-    for w in $(seq 1 ${WORKERS:-2}); do
-      CUDA_VISIBLE_DEVICES=$g setsid nohup bash "$0" worker "$OUT" "${MODELS[@]}" \
-        > "$OUT/res/worker-$g-$w.log" 2>&1 < /dev/null &
-    done
-  done ;;
-worker)  # one data-parallel worker: every baseline (VARIANTS) on the full data, claiming parts
-  W=(--parts claim --out "$OUT/res/worker.json")
+workers)  # every baseline (VARIANTS) on the full data, data parallel over the GPUs: one torchrun per call
+  n=$(( $(echo ${GPUS:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))} | wc -w) * ${WORKERS:-2} ))
   for v in ${VARIANTS:-ms-poe attention-buckets}; do
     lim=("${BIG[@]}"); [ $v = attention-buckets ] && lim=("${BUCKETS[@]}")
     for m in "${MODELS[@]}"; do
-      pear eval --model "$m" --variant $v --label $v --task $BTASKS "${LIM[@]}" "${EVAL[@]}" "${lim[@]}" "${W[@]}"
+      torchrun --nproc-per-node $n -m pear eval --model "$m" --variant $v --label $v --task $BTASKS "${LIM[@]}" \
+        "${EVAL[@]}" "${lim[@]}" --out "$OUT/res/$v-$(name "$m").json" > "$OUT/res/$v-$(name "$m").log" 2>&1
     done
+  done ;;
+moice)  # MoICE: routers (reference recipe, SQuAD 2.0 long instructions), then base and MoICE
+  for m in "${MODELS[@]}"; do
+    r="$OUT/runs/$(name "$m")-moice"
+    [ -f "$r/routers.safetensors" ] || pear baseline train moice --model "$m" --device cuda --out "$r" --force \
+      > "$OUT/res/moice-train-$(name "$m").log" 2>&1
+    ev "moice-$(name "$m")" --model "$m" --label base --model "$m" --variant moice --variant-option routers="$r" \
+       --label moice --task $BTASKS "${LIM[@]}" "${BUCKETS[@]}"
   done ;;
 assemble)  # one results JSON per model (base, pear, ms-poe, attention-buckets) from the parts only
   for m in "${MODELS[@]}"; do
@@ -94,5 +98,5 @@ assemble)  # one results JSON per model (base, pear, ms-poe, attention-buckets) 
        --model "$m" --variant ms-poe --label ms-poe --model "$m" --variant attention-buckets --label attention-buckets \
        --task $BTASKS "${LIM[@]}" "${BIG[@]}" --parts only
   done ;;
-*) echo "usage: gpu_baselines_full.sh pear|queue|workers|worker|assemble OUT MODEL [MODEL ...]" >&2; exit 2 ;;
+*) echo "usage: gpu_baselines_full.sh pear|queue|workers|moice|assemble OUT MODEL [MODEL ...]" >&2; exit 2 ;;
 esac

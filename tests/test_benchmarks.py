@@ -264,3 +264,15 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     assert calls[0][calls[0].index("--out") + 1].endswith("runs/gemma3-270m/paper@lr=0.02-seed1")
     monkeypatch.setattr(sys, "argv", argv[:-4] + ["--recipes", "paper@lr"])
     assert recipe_study.main() == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_benchmark_scripts_parse_and_use_existing_options():
+    """Every GPU shell script parses, and none asks `pear` for an option it no longer has
+    (multi-GPU evaluation is `torchrun -m pear eval`, not claim files)."""
+    import subprocess
+
+    scripts = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.sh"))
+    assert scripts
+    for f in scripts:
+        assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
+        assert "--parts claim" not in f.read_text(), f
