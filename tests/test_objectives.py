@@ -301,7 +301,7 @@ def test_the_knowledge_anchor_keeps_plain_text_predictions(smollm2, data_dir):
 
     heads = all_heads(m)
     assert kl({h: [1.0] * 64 for h in heads}) == pytest.approx(0.0, abs=1e-6)
-    s = FitSettings(steps=4, batch=2, eval_batch=2, lr=0.05, objective="retrieval",
+    s = FitSettings(steps=3, batch=1, eval_batch=2, lr=0.05, objective="retrieval",
                     objective_options=SMALL["retrieval"], scales="channels")
     free = fit(m, tok, heads, s, progress=False, data_dir=data_dir)
     held_fit = fit(m, tok, heads, s, anchor=20.0, progress=False, data_dir=data_dir)
