@@ -133,7 +133,12 @@ class FitSettings:
         return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "warmup": self.warmup_steps}
 
     def result_key(self) -> dict:
-        return {k: getattr(self, k) for k in self.RESULT_FIELDS} | {"warmup": self.warmup_steps}
+        """What the coefficients depend on. A field added later is left out at its neutral value,
+        so fits made before it existed keep their key (their checkpoints still resume)."""
+        key = {k: getattr(self, k) for k in self.RESULT_FIELDS} | {"warmup": self.warmup_steps}
+        if not self.anchor:
+            del key["anchor"]
+        return key
 
 
 def train_seed(seed: int, step: int) -> int:

@@ -307,7 +307,7 @@ def test_the_knowledge_anchor_keeps_plain_text_predictions(smollm2, data_dir):
     held_fit = fit(m, tok, heads, s, anchor=20.0, progress=False, data_dir=data_dir)
     assert held_fit.after["anchor_kl"] == pytest.approx(kl(held_fit.coefficients), rel=1e-3)
     assert kl(held_fit.coefficients) < 0.7 * kl(free.coefficients)
-    assert held_fit.settings.result_key()["anchor"] == 20.0
+    assert held_fit.settings.result_key()["anchor"] == 20.0 and "anchor" not in s.result_key()  # old keys hold
 
 
 def test_anchor_is_checked_before_work(tmp_path, capsys, monkeypatch):
