@@ -254,11 +254,21 @@ class Study:
             acc[lab] = v["all"]["accuracy"]
         return {r: acc[r] - acc["base"] for r in acc if r != "base"}
 
+    def cut_deltas(self, model: str) -> dict[str, float]:
+        """--length-words N: each eligible candidate's screen Δ with every answer's first line cut
+        to its first N words (`answer_length.py`), from the screen's parts."""
+        from answer_length import length_check
+
+        from pear.evaluate.data import resolve_data_dir
+
+        rows = length_check(self.work, [model], resolve_data_dir(None), half=1, questions=self.a.screen_q).get(model, {})
+        return {r: rows[r]["by_words"][str(self.a.length_words)]["diff"] for r in self.eligible(model) if r in rows}
+
     def select_per_model(self, table: dict) -> dict[str, str]:
         """The per-model rule: every model needs its whole screen (no choice from part of it);
         with --guard, a candidate that loses more than half a point on the guard task is out (the
         guard is measured only for candidates at >= +3 points: the others cannot be chosen)."""
-        chosen, deltas, guards = {}, {}, {}
+        chosen, deltas, guards, cut = {}, {}, {}, {}
         for m, t in table.items():
             missing = [r for r in self.a.recipes if r not in t]
             if missing:
@@ -266,13 +276,17 @@ class Study:
             deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes}
             guards[m] = self.guard_deltas(m) if self.a.guard else {}
             allowed = [r for r in self.a.recipes if guards[m].get(r, 0.0) >= GUARD_MIN - 1e-9]
+            if self.a.length_words:  # the gain must hold with answers cut to N words (not longer answers)
+                cut[m] = self.cut_deltas(m)
+                allowed = [r for r in allowed if cut[m].get(r, deltas[m][r]) >= GOAL_DELTA - 1e-9]
             best = max(allowed, key=lambda r: (deltas[m][r], -t[r]["gap"]), default="paper")
             chosen[m] = best if deltas[m].get(best, 0.0) >= GOAL_DELTA - 1e-9 else "paper"
         for m in self.a.models:
             if m not in chosen and SIBLINGS.get(m) in chosen:
                 chosen[m] = chosen[SIBLINGS[m]]
         sel = {"rule": RULES["per-model"][0], "models": list(table), "screen": table, "delta": deltas,
-               "chosen": chosen, **({"guard": {"task": self.a.guard[0], "delta": guards}} if self.a.guard else {})}
+               "chosen": chosen, **({"guard": {"task": self.a.guard[0], "delta": guards}} if self.a.guard else {}),
+               **({"length": {"words": self.a.length_words, "delta": cut}} if self.a.length_words else {})}
         (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
         print("chosen:", json.dumps(chosen), flush=True)
         return chosen
@@ -404,6 +418,9 @@ def main() -> int:
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help="candidates: recipes of pear.recipes, or RECIPE@KEY=VALUE,... with KEY among " + ", ".join(OVERRIDES))
+    p.add_argument("--length-words", type=int, default=None, metavar="N", choices=[10, 20],
+                   help="the per-model rule also needs the Δ to reach +3 with answers cut to their first N words "
+                        "(so that longer answers alone cannot win; benchmarks/answer_length.py)")
     p.add_argument("--guard", default=None, metavar="TASK=N",
                    help="also screen on the first N items of TASK (half 1); the per-model rule drops a candidate "
                         "that loses more than half a point there (e.g. mmlu=2000)")

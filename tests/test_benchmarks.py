@@ -254,6 +254,18 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     assert sel["chosen"] == {m: "paper@lr=0.02"} and sel["guard"]["delta"][m]["retrieval-channels"] == pytest.approx(-0.02)
     assert set(sel["guard"]["delta"][m]) == {"retrieval-channels", "paper@lr=0.02"}
 
+    import answer_length  # --length-words: a gain that does not hold with answers cut to N words is out
+    cut = {"retrieval-channels": -0.01, "paper@lr=0.02": 0.05}
+    monkeypatch.setattr(answer_length, "length_check", lambda work, models, data_dir, half, questions: {m: {
+        r: {"by_words": {"20": {"diff": d}}} for r, d in cut.items()}})
+    monkeypatch.setattr(sys, "argv", argv + ["--length-words", "20"])
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"] == {m: "paper@lr=0.02"} and sel["length"]["delta"][m] == cut
+    cut["paper@lr=0.02"] = 0.02  # below +3 once cut: nothing is left, so paper
+    assert recipe_study.main() == 0
+    assert json.loads((tmp_path / "selection.json").read_text())["chosen"] == {m: "paper"}
+
     calls = []  # the fit of such a candidate: its recipe and options, in its own folder
     monkeypatch.setattr(recipe_study, "pear", lambda args, log: calls.append(args))
     monkeypatch.setattr(sys, "argv", argv)
@@ -276,3 +288,38 @@ def test_benchmark_scripts_parse_and_use_existing_options():
     for f in scripts:
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
         assert "--parts claim" not in f.read_text(), f
+
+
+@pytest.mark.data
+def test_answer_length_check_separates_reading_from_verbosity(tmp_path, data_dir):
+    """A variant that only writes longer answers (the gold answer after 12 words) wins on the
+    metric's first line and loses nothing it did not have at 10 words; the rescoring reproduces
+    the recorded scores, and a record whose score disagrees stops it."""
+    import gzip
+
+    import answer_length
+    from pear.evaluate.registry import BuildContext, build_task
+
+    task = build_task("mdqa-20", BuildContext(data_dir, limit=2, half=2))
+    (tmp_path / "parts").mkdir()
+
+    def part(label, outputs, scores):
+        recs = [{"id": e.id, "condition": e.condition, "output": o, "score": s}
+                for e, o, s in zip(task.examples, outputs, scores)]
+        with gzip.open(tmp_path / "parts" / f"{label}__mdqa-20__{label}.json.gz", "wt") as f:
+            spec = "/m/smollm2-135m.gguf" if label == "base" else f"/w/runs/smollm2-135m/{label}/model"
+            json.dump({"label": label, "spec": spec, "start": 0, "of": len(recs),
+                       "records": recs}, f)
+
+    n = len(task.examples)
+    gold = [e.answers[0] for e in task.examples]
+    part("base", ["I do not know."] * n, [0.0] * n)
+    filler = "well the passages say many things about this question and the answer is "  # 14 words
+    part("verbose", [filler + g for g in gold], [1.0] * n)
+    out = answer_length.length_check(tmp_path, ["smollm2-135m"], data_dir, half=2, questions=2)
+    v = out["smollm2-135m"]["verbose"]["by_words"]
+    assert v["line"]["diff"] == 1.0 and v["20"]["diff"] == 1.0 and v["10"]["diff"] == 0.0
+    assert json.loads((tmp_path / "length_check_h2.json").read_text()) == out
+    part("verbose", [filler + g for g in gold], [0.0] * n)  # a recorded score the metric does not give
+    with pytest.raises(RuntimeError, match="reproduce"):
+        answer_length.length_check(tmp_path, ["smollm2-135m"], data_dir, half=2, questions=2)
