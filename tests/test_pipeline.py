@@ -94,7 +94,7 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     told its effect is unknown."""
     from pathlib import Path
 
-    from pear.recipes import HELD_OUT, HELD_OUT_OTHER, MEASURED, RECIPES, measured_text
+    from pear.recipes import HELD_OUT, HELD_OUT_CUT, HELD_OUT_CUT20, HELD_OUT_OTHER, MEASURED, RECIPES, measured_text
 
     study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round3"
     screen = json.loads((study / "screen_paired.json").read_text())
@@ -117,8 +117,17 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
                     other.setdefault(label, {}).setdefault(m, {})[task] = (round(100 * v["diff"], 1),
                                                                           float(f"{v['p_mcnemar']:.2g}"))
     assert other == HELD_OUT_OTHER
+    cut = {}  # the report half cut to 20 words (benchmarks/answer_length.py)
+    for m, rows in json.loads((study / "length_check_h2.json").read_text()).items():
+        for label, row in sorted(rows.items()):
+            if label != "base":
+                c = row["by_words"][str(HELD_OUT_CUT)]
+                cut.setdefault(label.split("-seed")[0], {}).setdefault(m, []).append(
+                    (round(100 * c["diff"], 1), float(f"{c['p']:.2g}")))
+    assert cut == HELD_OUT_CUT20
     text = measured_text("retrieval-channels", "gemma3-270m")
     assert "(this model) | +20.6 |" in text and "(this model) | +17.9 (p=1e-42) | +17.1 (p=5e-39) |" in text
+    assert "| +17.9 (p=6.3e-44) / +17.3 (p=9e-41) |" in text
     assert "mmlu -1.3 (p=0.0063)" in text
     assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
 
