@@ -171,7 +171,10 @@ def test_missing_files_and_existing_output(tmp_path, tiny_folder, capsys):
 
 
 def test_hub_id_offline_and_unknown_preset(monkeypatch, capsys):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it too
     with pytest.raises(pear.PearError, match="someone/no-such-model"):
         pear.load_model("someone/no-such-model")
     rc, err = _run_cli(["inspect", "--model", "smollm9-1m"], capsys)
