@@ -243,26 +243,32 @@ class Study:
                 out.append(r)
         return out
 
-    def guard_deltas(self, model: str) -> dict[str, float]:
+    def guard_deltas(self, model: str, eligible: list[str]) -> dict[str, float]:
         """--guard: each eligible candidate's accuracy minus the base's on the guard task (half 1)."""
         task, _ = self.a.guard
         acc = {}
-        for lab in ["base"] + self.eligible(model):
+        for lab in ["base"] + eligible:
             v = _single(self.work, model, task, 1, lab)
             if v is None:
                 raise RuntimeError(f"{model}: guard {task} missing for {lab}")
             acc[lab] = v["all"]["accuracy"]
         return {r: acc[r] - acc["base"] for r in acc if r != "base"}
 
-    def cut_deltas(self, model: str) -> dict[str, float]:
-        """--length-words N: each eligible candidate's screen Δ with every answer's first line cut
-        to its first N words (`answer_length.py`), from the screen's parts."""
+    def cut_rows(self, models: list[str]) -> dict[str, dict]:
+        """--length-words: the screen rescored with answers cut to N words (`answer_length.py`),
+        from the screen's parts, for every model at once (one length_check_h1.json)."""
         from answer_length import length_check
 
         from pear.evaluate.data import resolve_data_dir
 
-        rows = length_check(self.work, [model], resolve_data_dir(None), half=1, questions=self.a.screen_q).get(model, {})
-        return {r: rows[r]["by_words"][str(self.a.length_words)]["diff"] for r in self.eligible(model) if r in rows}
+        return length_check(self.work, models, resolve_data_dir(None), half=1, questions=self.a.screen_q)
+
+    def cut_deltas(self, model: str, eligible: list[str], rows: dict) -> dict[str, float]:
+        """Each eligible candidate's screen Δ with answers cut to N words."""
+        missing = [r for r in eligible if r not in rows.get(model, {})]
+        if missing:
+            raise RuntimeError(f"{model}: length check missing for {', '.join(missing)}")
+        return {r: rows[model][r]["by_words"][str(self.a.length_words)]["diff"] for r in eligible}
 
     def select_per_model(self, table: dict) -> dict[str, str]:
         """The per-model rule: every model needs its whole screen (no choice from part of it);
@@ -273,14 +279,17 @@ class Study:
             missing = [r for r in self.a.recipes if r not in t]
             if missing:
                 raise RuntimeError(f"{m}: screen incomplete, missing {', '.join(missing)}")
+        rows = self.cut_rows(list(table)) if self.a.length_words else {}
+        for m, t in table.items():
             deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes}
-            guards[m] = self.guard_deltas(m) if self.a.guard else {}
-            allowed = [r for r in self.a.recipes if guards[m].get(r, 0.0) >= GUARD_MIN - 1e-9]
+            allowed = self.eligible(m)  # only these can be chosen
+            if self.a.guard:
+                guards[m] = self.guard_deltas(m, allowed)
+                allowed = [r for r in allowed if guards[m][r] >= GUARD_MIN - 1e-9]
             if self.a.length_words:  # the gain must hold with answers cut to N words (not longer answers)
-                cut[m] = self.cut_deltas(m)
-                allowed = [r for r in allowed if cut[m].get(r, deltas[m][r]) >= GOAL_DELTA - 1e-9]
-            best = max(allowed, key=lambda r: (deltas[m][r], -t[r]["gap"]), default="paper")
-            chosen[m] = best if deltas[m].get(best, 0.0) >= GOAL_DELTA - 1e-9 else "paper"
+                cut[m] = self.cut_deltas(m, allowed, rows)
+                allowed = [r for r in allowed if cut[m][r] >= GOAL_DELTA - 1e-9]
+            chosen[m] = max(allowed, key=lambda r: (deltas[m][r], -t[r]["gap"]), default="paper")  # all at >= +3
         for m in self.a.models:
             if m not in chosen and SIBLINGS.get(m) in chosen:
                 chosen[m] = chosen[SIBLINGS[m]]

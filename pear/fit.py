@@ -182,10 +182,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     distributed.init()  # data-parallel under torchrun / accelerate launch
     objective = settings.make_objective(data_dir)
     objective.check_data()
-    if settings.anchor:  # the anchor reads SQuAD 2.0's paragraphs
-        from .objectives import squad
-
-        squad.path(data_dir)
+    if settings.anchor:
+        anchor.check_data(data_dir)
     if settings.micro_batch is None and settings.objective == "copy":
         settings = dataclasses.replace(settings, micro_batch=default_micro_batch(model, settings.length))
     from transformers import get_linear_schedule_with_warmup
@@ -205,7 +203,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     heldout = heldout_batch(model, tokenizer, settings)  # (eval_batch, 2n + 1) token ids, its own seed
     held_obj = None if settings.objective == "copy" else objective.batch(
         model, tokenizer, settings.eval_batch, heldout_seed(settings.seed))
-    held_anchor = anchor.batch(tokenizer, data_dir, settings.eval_batch, anchor_seed(settings.seed, -1)) \
+    held_anchor = anchor.batch(tokenizer, objective.data_dir, settings.eval_batch, anchor_seed(settings.seed, -1)) \
         if settings.anchor else None
 
     def metrics(hs) -> dict[str, float]:

@@ -23,6 +23,11 @@ WORDS = 100  # words per paragraph (about the length of one evaluation passage)
 TOKENS = 64  # the KL is taken at the last TOKENS tokens of each paragraph
 
 
+def check_data(data_dir) -> None:
+    """Fail before any model work when SQuAD 2.0, whose paragraphs the anchor reads, is missing."""
+    squad.path(data_dir)
+
+
 def batch(tokenizer, data_dir, n: int, seed: int) -> list[list[int]]:
     """`n` paragraphs as token ids (with the tokenizer's special tokens, no chat template)."""
     _, paragraphs = squad.load(str(data_dir) if data_dir else "", WORDS)
