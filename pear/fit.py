@@ -46,7 +46,7 @@ from .dtypes import dtype_name
 from .errors import PearError
 from .families import resolve
 from .folding import HeadKey, HeadScaling, coefficients_json
-from .objectives import anchor
+from .objectives import anchor, chunks
 from .proxy import (  # noqa: F401  (_nll, scored_logits: the copy objective looks them up here)
     ProxyBatch,
     _nll,
@@ -123,15 +123,12 @@ class FitResult:
 
 
 # ---------------------------------------------------------------------------- training
-def _micro(model, settings: FitSettings, batch) -> int | None:
-    """Sequences per forward pass for this batch (see `default_micro_batch`)."""
+def _micro(model, settings: FitSettings, seqs) -> int | None:
+    """Sequences per forward pass for these sequences (see `default_micro_batch`). Sequences of
+    different lengths share a pass: `objectives.answer_logprobs` pads them without NaN."""
     if settings.micro_batch is not None or settings.objective == "copy":
         return settings.micro_batch
-    if len({len(s.ids) for s in batch}) > 1:
-        # no padding: a padded row's masked positions can carry NaN activations through the
-        # hooks, and NaN x 0 gradient is NaN in alpha.grad; one sequence per pass is exact
-        return 1
-    longest = max(len(s.ids) + len(s.teacher_ids or ()) for s in batch)
+    longest = max(len(getattr(s, "ids", s)) + len(getattr(s, "teacher_ids", None) or ()) for s in seqs)
     return default_micro_batch(model, settings.length, tokens=longest)
 
 
@@ -142,15 +139,14 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
     batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh for this step
     total = 0.0
     micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
-    chunks = objective.split(batch, micro)
-    for b in distributed.shard(chunks):  # data-parallel: this rank's share of the batch
+    for b in distributed.shard(objective.split(batch, micro)):  # data-parallel: this rank's share of the batch
         loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
         loss.backward()
         total += float(loss.detach())
     if settings.anchor:
         seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step))
-        for part in distributed.shard([[s] for s in seqs]):  # one per pass: no padding (see `_micro`)
-            loss = settings.anchor * anchor.loss(model, part, hs) / len(seqs)
+        for part in distributed.shard(chunks(seqs, distributed.split_rows(_micro(model, settings, seqs), len(seqs)))):
+            loss = settings.anchor * anchor.loss(model, part, hs) * (len(part) / len(seqs))
             loss.backward()
             total += float(loss.detach())
     if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
@@ -214,8 +210,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                           objective.split(held_obj, _micro(model, settings, held_obj))) / len(held_obj)
         if held_anchor is not None:  # 0 for the base model: how far the scales moved it on plain text
             with torch.no_grad():
-                m["anchor_kl"] = sum(float(anchor.loss(model, held_anchor[i:i + 1], hs))
-                                     for i in range(len(held_anchor))) / len(held_anchor)
+                m["anchor_kl"] = sum(float(anchor.loss(model, b, hs)) * len(b) for b in
+                                     chunks(held_anchor, _micro(model, settings, held_anchor))) / len(held_anchor)
         return m
 
     with frozen(model), cpu_attention(model), HeadScaling(model, heads, channels=settings.channels) as hs:

@@ -321,3 +321,33 @@ def test_anchor_is_checked_before_work(tmp_path, capsys, monkeypatch):
     assert main(args + ["--anchor", "1"]) != 0
     assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "bloom", "opt"])
+def test_sequences_of_different_lengths_share_a_pass(family):
+    """A batch of sequences of different lengths gives each row's log-probabilities and the
+    scales' gradient as the sequences alone would (right padding, no mask: no NaN from fully
+    masked rows), for rotary (with a sliding window), absolute and ALiBi positions."""
+    from pear.objectives import answer_logprobs
+
+    m = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (40, 23, 90, 9)]
+    n_targets = [5, 3, 8, 2]
+
+    def grad_and_logp(batch, n):
+        with HeadScaling(m, all_heads(m), trainable=True, channels=True) as hs:
+            lp, tgt, mask = answer_logprobs(m, batch, n, pad_id=0)
+            (-(lp.gather(-1, tgt[..., None]).squeeze(-1) * mask).sum()).backward()
+            return lp.detach(), tgt, mask, hs.alpha.grad.clone()
+
+    lp, tgt, mask, grad = grad_and_logp(seqs, n_targets)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    alone = [grad_and_logp([s], [n]) for s, n in zip(seqs, n_targets)]
+    A = max(n_targets)
+    for i, (lp1, tgt1, _, _) in enumerate(alone):
+        k = n_targets[i]
+        assert mask[i].tolist() == [False] * (A - k) + [True] * k
+        assert tgt[i, A - k:].tolist() == seqs[i][-k:] == tgt1[0].tolist()
+        torch.testing.assert_close(lp[i, A - k:], lp1[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad, sum(a[3] for a in alone), atol=1e-4, rtol=1e-4)

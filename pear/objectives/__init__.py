@@ -73,14 +73,19 @@ class Objective:
 
     def split(self, batch, size: int | None) -> list:
         """Micro-batches of at most `size` sequences (None: the whole batch)."""
-        size = size or len(batch)
-        return [batch[i:i + size] for i in range(0, len(batch), size)]
+        return chunks(batch, size)
 
     def loss(self, model, batch, scaling) -> torch.Tensor:
         raise NotImplementedError
 
     def describe(self) -> dict:
         return {"objective": self.name, "options": dict(self.options)}
+
+
+def chunks(seqs: list, size: int | None) -> list[list]:
+    """`seqs` in consecutive micro-batches of at most `size` (None: all at once)."""
+    size = size or len(seqs)
+    return [seqs[i:i + size] for i in range(0, len(seqs), size)]
 
 
 def _cast(obj: str, key: str, value, default):
@@ -123,31 +128,47 @@ class Sequence:
 
 
 def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: int = 0):
-    """Log-probabilities at the target positions of left-padded sequences.
+    """Log-probabilities at the target positions of sequences of different lengths, in one pass.
 
     Returns (logp (B, A, V) fp32, targets (B, A), mask (B, A)), A = max target count; row i's
-    targets are its last n_targets[i] tokens, aligned at the right. Only A + 1 positions go
-    through the LM head (`logits_to_keep`).
+    targets are its last n_targets[i] tokens, aligned at the right.
+
+    Why right padding and no attention mask: under causal attention no real token sees the pads
+    after it, so each row computes what it would alone (to kernel rounding), several sequences
+    of different lengths share one pass, and no query row is fully masked. (Left padding with a
+    mask makes fully masked pad rows; their NaN activations met a zero gradient in the head
+    hooks, NaN x 0 = NaN in the scales' gradient, which forced one sequence per pass.)
+    Only the predicting positions go through the LM head: `logits_to_keep` takes their union
+    and a pre-hook on the head keeps each row's own A positions, so the head makes (B, A, V).
     """
     device = model.get_input_embeddings().weight.device
-    T = max(len(s) for s in seqs)
-    A = max(n_targets)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    B, T, A = len(seqs), max(len(s) for s in seqs), max(n_targets)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    kwargs = {"attention_mask": mask, "use_cache": False}
-    params = inspect.signature(model.forward).parameters
-    if "position_ids" in params:
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    if "logits_to_keep" in params:
-        logits = model(ids, logits_to_keep=A + 1, **kwargs).logits[:, :-1]  # (B, A, V)
-    else:
-        logits = model(ids, **kwargs).logits[:, T - A - 1:-1]
-    targets = ids[:, T - A:]  # (B, A)
-    tmask = torch.arange(A, device=device)[None, :] >= (A - torch.tensor(n_targets, device=device))[:, None]
+        ids[i, :len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    n = torch.tensor(n_targets, device=device)
+    slot = torch.arange(A, device=device)[None, :]  # (1, A)
+    tmask = slot >= (A - n)[:, None]  # (B, A): row i's targets fill its last n_i slots
+    tpos = (lengths[:, None] - A + slot).clamp(min=1)  # (B, A) target positions (unused slots: any valid one)
+    pred = tpos - 1  # (B, A) the positions that predict them
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = torch.unique(pred)  # sorted union of every row's predicting positions
+        kwargs["logits_to_keep"] = keep
+        pred = torch.searchsorted(keep, pred)  # (B, A) indices into the kept positions
+
+    def own_positions(_module, args):  # hidden states (B, K, D) -> (B, A, D): each row's own positions
+        h = args[0]
+        return (h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(own_positions)
+    try:
+        logits = model(ids, use_cache=False, **kwargs).logits  # (B, A, V)
+    finally:
+        hook.remove()
+    targets = ids.gather(1, tpos)  # (B, A)
     return logits.float().log_softmax(-1), targets, tmask
 
 
