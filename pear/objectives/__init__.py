@@ -161,7 +161,8 @@ def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: 
 
     def own_positions(_module, args):  # hidden states (B, K, D) -> (B, A, D): each row's own positions
         h = args[0]
-        return (h.gather(1, pred[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
+        idx = pred.to(h.device)[..., None].expand(-1, -1, h.shape[-1])  # the head may sit on another GPU
+        return (h.gather(1, idx),) + tuple(args[1:])
 
     hook = model.get_output_embeddings().register_forward_pre_hook(own_positions)
     try:
@@ -169,7 +170,7 @@ def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: 
     finally:
         hook.remove()
     targets = ids.gather(1, tpos)  # (B, A)
-    return logits.float().log_softmax(-1), targets, tmask
+    return logits.float().log_softmax(-1), targets.to(logits.device), tmask.to(logits.device)
 
 
 def target_nll(model, batch: list[Sequence], pad_id: int = 0) -> torch.Tensor:
