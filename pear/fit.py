@@ -214,7 +214,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                      chunks(held_anchor, _micro(model, settings, held_anchor))) / len(held_anchor)
         return m
 
-    with frozen(model), cpu_attention(model), HeadScaling(model, heads, channels=settings.channels) as hs:
+    with frozen(model), cpu_attention(model, short=objective.short), HeadScaling(model, heads, channels=settings.channels) as hs:
         alpha = hs.alpha  # (K,), or (K, head_dim) per channel; fp32, the only trainable tensor
         opt = torch.optim.AdamW([alpha], lr=settings.lr, weight_decay=settings.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)

@@ -38,18 +38,21 @@ def frozen(model):
 
 
 @contextlib.contextmanager
-def cpu_attention(model):
-    """On CPU, run the fit with transformers' eager attention instead of SDPA, then switch back.
+def cpu_attention(model, short: bool = True):
+    """On CPU, for `short` sequences, run the fit with transformers' eager attention instead of
+    SDPA, then switch back.
 
     Proxy sequences are short (2n + 1 = 101 tokens), and for them PyTorch's CPU flash-attention
     backward is slow: on SmolLM2-135M (bf16, 2 cores, 20 sequences) a training step took 3.54 s
     with SDPA and 2.73 s with eager attention (median of 5 interleaved steps; same loss and
-    gradient to bf16 rounding). GPUs, other implementations, and models that cannot switch
+    gradient to bf16 rounding). Long sequences go the other way: one retrieval sequence of
+    2,779 tokens took 24 s forward and backward with SDPA and 50 s with eager attention (second
+    of two interleaved runs each, same 2 busy cores), which builds the whole T x T matrix. GPUs, other implementations, and models that cannot switch
     are left as they are."""
     impl = getattr(model.config, "_attn_implementation", None)
     on_cpu = next(model.parameters()).device.type == "cpu"
     switched = False
-    if on_cpu and impl == "sdpa":
+    if short and on_cpu and impl == "sdpa":
         try:
             model.set_attn_implementation("eager")
             switched = model.config._attn_implementation == "eager"

@@ -212,3 +212,7 @@ def test_cpu_fit_uses_eager_attention_and_restores_sdpa():
         assert model.config._attn_implementation == "eager"
         assert torch.allclose(model(ids).logits, ref, atol=1e-5)
     assert model.config._attn_implementation == "sdpa"
+    with cpu_attention(model, short=False):  # long sequences: SDPA is faster on CPU
+        assert model.config._attn_implementation == "sdpa"
+    from pear.objectives import get_objective
+    assert get_objective("copy").short and not get_objective("retrieval", {"source": "kv"}).short

@@ -48,6 +48,7 @@ class Objective:
     name = ""
     OPTIONS: dict[str, object] = {}
     needs_data = False  # reads the data folder ($PEAR_DATA / --data-dir)
+    short = False  # sequences of ~100 tokens: on CPU the fit runs eager attention (`training.cpu_attention`)
 
     def __init__(self, data_dir=None, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))

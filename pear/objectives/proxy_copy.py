@@ -10,6 +10,7 @@ from . import Objective, register
 @register("copy")
 class Copy(Objective):
     OPTIONS = {"length": 50}
+    short = True  # 2n + 1 tokens
 
     def batch(self, model, tokenizer, n: int, seed: int) -> ProxyBatch:
         return make_model_batch(model, tokenizer, n, self.options["length"], seed=seed)
