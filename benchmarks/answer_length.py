@@ -45,7 +45,7 @@ def length_check(work: Path, models: list[str], data_dir, half: int = 2, questio
     answers = {(e.id, e.condition): e.answers for e in task.examples}
     n = len(task.examples)
     out: dict[str, dict] = {}
-    for m, by_label in _records(work, TASK, models, lambda of: of == n).items():
+    for m, by_label in _records(work, TASK, models, lambda of: of == n, examples=set(answers)).items():
         if "base" not in by_label:
             continue
         keys = [(r["id"], r["condition"]) for r in by_label["base"]]

@@ -327,17 +327,20 @@ def _model_of(spec: str, models: list[str]) -> str | None:
     return None
 
 
-def _records(work: Path, task: str, models: list[str], size_ok) -> dict[str, dict[str, list]]:
+def _records(work: Path, task: str, models: list[str], size_ok, examples: set | None = None) -> dict[str, dict[str, list]]:
     """{model: {label: records}}: each variant's whole evaluation of `task` whose size passes
     `size_ok`, joined from its parts (`pear eval --parts-dir` saves a long one in several).
     Parts are joined by label, not by path: an evaluation resumed in another folder reuses the
     parts whose content key (the model's weights, the examples, the settings) matches, so one
     evaluation's parts can name two paths of the same model. Two different parts at one start
-    are an error."""
+    are an error. `examples`, the (id, condition) pairs wanted: a part of other examples (the
+    other half, evaluated at the same size) is not read."""
     chunks: dict[tuple, dict[int, list]] = {}
     for f in sorted((work / "parts").glob(f"*__{task}__*.json.gz")):
         d = json.loads(gzip.open(f).read())
         m = _model_of(d["spec"], models)
+        if examples is not None and any((r["id"], r["condition"]) not in examples for r in d["records"]):
+            continue
         if m and size_ok(d["of"]):
             at = chunks.setdefault((m, d["label"], d["of"]), {})
             if d["start"] in at and at[d["start"]] != d["records"]:

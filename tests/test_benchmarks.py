@@ -303,10 +303,10 @@ def test_answer_length_check_separates_reading_from_verbosity(tmp_path, data_dir
     task = build_task("mdqa-20", BuildContext(data_dir, limit=2, half=2))
     (tmp_path / "parts").mkdir()
 
-    def part(label, outputs, scores):
+    def part(label, outputs, scores, examples=task.examples, name=""):
         recs = [{"id": e.id, "condition": e.condition, "output": o, "score": s}
-                for e, o, s in zip(task.examples, outputs, scores)]
-        with gzip.open(tmp_path / "parts" / f"{label}__mdqa-20__{label}.json.gz", "wt") as f:
+                for e, o, s in zip(examples, outputs, scores)]
+        with gzip.open(tmp_path / "parts" / f"{label}__mdqa-20__{label}{name}.json.gz", "wt") as f:
             spec = "/m/smollm2-135m.gguf" if label == "base" else f"/w/runs/smollm2-135m/{label}/model"
             json.dump({"label": label, "spec": spec, "start": 0, "of": len(recs),
                        "records": recs}, f)
@@ -316,6 +316,8 @@ def test_answer_length_check_separates_reading_from_verbosity(tmp_path, data_dir
     part("base", ["I do not know."] * n, [0.0] * n)
     filler = "well the passages say many things about this question and the answer is "  # 14 words
     part("verbose", [filler + g for g in gold], [1.0] * n)
+    half1 = build_task("mdqa-20", BuildContext(data_dir, limit=2, half=1)).examples
+    part("base", ["x"] * n, [0.0] * n, half1, name="-h1")  # the other half at the same size: not read
     out = answer_length.length_check(tmp_path, ["smollm2-135m"], data_dir, half=2, questions=2)
     v = out["smollm2-135m"]["verbose"]["by_words"]
     assert v["line"]["diff"] == 1.0 and v["20"]["diff"] == 1.0 and v["10"]["diff"] == 0.0
