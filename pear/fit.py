@@ -128,8 +128,13 @@ def _micro(model, settings: FitSettings, seqs) -> int | None:
     different lengths share a pass: `objectives.answer_logprobs` pads them without NaN."""
     if settings.micro_batch is not None or settings.objective == "copy":
         return settings.micro_batch
-    longest = max(len(getattr(s, "ids", s)) + len(getattr(s, "teacher_ids", None) or ()) for s in seqs)
+    longest = max(len(s) + len(getattr(s, "teacher_ids", None) or ()) for s in seqs)
     return default_micro_batch(model, settings.length, tokens=longest)
+
+
+def _passes(model, settings: FitSettings, seqs, split=chunks) -> list:
+    """This rank's micro-batches of `seqs` (data-parallel: the rows are split over the ranks)."""
+    return distributed.shard(split(seqs, distributed.split_rows(_micro(model, settings, seqs), len(seqs))))
 
 
 def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, hs: HeadScaling) -> float:
@@ -138,14 +143,13 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
     ``anchor`` x the knowledge anchor's KL on `batch` fresh plain-text paragraphs (`objectives.anchor`)."""
     batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh for this step
     total = 0.0
-    micro = distributed.split_rows(_micro(model, settings, batch), len(batch))  # data-parallel: rows per rank
-    for b in distributed.shard(objective.split(batch, micro)):  # data-parallel: this rank's share of the batch
+    for b in _passes(model, settings, batch, objective.split):
         loss = objective.loss(model, b, hs) * (len(b) / settings.batch)
         loss.backward()
         total += float(loss.detach())
     if settings.anchor:
         seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step))
-        for part in distributed.shard(chunks(seqs, distributed.split_rows(_micro(model, settings, seqs), len(seqs)))):
+        for part in _passes(model, settings, seqs):
             loss = settings.anchor * anchor.loss(model, part, hs) * (len(part) / len(seqs))
             loss.backward()
             total += float(loss.detach())

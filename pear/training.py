@@ -47,8 +47,8 @@ def cpu_attention(model, short: bool = True):
     with SDPA and 2.73 s with eager attention (median of 5 interleaved steps; same loss and
     gradient to bf16 rounding). Long sequences go the other way: one retrieval sequence of
     2,779 tokens took 24 s forward and backward with SDPA and 50 s with eager attention (second
-    of two interleaved runs each, same 2 busy cores), which builds the whole T x T matrix. GPUs, other implementations, and models that cannot switch
-    are left as they are."""
+    of two interleaved runs each, same 2 busy cores), which builds the whole T x T matrix.
+    GPUs, other implementations, and models that cannot switch are left as they are."""
     impl = getattr(model.config, "_attn_implementation", None)
     on_cpu = next(model.parameters()).device.type == "cpu"
     switched = False

@@ -21,7 +21,6 @@ Every batch is a pure function of (objective, options, seed): `batch(model, toke
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,8 +138,8 @@ def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: 
     of different lengths share one pass, and no query row is fully masked. (Left padding with a
     mask makes fully masked pad rows; their NaN activations met a zero gradient in the head
     hooks, NaN x 0 = NaN in the scales' gradient, which forced one sequence per pass.)
-    Only the predicting positions go through the LM head: `logits_to_keep` takes their union
-    and a pre-hook on the head keeps each row's own A positions, so the head makes (B, A, V).
+    Only the predicting positions go through the LM head: a pre-hook on the head keeps each
+    row's own A positions, so the head makes (B, A, V) logits, not (B, T, V).
     """
     device = model.get_input_embeddings().weight.device
     B, T, A = len(seqs), max(len(s) for s in seqs), max(n_targets)
@@ -154,20 +153,15 @@ def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: 
     tmask = slot >= (A - n)[:, None]  # (B, A): row i's targets fill its last n_i slots
     tpos = (lengths[:, None] - A + slot).clamp(min=1)  # (B, A) target positions (unused slots: any valid one)
     pred = tpos - 1  # (B, A) the positions that predict them
-    kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        keep = torch.unique(pred)  # sorted union of every row's predicting positions
-        kwargs["logits_to_keep"] = keep
-        pred = torch.searchsorted(keep, pred)  # (B, A) indices into the kept positions
 
-    def own_positions(_module, args):  # hidden states (B, K, D) -> (B, A, D): each row's own positions
+    def own_positions(_module, args):  # hidden states (B, T, D) -> (B, A, D): each row's own positions
         h = args[0]
         idx = pred.to(h.device)[..., None].expand(-1, -1, h.shape[-1])  # the head may sit on another GPU
         return (h.gather(1, idx),) + tuple(args[1:])
 
     hook = model.get_output_embeddings().register_forward_pre_hook(own_positions)
     try:
-        logits = model(ids, use_cache=False, **kwargs).logits  # (B, A, V)
+        logits = model(ids, use_cache=False).logits  # (B, A, V)
     finally:
         hook.remove()
     targets = ids.gather(1, tpos)  # (B, A)
