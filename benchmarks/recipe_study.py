@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pear.recipes import RECIPES  # noqa: E402
+from pear.recipes import OVERRIDES, RECIPES  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
@@ -50,7 +50,6 @@ RULES = {  # name: (text, sort key over a candidate's screen score; the largest 
                   "task); a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
 }
 SIBLINGS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # same family, tokenizer and training data
-OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor")  # what a candidate RECIPE@KEY=VALUE,... may change
 GUARD_MIN = -0.005  # --guard: a candidate may lose at most half a point on the guard task (half 1)
 FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", None)]  # (task, questions of half 2)
 

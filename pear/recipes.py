@@ -67,38 +67,51 @@ def default_recipe(model: str | None) -> str:
     return PRESET_DEFAULTS.get(DEFAULT_MODEL if model is None else str(model), DEFAULT_RECIPE)
 
 
-# What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5;
-# tests/test_pipeline.py keeps both tables equal to the study's recorded paired statistics).
+# What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
+# and 4; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
+# Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
+OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor")  # what a candidate RECIPE@KEY=VALUE,... changes
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200; "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
-MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: recipe: {preset: (Δ points, p)}
+MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
+    "paper@lr=0.02": {"gemma3-270m": (1.8, 0.32), "qwen2.5-coder-0.5b": (1.4, 0.28), "smollm2-135m": (-2.2, 0.18)},
     "long-copy": {"gemma3-270m": (4.4, 0.0071), "qwen2.5-coder-0.5b": (-4.4, 0.0092), "smollm2-135m": (2.4, 0.24)},
     "retrieval": {"gemma3-270m": (3.8, 0.011), "qwen2.5-coder-0.5b": (-4.6, 0.033), "smollm2-135m": (-2.8, 0.12)},
     "retrieval-channels": {"gemma3-270m": (20.6, 4e-18), "qwen2.5-coder-0.5b": (-7.8, 0.00035),
                            "smollm2-135m": (-9.0, 4.3e-06)},
+    "retrieval-channels@anchor=10": {"gemma3-270m": (19.6, 9.5e-17), "qwen2.5-coder-0.5b": (-8.8, 6.3e-05),
+                                     "smollm2-135m": (-7.8, 7.8e-05)},
+    "retrieval-channels@anchor=100": {"gemma3-270m": (17.8, 3e-15), "qwen2.5-coder-0.5b": (-7.0, 0.0016),
+                                      "smollm2-135m": (-8.2, 3.8e-05)},
     "position-distill": {"gemma3-270m": (0.8, 0.54), "qwen2.5-coder-0.5b": (-2.4, 0.081), "smollm2-135m": (-1.6, 0.26)},
     "oracle-distill": {"gemma3-270m": (2.6, 0.035), "qwen2.5-coder-0.5b": (-3.8, 0.0026), "smollm2-135m": (2.0, 0.31)},
     "oracle-distill-channels": {"gemma3-270m": (3.4, 0.03), "qwen2.5-coder-0.5b": (0.0, 1),
                                 "smollm2-135m": (3.0, 0.14)},
+    "oracle-distill-channels@anchor=10": {"gemma3-270m": (3.8, 0.0079), "qwen2.5-coder-0.5b": (-1.2, 0.46),
+                                          "smollm2-135m": (1.4, 0.52)},
+    "oracle-distill-channels@anchor=100": {"gemma3-270m": (4.0, 0.00082), "qwen2.5-coder-0.5b": (-1.8, 0.21),
+                                           "smollm2-135m": (2.0, 0.3)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
-HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # recipe: {preset: [(Δ points, p) per seed]}
-    "paper": {"smollm2-135m": [(-0.1, 1)], "gemma3-270m": [(0.1, 1)], "qwen2.5-coder-0.5b": [(1.1, 0.11), (1.3, 0.037)],
-              "qwen2.5-coder-1.5b": [(0.8, 0.26), (0.7, 0.21)]},
+HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {preset: [(Δ points, p) per seed]}
+    "paper": {"smollm2-135m": [(-0.1, 1), (0.3, 0.7)], "gemma3-270m": [(0.1, 1)],
+              "qwen2.5-coder-0.5b": [(1.1, 0.11), (1.3, 0.037)], "qwen2.5-coder-1.5b": [(0.8, 0.26), (0.7, 0.21)]},
     "oracle-distill-channels": {"smollm2-135m": [(3.3, 0.0018), (4.6, 1e-05)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 1e-42), (17.1, 5e-39)]},
+    "retrieval-channels@anchor=100": {"gemma3-270m": [(16.9, 5.9e-43), (16.7, 1.8e-40)]},
 }
 
 # The same questions with every answer's first line cut to its first 20 words (benchmarks/answer_length.py):
 # the QA metric looks for the gold answer anywhere in the first line, so longer answers alone can raise it.
 HELD_OUT_CUT = 20
-HELD_OUT_CUT20: dict[str, dict[str, list[tuple[float, float]]]] = {  # recipe: {preset: [(Δ points, p) per seed]}
-    "paper": {"smollm2-135m": [(-0.3, 0.67)], "gemma3-270m": [(0.0, 1)], "qwen2.5-coder-0.5b": [(0.6, 0.36), (0.3, 0.61)],
-              "qwen2.5-coder-1.5b": [(1.9, 0.0087), (1.1, 0.046)]},
+HELD_OUT_CUT20: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {preset: [(Δ points, p) per seed]}
+    "paper": {"smollm2-135m": [(-0.3, 0.67), (0.0, 1)], "gemma3-270m": [(0.0, 1)],
+              "qwen2.5-coder-0.5b": [(0.6, 0.36), (0.3, 0.61)], "qwen2.5-coder-1.5b": [(1.9, 0.0087), (1.1, 0.046)]},
     "oracle-distill-channels": {"smollm2-135m": [(1.0, 0.34), (1.9, 0.05)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 6.3e-44), (17.3, 9e-41)]},
+    "retrieval-channels@anchor=100": {"gemma3-270m": [(16.5, 3.2e-43), (16.8, 3.4e-42)]},
 }
 
 HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed 0: {preset: {task: (Δ, p)}}
@@ -108,7 +121,20 @@ HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed
               "qwen2.5-coder-1.5b": {"kv": (-8.0, 1.2e-07), "closedbook": (-0.6, 0.12), "mmlu": (-0.4, 0.027)}},
     "oracle-distill-channels": {"smollm2-135m": {"kv": (-0.3, 1), "closedbook": (-1.6, 0.02), "mmlu": (-0.2, 0.02)}},
     "retrieval-channels": {"gemma3-270m": {"kv": (16.7, 8.1e-13), "closedbook": (0.2, 0.81), "mmlu": (-1.3, 0.0063)}},
+    "retrieval-channels@anchor=100": {"gemma3-270m": {"kv": (4.3, 0.00024), "closedbook": (0.0, 1),
+                                                      "mmlu": (-0.8, 0.04)}},
 }
+
+
+def candidate_name(recipe: str, fit: dict) -> str:
+    """The study's name for a fit: its recipe, with the OVERRIDES the fit changed from it
+    ("retrieval-channels", {"anchor": 100, ...} -> "retrieval-channels@anchor=100")."""
+    if recipe not in RECIPES:
+        return recipe
+    own = recipe_settings(recipe).as_dict()
+    warm = recipe_settings(recipe, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
+    changed = [f"{k}={fit[k]:g}" for k in OVERRIDES if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
+    return recipe + ("@" + ",".join(changed) if changed else "")
 
 
 def measured_text(name: str, model: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import savefig, write_text
-from .recipes import DEFAULT_RECIPE, measured_text
+from .recipes import DEFAULT_RECIPE, candidate_name, measured_text
 from .settings import BOUNDS, DEFAULT_BOUNDS
 
 
@@ -203,7 +203,7 @@ every model weight frozen. Training loss, mean of the first / last 5 steps: {los
 
 ![training loss](fit_loss.png)
 
-{measured_text(r.settings.get('recipe') or DEFAULT_RECIPE, r.model)}
+{measured_text(candidate_name(r.settings.get('recipe') or DEFAULT_RECIPE, fs), r.model)}
 
 {_discovery_text(r)}
 

@@ -88,21 +88,35 @@ def test_default_out_and_effect_words():
     assert [effect(a) for a in (-0.3, 0.0, 0.6, 1.0, 1.4)] == ["FLIPPED", "removed", "weakened", "unchanged", "amplified"]
 
 
+def test_candidate_names_the_study_s_variants():
+    """report.md finds a fit's measured effect under the study's name for it: the recipe, with
+    the options the fit changed (a longer fit's own warm-up is not a change)."""
+    from pear.recipes import candidate_name, recipe_settings
+
+    name = lambda r, **o: candidate_name(r, recipe_settings(r, **o).as_dict())  # noqa: E731
+    assert name("paper") == "paper" and name("paper", lr=0.02) == "paper@lr=0.02"
+    assert name("retrieval-channels", anchor=100.0) == "retrieval-channels@anchor=100"
+    assert name("paper", steps=80) == "paper@steps=80"
+    assert name("paper", steps=80, warmup=3) == "paper@steps=80,warmup=3"
+    assert candidate_name("not-a-recipe", {}) == "not-a-recipe"
+
+
 def test_recipe_effects_in_reports_match_the_recorded_screen():
     """report.md's table of what a recipe did (pear.recipes.MEASURED) is the screen's recorded
     paired statistics (BENCHMARKS.md §5), rounded as printed; a model that is not a preset is
     told its effect is unknown."""
     from pathlib import Path
 
-    from pear.recipes import HELD_OUT, HELD_OUT_CUT, HELD_OUT_CUT20, HELD_OUT_OTHER, MEASURED, RECIPES, measured_text
+    from pear.recipes import (HELD_OUT, HELD_OUT_CUT, HELD_OUT_CUT20, HELD_OUT_OTHER, MEASURED, RECIPES,
+                              measured_text)
 
-    study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round3"
+    study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round4"  # rounds 3 and 4
     screen = json.loads((study / "screen_paired.json").read_text())
     assert {k for k in screen} == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
     for key, v in screen.items():
         m, r = key.split("/")
         assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
-    assert set(MEASURED) == set(RECIPES)
+    assert set(RECIPES) <= set(MEASURED) and {c.partition("@")[0] for c in MEASURED} == set(RECIPES)
     held = {}  # the report half's mdqa-20: RECIPE or RECIPE-seed1 per model
     for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
         for label, v in sorted(tasks["mdqa-20"].items()):
@@ -129,6 +143,8 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     assert "(this model) | +20.6 |" in text and "(this model) | +17.9 (p=1e-42) | +17.1 (p=5e-39) |" in text
     assert "| +17.9 (p=6.3e-44) / +17.3 (p=9e-41) |" in text
     assert "mmlu -1.3 (p=0.0063)" in text
+    text = measured_text("retrieval-channels@anchor=100", "gemma3-270m")  # a recipe with --anchor 100
+    assert "(this model) | +17.8 |" in text and "mmlu -0.8 (p=0.04)" in text
     assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
 
 
