@@ -77,7 +77,14 @@ def test_windows_are_seeded_and_answers_are_right(tok, passages):
         cp = mix.document("copy", rng)
         text, tail = cp.rsplit('\n\nContinue the sentence from the text above: "', 1)
         assert tail.endswith('"') and tail[:-1] in text  # prefix + continuation is a sentence of the text
+        rep = mix.repeat(rng, 200)  # a span shown twice, then the separator
+        n = (len(rep) - 1) // 2
+        assert 16 <= n <= 99 and rep[:n] == rep[n:2 * n] and rep[-1] == mix.sep
+    assert mix.repeat(rng, 32) is None  # no room for two 16-token halves
+    spans = [mix.repeat(__import__("random").Random(k), 600) for k in range(40)]
+    assert any(max(r) >= 30_000 for r in spans)  # random halves reach the whole vocabulary
     assert parse_mix("text=1,kv=1") == {"text": 0.5, "kv": 0.5}
+    assert parse_mix(None)["repeat"] > 0
     with pytest.raises(PearError, match="text > 0"):
         parse_mix("kv=1")
 

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the size's context)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"warm-up steps (default {d.warmup})")
-    p.add_argument("--mix", default=None, help="data mix, e.g. text=0.4,copy=0.2,kv=0.2,passkey=0.2 (the default)")
+    p.add_argument("--mix", default=None, help="data mix, e.g. text=0.35,repeat=0.2,copy=0.15,kv=0.2,passkey=0.1 (the default)")
     p.add_argument("--max-passages", type=int, default=None, help="use only the first N training passages")
     p.add_argument("--heldout-windows", type=int, default=d.heldout_windows,
                    help=f"held-out windows for the loss curve (default {d.heldout_windows})")
