@@ -48,6 +48,9 @@ RULES = {  # name: (text, sort key over a candidate's screen score; the largest 
     "per-model": ("per model: the candidate with the largest Δ on mdqa-20 half 1 if that Δ is ≥ +3 points, "
                   "else paper (with --guard: among the candidates that lose at most half a point on the guard "
                   "task); a model not screened takes the choice of its screened sibling (SIBLINGS)", None),
+    "per-model-gap": ("per model: among the candidates that per-model allows (Δ ≥ +3 points on mdqa-20 half 1, "
+                      "--guard, --length-words), the one with the smallest position gap on half 1 (ties: larger Δ), "
+                      "else paper; every allowed candidate already meets the average, so the gap decides", None),
 }
 SIBLINGS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # same family, tokenizer and training data
 GUARD_MIN = -0.005  # --guard: a candidate may lose at most half a point on the guard task (half 1)
@@ -210,7 +213,7 @@ class Study:
         table = {m: t for m, t in table.items() if "base" in t}
         if not table:
             raise RuntimeError("no screening results")
-        if self.a.rule == "per-model":
+        if self.a.rule in ("per-model", "per-model-gap"):
             return self.select_per_model(table)
         score = {}
         for r in self.a.recipes:
@@ -288,11 +291,13 @@ class Study:
             if self.a.length_words:  # the gain must hold with answers cut to N words (not longer answers)
                 cut[m] = self.cut_deltas(m, allowed, rows)
                 allowed = [r for r in allowed if cut[m][r] >= GOAL_DELTA - 1e-9]
-            chosen[m] = max(allowed, key=lambda r: (deltas[m][r], -t[r]["gap"]), default="paper")  # all at >= +3
+            best = ((lambda r: (-round(t[r]["gap"], 6), deltas[m][r])) if self.a.rule == "per-model-gap"
+                    else (lambda r: (deltas[m][r], -t[r]["gap"])))
+            chosen[m] = max(allowed, key=best, default="paper")  # all at >= +3
         for m in self.a.models:
             if m not in chosen and SIBLINGS.get(m) in chosen:
                 chosen[m] = chosen[SIBLINGS[m]]
-        sel = {"rule": RULES["per-model"][0], "models": list(table), "screen": table, "delta": deltas,
+        sel = {"rule": RULES[self.a.rule][0], "models": list(table), "screen": table, "delta": deltas,
                "chosen": chosen, **({"guard": {"task": self.a.guard[0], "delta": guards}} if self.a.guard else {}),
                **({"length": {"words": self.a.length_words, "delta": cut}} if self.a.length_words else {})}
         (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")

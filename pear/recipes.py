@@ -39,6 +39,11 @@ RECIPES: dict[str, Recipe] = {
     "retrieval-channels": Recipe("as retrieval, one scale per channel of every head",
                                  fit=dict(objective="retrieval", objective_options={"source": "squad", **_SQUAD20},
                                           scales="channels", **_SHORT)),
+    "retrieval-inner-channels": Recipe("as retrieval-channels, the gold passage only at the inner three fifths of "
+                                       "the positions (5-16 of 20), where models read worst",
+                                       fit=dict(objective="retrieval",
+                                                objective_options={"source": "squad", **_SQUAD20, "gold": "inner"},
+                                                scales="channels", **_SHORT)),
     "position-distill": Recipe("KL(base, passage first || scaled, passage in the middle) on SQuAD 2.0, 20 passages; "
                                "one scale per head, every head; 40 steps x 10 sequences, lr 1e-2, penalty 0.1",
                                fit=dict(objective="position-distill", objective_options=dict(_SQUAD20),

@@ -140,6 +140,29 @@ def test_recipe_study_per_model_rule(tmp_path, monkeypatch, capsys):
         recipe_study.main()
 
 
+def test_recipe_study_per_model_gap_rule(tmp_path, monkeypatch):
+    """per-model-gap: among the candidates at >= +3 points, the smallest half-1 gap wins, not
+    the largest gain; with none at +3, paper."""
+    import recipe_study
+
+    for m in ("gemma3-270m", "smollm2-135m"):
+        _screen_file(tmp_path, m, "base", {1: 0.4, 10: 0.1, 20: 0.4})          # gap 0.30
+    _screen_file(tmp_path, "gemma3-270m", "all", {1: 0.6, 10: 0.3, 20: 0.6})   # +20 points, gap 0.30
+    _screen_file(tmp_path, "gemma3-270m", "inner", {1: 0.45, 10: 0.3, 20: 0.45})  # +10 points, gap 0.15
+    _screen_file(tmp_path, "smollm2-135m", "all", {1: 0.4, 10: 0.11, 20: 0.4})   # +0.3: below +3
+    _screen_file(tmp_path, "smollm2-135m", "inner", {1: 0.3, 10: 0.2, 20: 0.3})  # -3.3, gap 0.10
+    argv = ["recipe_study.py", "--work", str(tmp_path), "--stage", "select", "--rule", "per-model-gap",
+            "--recipes", "all,inner", "--screen-models", "gemma3-270m,smollm2-135m", "--models", "gemma3-270m,smollm2-135m"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"] == {"gemma3-270m": "inner", "smollm2-135m": "paper"}
+    assert sel["rule"].startswith("per model: among the candidates that per-model allows")
+    monkeypatch.setattr(sys, "argv", [a if a != "per-model-gap" else "per-model" for a in argv])
+    assert recipe_study.main() == 0
+    assert json.loads((tmp_path / "selection.json").read_text())["chosen"]["gemma3-270m"] == "all"
+
+
 def test_recipe_study_paired_from_parts(tmp_path):
     """The screen's paired statistics come from the per-example parts alone (no model): each
     variant against its model's base on the same examples; parts of another size (the report

@@ -71,6 +71,11 @@ def test_retrieval_puts_the_answer_in_the_gold_document(smollm2, data_dir):
         assert s.meta["gold_index"] in hits
         golds.add(s.meta["gold_index"])
     assert len(golds) >= 4  # uniformly random positions
+    inner = get_objective("retrieval", {"documents": 20, "words": 20, "gold": "inner"}, data_dir)
+    golds = [s.meta["gold_index"] for s in inner.batch(smollm2.model, tok, 40, seed=1)]
+    assert set(golds) <= set(range(4, 16)) and len(set(golds)) >= 8  # the inner three fifths only
+    with pytest.raises(PearError, match="gold must be one of"):
+        get_objective("retrieval", {"gold": "middle"}, data_dir)
 
 
 @pytest.mark.real

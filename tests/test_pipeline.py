@@ -116,7 +116,8 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     for key, v in screen.items():
         m, r = key.split("/")
         assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
-    assert set(RECIPES) <= set(MEASURED) and {c.partition("@")[0] for c in MEASURED} == set(RECIPES)
+    assert {c.partition("@")[0] for c in MEASURED} <= set(RECIPES)
+    assert "has not been measured" in measured_text(next(r for r in RECIPES if r not in MEASURED), "gemma3-270m")
     held = {}  # the report half's mdqa-20: RECIPE or RECIPE-seed1 per model
     for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
         for label, v in sorted(tasks["mdqa-20"].items()):

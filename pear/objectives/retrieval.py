@@ -6,6 +6,11 @@ with the tokenizer's chat template when it has one; loss = cross-entropy of the 
 ``source=kv``: a JSON object of ``pairs`` fresh random UUID key-value pairs (the format of
 the key-value retrieval task, never its records), the queried key at a uniformly random
 index; loss on the value. ``source=mix``: each sequence draws one of the two.
+
+``gold=inner`` draws the gold index from the inner three fifths of the context only (for 20
+passages, positions 5-16), where models read worst ("lost in the middle"), so that the scales
+learn what the middle lacks rather than raising every position alike; ``gold=uniform``
+(default) draws it from all of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ..errors import PearError
 from . import Objective, Sequence, pad_id_of, register, squad, target_nll
 
 SOURCES = ("squad", "kv", "mix")
+GOLDS = ("uniform", "inner")
 
 
 def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -36,13 +42,15 @@ def squad_docs(item, distractors, gold: int) -> list[tuple[str, str]]:
 
 @register("retrieval")
 class Retrieval(Objective):
-    OPTIONS = {"source": "squad", "documents": 20, "words": 100, "pairs": 50}
+    OPTIONS = {"source": "squad", "documents": 20, "words": 100, "pairs": 50, "gold": "uniform"}
     needs_data = True
 
     def check(self):
         o = self.options
         if o["source"] not in SOURCES:
             raise PearError(f"retrieval: source must be one of {', '.join(SOURCES)}, got '{o['source']}'")
+        if o["gold"] not in GOLDS:
+            raise PearError(f"retrieval: gold must be one of {', '.join(GOLDS)}, got '{o['gold']}'")
         if o["documents"] < 1 or o["words"] < 10 or o["pairs"] < 1:
             raise PearError("retrieval: need documents >= 1, words >= 10, pairs >= 1")
         self.needs_data = o["source"] != "kv"
@@ -64,7 +72,7 @@ class Retrieval(Objective):
 
         o = self.options
         item, distractors = squad.sample(self.data_dir, o["words"], o["documents"], rng)
-        gold = rng.randrange(o["documents"])
+        gold = self._gold(rng, o["documents"])
         return qa_prompt(item.question, squad_docs(item, distractors, gold)), item.answers[0], gold
 
     def _kv(self, rng: random.Random) -> tuple[str, str, int]:
@@ -72,9 +80,14 @@ class Retrieval(Objective):
 
         pairs = [(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                   str(uuid.UUID(int=rng.getrandbits(128), version=4))) for _ in range(self.options["pairs"])]
-        gold = rng.randrange(len(pairs))
+        gold = self._gold(rng, len(pairs))
         k, v = pairs[gold]
         return kv_prompt(pairs, k), v, gold
+
+    def _gold(self, rng: random.Random, n: int) -> int:
+        """Index of the gold item among n: any, or (gold=inner) one of the inner three fifths."""
+        edge = n // 5 if self.options["gold"] == "inner" else 0
+        return rng.randrange(edge, n - edge)
 
     def loss(self, model, batch, scaling):
         return target_nll(model, batch, pad_id_of(None))
