@@ -2,6 +2,7 @@
 and pear's whole pipeline (discover, fit, fold, evaluate, report) runs on each checkpoint."""
 
 import json
+import math
 import re
 
 import pytest
@@ -105,10 +106,42 @@ def test_training_lowers_loss_for_each_class(study_dir):
     for arch, cls in CLASSES.items():
         rec = json.loads((study_dir / arch / "base" / "train.json").read_text())
         assert rec["class"] == cls and len(rec["losses"]) == STEPS
+        assert set(rec["induction"]) == {"random", "random-seen", "text"}  # pear.study.induction, after training
         assert rec["heldout"][-1]["loss"] < rec["heldout"][0]["loss"] - 0.5
         loaded = pear.load_model(str(study_dir / arch / "base"), device="cpu")
         assert type(loaded.model).__name__ == cls and pear.resolve(loaded.model).position == ARCHS[arch].position
         assert loaded.tokenizer.eos_token == "<|endoftext|>" and not loaded.tokenizer.chat_template
+
+
+def test_repeat_check_tells_a_copier_from_a_guesser(tok, passages):
+    """pear.study.induction: a model that predicts each token from the one n back is perfect on a
+    span's second showing and at chance on its first; one that guesses uniformly is at chance on
+    both. Training records the check in train.json."""
+    from pear.study.induction import KINDS, repeat_check
+
+    V = len(tok)
+
+    class Model(torch.nn.Module):
+        def __init__(self, lag):
+            super().__init__()
+            self.lag, self.w = lag, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, V)  # (B, T, V): uniform
+            if self.lag:  # position t predicts x[t + 1] = x[t + 1 - lag] once the span repeats
+                B, T = input_ids.shape
+                t = torch.arange(self.lag - 1, T)
+                logits[:, t, :] = 0.0
+                logits[torch.arange(B)[:, None], t[None], input_ids[:, t + 1 - self.lag]] = 50.0
+            return type("Out", (), {"logits": logits})()
+
+    n = 20
+    copier = repeat_check(Model(n), tok, passages, n=n, batch=2)
+    guesser = repeat_check(Model(0), tok, passages, n=n, batch=2)
+    for k in KINDS:
+        assert copier[k]["top1_second"] == 1.0 and copier[k]["loss_second"] < 0.01
+        assert abs(guesser[k]["loss_second"] - math.log(V)) < 0.01 and guesser[k]["top1_second"] < 0.1
+        assert copier[k]["loss_first"] > math.log(V) - 0.5  # nothing to copy yet on the first showing
 
 
 def test_pear_pipeline_on_each_checkpoint(study_dir):
@@ -133,7 +166,8 @@ def test_evaluation_and_report(study_dir):
             assert t["n"] == 2 and len(t["by_position"]) == 2 and 0 <= t["base"] <= 1
             assert t["skipped"] == {"base": 0, "pear": 0}
     md = (study_dir / "study-paper.md").read_text()
-    assert md.count("| rope |") == 4 and "McNemar" in md
+    assert md.count("| rope |") == 5 and "McNemar" in md  # 3 tasks, the model row, the repeat check
+    assert "A 100-token span shown twice" in md
     for name in ("study-paper.png", "heads-paper.png", "train_loss.png", "eval-paper-alibi.png"):
         assert (study_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -209,6 +243,11 @@ def test_micro_batches_train_the_same_model(tmp_path, tok, passages):
     assert parts["losses"] == pytest.approx(whole["losses"], rel=1e-4)
     a = pear.load_model(str(tmp_path / "a"), device="cpu").model.state_dict()
     b = pear.load_model(str(tmp_path / "b"), device="cpu").model.state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # Adam after 2 steps: rounding only
+    # Adam after 2 steps: rounding only. Adam divides a gradient by its own size, so an embedding row
+    # whose gradient is nearly zero can move by a visible fraction of lr (3e-2) on rounding alone:
+    # every weight within 1e-3 (3 % of one step), all but 0.01 % of them within 1e-5.
+    assert all(torch.allclose(a[k], b[k], atol=1e-3, rtol=0) for k in a)
+    far, total = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a), sum(a[k].numel() for k in a)
+    assert far <= 1e-4 * total
     with pytest.raises(PearError, match="micro batch"):
         train("learned", tmp_path / "c", tok, passages, s, device="cpu", micro_batch=0, progress=False)

@@ -136,4 +136,13 @@ def markdown_table(summary: dict) -> str:
         held = (tr.get("heldout") or [{}])[-1].get("loss")
         lines.append(f"| {arch} | {a['class']} | {tr.get('parameters', 0) / 1e6:.1f}M | {tr.get('final_loss', '—')} | "
                      f"{'—' if held is None else f'{held:.3f}'} | {pr.get('k', '—')} | {proxy} | {mean_a} |")
+    rows = [(arch, (a.get("train") or {}).get("induction")) for arch, a in summary["archs"].items()]
+    if any(ind for _, ind in rows):  # pear.study.induction: did the base models learn to copy at all?
+        lines += ["", "A 100-token span shown twice to the base model (`pear.study.induction`): next-token loss on the "
+                  "first → second showing (nats), top-1 accuracy on the second:", "",
+                  "| position embedding | random ids | random ids seen in the text | training text |", "|---|---|---|---|"]
+        for arch, ind in rows:
+            cell = lambda k: (f"{ind[k]['loss_first']:.2f} → {ind[k]['loss_second']:.2f}, {ind[k]['top1_second']:.2f}"  # noqa: E731
+                              if ind and k in ind else "—")
+            lines.append(f"| {arch} | {cell('random')} | {cell('random-seen')} | {cell('text')} |")
     return "\n".join(lines) + "\n"

@@ -207,7 +207,8 @@ def report(out, archs: list[str], recipe: str, tasks: list[str], command: str = 
             heads[arch] = (read_heads(hfile).scores, [(h["layer"], h["head"]) for h in pr["heads"]])
         ev = json.loads(eval_file.read_text())
         a = {"class": rec["class"], "model_type": rec["model_type"], "position": rec["position"],
-             "train": {k: rec[k] for k in ("parameters", "final_loss", "heldout", "tokens", "seconds", "device")},
+             "train": {k: rec.get(k) for k in ("parameters", "final_loss", "heldout", "tokens", "seconds", "device",
+                                                "induction")},
              "pear": {k: pr[k] for k in ("k", "heads", "coefficients", "before", "after", "command")}, "tasks": {}}
         for task in tasks:
             t = ev["tasks"].get(task)

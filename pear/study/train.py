@@ -24,6 +24,7 @@ from ..atomic import atomic_dir
 from ..errors import PearError
 from .archs import ARCHS, build_model, n_parameters, parse_size
 from .corpus import DEFAULT_MIX, TrainingMix
+from .induction import repeat_check
 
 SEPARATOR = "<|endoftext|>"
 
@@ -197,6 +198,7 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
     sample = [mix.window(i)[1] for i in range(min(200, len(mix)))]
     measured = {k: sum(c[k] for c in sample) / max(1, sum(sum(c.values()) for c in sample)) for k in sample[0]}
     model.eval()
+    induction = repeat_check(model, tokenizer, mix.passages, seed=s.seed)
     record = {
         "arch": arch, "model_type": ARCHS[arch].model_type, "class": type(model).__name__,
         "position": ARCHS[arch].position, "size": dataclasses.asdict(size), "parameters": n_parameters(model),
@@ -205,7 +207,8 @@ def train(arch: str, out: str | Path, tokenizer, passages: list[str], settings: 
         "tokens": s.steps * s.batch * window, "seconds": round(seconds, 2),
         "tokens_per_s": round(s.steps * s.batch * window / seconds, 1), "device": _device_name(dev),
         "workers": n_workers, "micro_batch": micro, "losses": [round(x, 5) for x in losses], "heldout": held,
-        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "versions": versions(), "command": command,
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "induction": induction,
+        "versions": versions(), "command": command,
     }
     with atomic_dir(Path(out)) as tmp:
         model.save_pretrained(tmp)
