@@ -143,7 +143,12 @@ def candidate_name(recipe: str, fit: dict) -> str:
 
 
 def measured_text(name: str, model: str) -> str:
-    """report.md's paragraph on what `name` is expected to do, with the measured tables."""
+    """report.md's paragraph on what `name` (a candidate: `candidate_name`) is expected to do, with
+    the measured tables; a fit that changed options the study did not measure gets its recipe's."""
+    recipe, _, changed = name.partition("@")
+    if name not in MEASURED and changed and recipe in MEASURED:
+        return (f"This run changed {changed.replace(',', ', ')} from recipe `{recipe}`, a setting the study did not "
+                f"measure; the figures below are the recipe's as named.\n\n" + measured_text(recipe, model))
     rows, held = MEASURED.get(name, {}), HELD_OUT.get(name, {})
     if not rows:
         return f"Recipe `{name}` has not been measured on the presets (BENCHMARKS.md §5)."

@@ -146,6 +146,9 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     assert "mmlu -1.3 (p=0.0063)" in text
     text = measured_text("retrieval-channels@anchor=100", "gemma3-270m")  # a recipe with --anchor 100
     assert "(this model) | +17.8 |" in text and "mmlu -0.8 (p=0.04)" in text
+    text = measured_text("paper@steps=3,batch=2", "smollm2-135m")  # a setting not measured: the recipe's own
+    assert text.startswith("This run changed steps=3, batch=2 from recipe `paper`")
+    assert "Measured effect of recipe `paper`" in text and "| smollm2-135m (this model) | +0.8 |" in text
     assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
 
 
