@@ -68,7 +68,7 @@ def candidate(name: str) -> tuple[str, list[str]]:
         key, eq, value = item.partition("=")
         if not eq or key not in OVERRIDES or not value:
             raise ValueError(f"candidate {name!r}: use RECIPE@KEY=VALUE,... with KEY among {', '.join(OVERRIDES)}")
-        args += [f"--{key}", value]
+        args += [f"--{key.replace('_', '-')}", value]
     return recipe, args
 
 

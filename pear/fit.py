@@ -148,9 +148,11 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
         loss.backward()
         total += float(loss.detach())
     if settings.anchor:
-        seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step))
+        seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step),
+                            settings.anchor_source)
         for part in _passes(model, settings, seqs):
-            loss = settings.anchor * anchor.loss(model, part, hs) * (len(part) / len(seqs))
+            loss = settings.anchor * anchor.loss(model, part, hs, anchor.SOURCES[settings.anchor_source]) * (
+                len(part) / len(seqs))
             loss.backward()
             total += float(loss.detach())
     if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
@@ -203,8 +205,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
     heldout = heldout_batch(model, tokenizer, settings)  # (eval_batch, 2n + 1) token ids, its own seed
     held_obj = None if settings.objective == "copy" else objective.batch(
         model, tokenizer, settings.eval_batch, heldout_seed(settings.seed))
-    held_anchor = anchor.batch(tokenizer, objective.data_dir, settings.eval_batch, anchor_seed(settings.seed, -1)) \
-        if settings.anchor else None
+    held_anchor = anchor.batch(tokenizer, objective.data_dir, settings.eval_batch, anchor_seed(settings.seed, -1),
+                               settings.anchor_source) if settings.anchor else None
 
     def metrics(hs) -> dict[str, float]:
         m = proxy_metrics(model, heldout, settings.micro_batch if settings.objective == "copy" else None)
@@ -214,7 +216,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                           objective.split(held_obj, _micro(model, settings, held_obj))) / len(held_obj)
         if held_anchor is not None:  # 0 for the base model: how far the scales moved it on plain text
             with torch.no_grad():
-                m["anchor_kl"] = sum(float(anchor.loss(model, b, hs)) * len(b) for b in
+                m["anchor_kl"] = sum(float(anchor.loss(model, b, hs, anchor.SOURCES[settings.anchor_source])) * len(b) for b in
                                      chunks(held_anchor, _micro(model, settings, held_anchor))) / len(held_anchor)
         return m
 

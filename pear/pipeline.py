@@ -285,7 +285,7 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
     for name, flag in [("bounds", "--bounds"), ("steps", "--steps"), ("batch", "--batch"), ("length", "--length"),
                        ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed"), ("objective", "--objective"),
                        ("scales", "--scales"), ("penalty", "--penalty"),
-                       ("anchor", "--anchor")]:
+                       ("anchor", "--anchor"), ("anchor_source", "--anchor-source")]:
         if getattr(fs, name) != getattr(d, name):
             parts.append(f"{flag} {getattr(fs, name)}")
     parts += [f"--objective-option {k}={v}" for k, v in fs.objective_options.items()]

@@ -75,7 +75,7 @@ def default_recipe(model: str | None) -> str:
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
 # and 4; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
-OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor")  # what a candidate RECIPE@KEY=VALUE,... changes
+OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor", "anchor_source")  # what RECIPE@KEY=VALUE,... changes
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200; "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
@@ -138,7 +138,8 @@ def candidate_name(recipe: str, fit: dict) -> str:
         return recipe
     own = recipe_settings(recipe).as_dict()
     warm = recipe_settings(recipe, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
-    changed = [f"{k}={fit[k]:g}" for k in OVERRIDES if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
+    changed = [f"{k}={fit[k] if isinstance(fit[k], str) else format(fit[k], 'g')}" for k in OVERRIDES
+               if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
     return recipe + ("@" + ",".join(changed) if changed else "")
 
 

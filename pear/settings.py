@@ -75,13 +75,14 @@ class FitSettings:
     scales: str = "heads"  # parameterisation (SCALES)
     penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
     anchor: float = 0.0  # weight of the knowledge anchor, KL(base || scaled) on plain text (`objectives.anchor`)
+    anchor_source: str = "paragraphs"  # what the anchor reads: paragraphs, or questions (`objectives.anchor`)
     # below: do not change the result (beyond rounding), may differ between resumed runs
     micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
     checkpoint_every: int = 10
 
     RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
-                     "objective", "objective_options", "scales", "penalty", "anchor")
+                     "objective", "objective_options", "scales", "penalty", "anchor", "anchor_source")
 
     def __post_init__(self):
         if self.bounds not in BOUNDS:
@@ -103,6 +104,10 @@ class FitSettings:
             raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
         if not (math.isfinite(self.anchor) and self.anchor >= 0):
             raise PearError(f"anchor must be a number >= 0, got {self.anchor}")
+        from .objectives.anchor import SOURCES
+
+        if self.anchor_source not in SOURCES:
+            raise PearError(f"unknown anchor source '{self.anchor_source}'; use one of {', '.join(SOURCES)}")
         obj = self.make_objective()  # unknown objective or option: fail now, before any model work
         # options as the objective reads them (the command line gives strings): one fingerprint per fit
         self.objective_options = {k: obj.options[k] for k in self.objective_options}
@@ -138,6 +143,8 @@ class FitSettings:
         key = {k: getattr(self, k) for k in self.RESULT_FIELDS} | {"warmup": self.warmup_steps}
         if not self.anchor:
             del key["anchor"]
+        if self.anchor_source == "paragraphs":
+            del key["anchor_source"]
         return key
 
 

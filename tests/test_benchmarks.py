@@ -250,6 +250,8 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     assert recipe_study.split_candidates("paper,retrieval-channels@lr=0.02,anchor=10,paper@lr=0.01,retrieval") == [
         "paper", "retrieval-channels@lr=0.02,anchor=10", "paper@lr=0.01", "retrieval"]
     assert recipe_study.candidate("retrieval-channels@anchor=10") == ("retrieval-channels", ["--anchor", "10"])
+    assert recipe_study.candidate("retrieval-channels@anchor=100,anchor_source=questions") == (
+        "retrieval-channels", ["--anchor", "100", "--anchor-source", "questions"])
     for bad in ("nosuch@lr=1", "paper@lr", "paper@dtype=fp32"):
         with pytest.raises(ValueError):
             recipe_study.candidate(bad)

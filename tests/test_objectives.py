@@ -315,6 +315,41 @@ def test_the_knowledge_anchor_keeps_plain_text_predictions(smollm2, data_dir):
     assert held_fit.settings.result_key()["anchor"] == 20.0 and "anchor" not in s.result_key()  # old keys hold
 
 
+@pytest.mark.real
+@pytest.mark.data
+def test_the_question_anchor_reads_the_answer_distribution(smollm2, data_dir):
+    """anchor_source=questions: closed-book SQuAD 2.0 questions, rendered as the evaluation renders
+    them, the KL where the answer's first token is predicted; 0 at alpha = 1, > 0 once scaled; a fit
+    with it records the source in its key and its held-out KL."""
+    from pear.evaluate.prompts import closedbook_prompt
+    from pear.objectives import anchor
+    from pear.objectives.retrieval import encode
+    from pear.settings import anchor_seed
+
+    m, tok = smollm2.model, smollm2.tokenizer
+    qs = anchor.batch(tok, data_dir, 3, anchor_seed(0, 0), "questions")
+    items, _ = squad.load(str(data_dir), anchor.WORDS)
+    for s in qs:  # a question prompt and one placeholder token; no passage
+        text = tok.decode(s[:-1])
+        assert "Question: " in text and "\nAnswer:" in text and "Document" not in text and len(s) < 150
+        q = text.split("Question: ")[1].split("\nAnswer:")[0]  # the rest: the chat template's, as evaluated
+        assert s[:-1] == encode(tok, closedbook_prompt(q), "")[0] and any(i.question == q for i in items)
+    heads = all_heads(m)
+
+    def kl(value):
+        with torch.no_grad(), HeadScaling(m, {h: [value] * 64 for h in heads}, trainable=False) as hs:
+            return float(anchor.loss(m, qs, hs, anchor.SOURCES["questions"]))
+
+    assert kl(1.0) == pytest.approx(0.0, abs=1e-6) and kl(0.5) > 1e-3
+    s = FitSettings(steps=1, batch=1, eval_batch=1, objective="retrieval", objective_options=SMALL["retrieval"],
+                    scales="channels", anchor=1.0, anchor_source="questions")
+    r = fit(m, tok, heads, s, progress=False, data_dir=data_dir)
+    assert r.settings.result_key()["anchor_source"] == "questions" and r.after["anchor_kl"] >= 0
+    assert "anchor_source" not in FitSettings(anchor=1.0).result_key()  # paragraphs: old keys hold
+    with pytest.raises(PearError, match="unknown anchor source"):
+        FitSettings(anchor_source="essays")
+
+
 def test_anchor_is_checked_before_work(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)

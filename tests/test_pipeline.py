@@ -98,6 +98,8 @@ def test_candidate_names_the_study_s_variants():
     assert name("retrieval-channels", anchor=100.0) == "retrieval-channels@anchor=100"
     assert name("paper", steps=80) == "paper@steps=80"
     assert name("paper", steps=80, warmup=3) == "paper@steps=80,warmup=3"
+    assert name("retrieval-channels", anchor=100.0, anchor_source="questions") == \
+        "retrieval-channels@anchor=100,anchor_source=questions"
     assert candidate_name("not-a-recipe", {}) == "not-a-recipe"
 
 

@@ -50,6 +50,9 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor", type=float, default=None,
                    help="weight of the knowledge anchor: KL(base || scaled) on plain Wikipedia paragraphs of "
                    "SQuAD 2.0, which keeps what the model knows (default 0; see pear.objectives.anchor)")
+    p.add_argument("--anchor-source", default=None, choices=["paragraphs", "questions"],
+                   help="what the anchor reads: paragraphs (default), or SQuAD 2.0 questions without their "
+                   "passage (KL at the answer's first token)")
     p.add_argument("--data-dir", default=None,
                    help="data folder for objectives that read one (SQuAD 2.0; default $PEAR_DATA)")
     p.add_argument("--seed", type=int, default=None)
@@ -63,7 +66,7 @@ def _objective_names():
 
 
 FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
-            "grad_checkpointing", "objective", "scales", "penalty", "anchor")
+            "grad_checkpointing", "objective", "scales", "penalty", "anchor", "anchor_source")
 
 
 def recipe_from_args(args: argparse.Namespace) -> str:
