@@ -151,8 +151,7 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
         seqs = anchor.batch(tokenizer, objective.data_dir, settings.batch, anchor_seed(settings.seed, step),
                             settings.anchor_source)
         for part in _passes(model, settings, seqs):
-            loss = settings.anchor * anchor.loss(model, part, hs, anchor.SOURCES[settings.anchor_source]) * (
-                len(part) / len(seqs))
+            loss = settings.anchor * anchor.loss(model, part, hs, settings.anchor_source) * (len(part) / len(seqs))
             loss.backward()
             total += float(loss.detach())
     if settings.penalty and distributed.is_main():  # data-parallel: the penalty counted once
@@ -216,7 +215,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                           objective.split(held_obj, _micro(model, settings, held_obj))) / len(held_obj)
         if held_anchor is not None:  # 0 for the base model: how far the scales moved it on plain text
             with torch.no_grad():
-                m["anchor_kl"] = sum(float(anchor.loss(model, b, hs, anchor.SOURCES[settings.anchor_source])) * len(b) for b in
+                m["anchor_kl"] = sum(float(anchor.loss(model, b, hs, settings.anchor_source)) * len(b) for b in
                                      chunks(held_anchor, _micro(model, settings, held_anchor))) / len(held_anchor)
         return m
 

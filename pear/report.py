@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import savefig, write_text
+from .objectives.anchor import SOURCES
 from .recipes import DEFAULT_RECIPE, candidate_name, measured_text
 from .settings import BOUNDS, DEFAULT_BOUNDS
 
@@ -196,7 +197,7 @@ KV retrieval, HotpotQA, MMLU), not here.
 
 Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
 `{fs['scales']}`{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
-f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on " + ("closed-book questions (the answer's first token)" if fs.get('anchor_source') == 'questions' else "plain text") if fs.get('anchor') else ''}.{_objective_text(r)}
+f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on {SOURCES[fs.get('anchor_source', 'paragraphs')].text}" if fs.get('anchor') else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;
 {fs['steps']} steps of {fs['batch']} fresh sequences, seed {fs['seed']};
 every model weight frozen. Training loss, mean of the first / last 5 steps: {loss_first:.3f} -> {loss_last:.3f}.

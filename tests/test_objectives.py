@@ -338,7 +338,7 @@ def test_the_question_anchor_reads_the_answer_distribution(smollm2, data_dir):
 
     def kl(value):
         with torch.no_grad(), HeadScaling(m, {h: [value] * 64 for h in heads}, trainable=False) as hs:
-            return float(anchor.loss(m, qs, hs, anchor.SOURCES["questions"]))
+            return float(anchor.loss(m, qs, hs, "questions"))
 
     assert kl(1.0) == pytest.approx(0.0, abs=1e-6) and kl(0.5) > 1e-3
     s = FitSettings(steps=1, batch=1, eval_batch=1, objective="retrieval", objective_options=SMALL["retrieval"],

@@ -50,13 +50,19 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor", type=float, default=None,
                    help="weight of the knowledge anchor: KL(base || scaled) on plain Wikipedia paragraphs of "
                    "SQuAD 2.0, which keeps what the model knows (default 0; see pear.objectives.anchor)")
-    p.add_argument("--anchor-source", default=None, choices=["paragraphs", "questions"],
+    p.add_argument("--anchor-source", default=None, choices=list(_anchor_sources()),
                    help="what the anchor reads: paragraphs (default), or SQuAD 2.0 questions without their "
                    "passage (KL at the answer's first token)")
     p.add_argument("--data-dir", default=None,
                    help="data folder for objectives that read one (SQuAD 2.0; default $PEAR_DATA)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--restart", action="store_true", help="discard a checkpoint from an earlier, different fit")
+
+
+def _anchor_sources():
+    from ..objectives.anchor import SOURCES
+
+    return SOURCES
 
 
 def _objective_names():

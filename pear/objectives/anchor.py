@@ -19,6 +19,7 @@ answered from, which plain paragraphs reach only indirectly.
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
 
@@ -26,7 +27,15 @@ from . import answer_logprobs, pad_id_of, squad
 
 WORDS = 100  # words per paragraph (about the length of one evaluation passage)
 TOKENS = 64  # the KL is taken at the last TOKENS tokens of each paragraph
-SOURCES = {"paragraphs": TOKENS, "questions": 1}  # anchor_source: positions of the KL at each sequence's end
+
+
+class Source(NamedTuple):
+    tokens: int  # positions of the KL at each sequence's end
+    text: str  # what report.md says the anchor reads
+
+
+SOURCES = {"paragraphs": Source(TOKENS, "plain text"),  # anchor_source
+           "questions": Source(1, "closed-book questions (the answer's first token)")}
 
 
 def check_data(data_dir) -> None:
@@ -53,10 +62,10 @@ def batch(tokenizer, data_dir, n: int, seed: int, source: str = "paragraphs") ->
     return out
 
 
-def loss(model, seqs: list[list[int]], scaling, tokens: int = TOKENS) -> torch.Tensor:
+def loss(model, seqs: list[list[int]], scaling, source: str = "paragraphs") -> torch.Tensor:
     """Mean over sequences of the mean KL(base ‖ scaled) at the positions that predict their last
-    `tokens` tokens (a question's placeholder: the answer's first token)."""
-    n = [min(tokens, len(s) - 1) for s in seqs]
+    `SOURCES[source].tokens` tokens (a question's placeholder: the answer's first token)."""
+    n = [min(SOURCES[source].tokens, len(s) - 1) for s in seqs]
     with torch.no_grad(), scaling.disabled():
         base, _, _ = answer_logprobs(model, seqs, n, pad_id_of(None))  # (B, A, V)
     scaled, _, m = answer_logprobs(model, seqs, n, pad_id_of(None))
