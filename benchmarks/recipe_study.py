@@ -388,23 +388,34 @@ def _paired(by_label: dict[str, list], what: str) -> dict:
     return out
 
 
+def half_examples(data_dir, task: str, limit: int | None, half: int) -> set:
+    """The (id, condition) pairs of `task`'s first `limit` items of `half`: what tells the two
+    halves' parts apart when both were evaluated at the same size (MMLU: 7,021 items each)."""
+    from pear.evaluate.registry import BuildContext, build_task
+
+    return {(e.id, e.condition) for e in build_task(task, BuildContext(Path(data_dir), limit=limit, half=half)).examples}
+
+
 def screen_paired(work: Path, models: list[str], screen_q: int = SCREEN_Q,
-                  positions=("1", "6", "10", "15", "20")) -> dict:
+                  positions=("1", "6", "10", "15", "20"), data_dir=None) -> dict:
     """Every screened variant against its model's base on the same examples, from the per-example
-    parts of the screen (`work/parts`); needs no model, so it runs anywhere the parts are. Writes
-    screen_paired.json."""
-    recs = _records(work, SCREEN_TASK, models, lambda of: of == screen_q * len(positions))
+    parts of the screen (`work/parts`); needs no model, so it runs anywhere the parts are (with
+    `data_dir`, only parts of half 1's screen questions are read). Writes screen_paired.json."""
+    examples = half_examples(data_dir, SCREEN_TASK, screen_q, 1) if data_dir else None
+    recs = _records(work, SCREEN_TASK, models, lambda of: of == screen_q * len(positions), examples)
     out = {f"{m}/{lab}": row for m, by_label in sorted(recs.items()) if "base" in by_label
            for lab, row in _paired(by_label, m).items()}
     (work / "screen_paired.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
-def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | None]]) -> dict:
+def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | None]], data_dir=None) -> dict:
     """The same for the report half (half 2): for each model and task, the variants whose
-    single evaluation (`single/MODEL/TASK-h2-LABEL.json`) is there, from their parts. Writes
-    report_paired.json, {model: {task: {label: row}}}."""
+    single evaluation (`single/MODEL/TASK-h2-LABEL.json`) is there, from their parts (with
+    `data_dir`, only parts of half 2's items: half 1 may have been evaluated at the same size).
+    Writes report_paired.json, {model: {task: {label: row}}}."""
     out: dict[str, dict] = {}
+    examples = {task: half_examples(data_dir, task, limit, 2) for task, limit in tasks} if data_dir else {}
     for m in models:
         for task, _ in tasks:
             prefix = f"{task}-h2-"
@@ -413,7 +424,7 @@ def report_paired(work: Path, models: list[str], tasks: list[tuple[str, int | No
             sizes = {a["n"] + a["skipped"] for a in alls}
             if len(sizes) != 1:
                 continue  # nothing evaluated, or variants of different sizes
-            by_label = _records(work, task, [m], lambda of: of in sizes).get(m, {})
+            by_label = _records(work, task, [m], lambda of: of in sizes, examples.get(task)).get(m, {})
             if "base" in by_label and len(by_label) > 1:
                 out.setdefault(m, {})[task] = _paired(by_label, f"{m} {task}")
     (work / "report_paired.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -477,9 +488,12 @@ def main() -> int:
     if a.stage in ("all", "screen"):
         st.stage_screen()
     if a.stage in ("all", "screen", "paired"):
-        screen_paired(st.work, a.screen_models, a.screen_q)
+        from pear.evaluate.data import resolve_data_dir
+
+        data_dir = resolve_data_dir(None)  # $PEAR_DATA: which examples belong to which half
+        screen_paired(st.work, a.screen_models, a.screen_q, data_dir=data_dir)
     if a.stage == "paired":
-        report_paired(st.work, a.models, a.final_tasks)
+        report_paired(st.work, a.models, a.final_tasks, data_dir=data_dir)
     if a.stage in ("all", "select", "final"):
         chosen = st.stage_select()
         if a.stage != "select":

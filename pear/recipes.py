@@ -73,7 +73,7 @@ def default_recipe(model: str | None) -> str:
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
-# and 4; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
+# to 5; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor", "anchor_source")  # what RECIPE@KEY=VALUE,... changes
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200; "
@@ -97,13 +97,19 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
                                           "smollm2-135m": (1.4, 0.52)},
     "oracle-distill-channels@anchor=100": {"gemma3-270m": (4.0, 0.00082), "qwen2.5-coder-0.5b": (-1.8, 0.21),
                                            "smollm2-135m": (2.0, 0.3)},
+    "retrieval-inner-channels": {"gemma3-270m": (21.2, 4.3e-19)},
+    "retrieval-inner-channels@anchor=100": {"gemma3-270m": (17.6, 8.6e-16)},
+    "retrieval-inner-channels@anchor=1000": {"gemma3-270m": (6.8, 4.5e-05)},
+    "retrieval-channels@anchor=1000": {"gemma3-270m": (7.2, 1e-05)},
+    "retrieval-channels@anchor=100,anchor_source=questions": {"gemma3-270m": (11.2, 1.2e-09)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
 HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {preset: [(Δ points, p) per seed]}
     "paper": {"smollm2-135m": [(-0.1, 1), (0.3, 0.7)], "gemma3-270m": [(0.1, 1)],
               "qwen2.5-coder-0.5b": [(1.1, 0.11), (1.3, 0.037)], "qwen2.5-coder-1.5b": [(0.8, 0.26), (0.7, 0.21)]},
-    "oracle-distill-channels": {"smollm2-135m": [(3.3, 0.0018), (4.6, 1e-05)]},
+    "oracle-distill-channels": {"smollm2-135m": [(3.3, 0.0018), (4.6, 1e-05)],
+                                "gemma3-270m": [(5.0, 5.9e-08), (5.3, 1.5e-08)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 1e-42), (17.1, 5e-39)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.9, 5.9e-43), (16.7, 1.8e-40)]},
 }
@@ -114,7 +120,8 @@ HELD_OUT_CUT = 20
 HELD_OUT_CUT20: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {preset: [(Δ points, p) per seed]}
     "paper": {"smollm2-135m": [(-0.3, 0.67), (0.0, 1)], "gemma3-270m": [(0.0, 1)],
               "qwen2.5-coder-0.5b": [(0.6, 0.36), (0.3, 0.61)], "qwen2.5-coder-1.5b": [(1.9, 0.0087), (1.1, 0.046)]},
-    "oracle-distill-channels": {"smollm2-135m": [(1.0, 0.34), (1.9, 0.05)]},
+    "oracle-distill-channels": {"smollm2-135m": [(1.0, 0.34), (1.9, 0.05)],
+                                "gemma3-270m": [(5.1, 1.2e-08), (5.3, 4e-09)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 6.3e-44), (17.3, 9e-41)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.5, 3.2e-43), (16.8, 3.4e-42)]},
 }
@@ -124,7 +131,8 @@ HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed
               "gemma3-270m": {"kv": (0.7, 0.62), "closedbook": (0.2, 0.73), "mmlu": (0.1, 0.5)},
               "qwen2.5-coder-0.5b": {"kv": (1.0, 0.58), "closedbook": (-0.6, 0.12), "mmlu": (0.8, 2.3e-05)},
               "qwen2.5-coder-1.5b": {"kv": (-8.0, 1.2e-07), "closedbook": (-0.6, 0.12), "mmlu": (-0.4, 0.027)}},
-    "oracle-distill-channels": {"smollm2-135m": {"kv": (-0.3, 1), "closedbook": (-1.6, 0.02), "mmlu": (-0.2, 0.02)}},
+    "oracle-distill-channels": {"smollm2-135m": {"kv": (-0.3, 1), "closedbook": (-1.6, 0.02), "mmlu": (-0.2, 0.02)},
+                                "gemma3-270m": {"kv": (-0.3, 1), "closedbook": (0.0, 1), "mmlu": (-0.3, 0.34)}},
     "retrieval-channels": {"gemma3-270m": {"kv": (16.7, 8.1e-13), "closedbook": (0.2, 0.81), "mmlu": (-1.3, 0.0063)}},
     "retrieval-channels@anchor=100": {"gemma3-270m": {"kv": (4.3, 0.00024), "closedbook": (0.0, 1),
                                                       "mmlu": (-0.8, 0.04)}},

@@ -237,6 +237,15 @@ def test_recipe_study_report_paired_joins_parts(tmp_path):
     (tmp_path / "parts" / "odc__mdqa-20__d.json.gz").unlink()  # a part missing: the variant is left out
     assert "mdqa-20" not in recipe_study.report_paired(tmp_path, ["smollm2-135m"], [("mdqa-20", 300)]).get(
         "smollm2-135m", {})
+    # half 1 evaluated at half 2's size (MMLU: 7,021 items each): its parts are told apart by their examples
+    with gzip.open(tmp_path / "parts" / "base__closedbook__h1.json.gz", "wt") as f:
+        json.dump({"label": "base", "spec": base, "start": 0, "of": 3,
+                   "records": [{"id": f"other{i}", "condition": "all", "score": 1} for i in range(3)]}, f)
+    with pytest.raises(RuntimeError, match="two different parts"):
+        recipe_study._records(tmp_path, "closedbook", ["smollm2-135m"], lambda of: of == 3)
+    half2 = {(f"q{i}", "all") for i in range(3)}
+    recs = recipe_study._records(tmp_path, "closedbook", ["smollm2-135m"], lambda of: of == 3, examples=half2)
+    assert [r["score"] for r in recs["smollm2-135m"]["base"]] == [1, 0, 0]
 
 
 def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch, capsys):

@@ -112,36 +112,42 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     from pear.recipes import (HELD_OUT, HELD_OUT_CUT, HELD_OUT_CUT20, HELD_OUT_OTHER, MEASURED, RECIPES,
                               measured_text)
 
-    study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round4"  # rounds 3 and 4
-    screen = json.loads((study / "screen_paired.json").read_text())
-    assert {k for k in screen} == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
-    for key, v in screen.items():
-        m, r = key.split("/")
-        assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
+    results = Path(__file__).resolve().parent.parent / "benchmarks/results"
+    studies = [results / "recipe_study_round4", results / "recipe_study_round5"]  # round 4 holds round 3's parts
+    seen = set()
+    for study in studies:
+        for key, v in json.loads((study / "screen_paired.json").read_text()).items():
+            m, r = key.split("/")
+            seen.add(key)
+            assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
+    assert seen == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
     assert {c.partition("@")[0] for c in MEASURED} <= set(RECIPES)
-    assert "has not been measured" in measured_text(next(r for r in RECIPES if r not in MEASURED), "gemma3-270m")
-    held = {}  # the report half's mdqa-20: RECIPE or RECIPE-seed1 per model
-    for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
-        for label, v in sorted(tasks["mdqa-20"].items()):
-            held.setdefault(label.split("-seed")[0], {}).setdefault(m, []).append(
-                (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}")))
-    assert held == HELD_OUT
-    other = {}  # the report half's other tasks, seed 0
-    for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
-        for task in ("kv", "closedbook", "mmlu"):
-            for label, v in tasks.get(task, {}).items():
-                if "-seed" not in label:
-                    other.setdefault(label, {}).setdefault(m, {})[task] = (round(100 * v["diff"], 1),
-                                                                          float(f"{v['p_mcnemar']:.2g}"))
+    assert "has not been measured" in measured_text("a-recipe-of-ones-own", "gemma3-270m")
+
+    def by_seed(rows):  # {candidate: {preset: {seed: value}}} -> {candidate: {preset: [value per seed]}}
+        return {c: {m: [v[s] for s in sorted(v)] for m, v in ms.items()} for c, ms in rows.items()}
+
+    held, other, cut = {}, {}, {}  # the report half: mdqa-20 per seed, the other tasks (seed 0), cut to 20 words
+    for study in studies:
+        for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
+            for label, v in tasks["mdqa-20"].items():
+                name, _, seed = label.partition("-seed")
+                held.setdefault(name, {}).setdefault(m, {})[int(seed or 0)] = (
+                    round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
+            for task in ("kv", "closedbook", "mmlu"):
+                for label, v in tasks.get(task, {}).items():
+                    if "-seed" not in label:
+                        other.setdefault(label, {}).setdefault(m, {})[task] = (round(100 * v["diff"], 1),
+                                                                              float(f"{v['p_mcnemar']:.2g}"))
+        for m, rows in json.loads((study / "length_check_h2.json").read_text()).items():
+            for label, row in rows.items():
+                if label != "base":
+                    c, (name, _, seed) = row["by_words"][str(HELD_OUT_CUT)], label.partition("-seed")
+                    cut.setdefault(name, {}).setdefault(m, {})[int(seed or 0)] = (
+                        round(100 * c["diff"], 1), float(f"{c['p']:.2g}"))
+    assert by_seed(held) == HELD_OUT
     assert other == HELD_OUT_OTHER
-    cut = {}  # the report half cut to 20 words (benchmarks/answer_length.py)
-    for m, rows in json.loads((study / "length_check_h2.json").read_text()).items():
-        for label, row in sorted(rows.items()):
-            if label != "base":
-                c = row["by_words"][str(HELD_OUT_CUT)]
-                cut.setdefault(label.split("-seed")[0], {}).setdefault(m, []).append(
-                    (round(100 * c["diff"], 1), float(f"{c['p']:.2g}")))
-    assert cut == HELD_OUT_CUT20
+    assert by_seed(cut) == HELD_OUT_CUT20
     text = measured_text("retrieval-channels", "gemma3-270m")
     assert "(this model) | +20.6 |" in text and "(this model) | +17.9 (p=1e-42) | +17.1 (p=5e-39) |" in text
     assert "| +17.9 (p=6.3e-44) / +17.3 (p=9e-41) |" in text
