@@ -11,7 +11,7 @@ Each entry is one small declaration, in the spirit of TransformerLens'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ class Family:
                last block and the LM head (the final norm; OPT's optional project_out). Paths
                that are missing or None in a given model are skipped. Used by discovery to
                re-run the top of the model from a cached residual stream.
+    qk_proj:   dotted paths inside one block to the separate query and key projections (nn.Linear),
+               or None where one fused projection computes them (the positional-hidden variant
+               edits their input columns).
     """
 
     blocks: str
@@ -41,6 +44,7 @@ class Family:
     position: str = "rope"
     rotary: str | None = None
     final: tuple[str, ...] = ("model.norm",)
+    qk_proj: tuple[str, str] | None = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 _LLAMA_LIKE = Family(blocks="model.layers", out_proj="self_attn.o_proj", rotary="model.rotary_emb")
@@ -53,22 +57,23 @@ FAMILIES: dict[str, Family] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "phi3": replace(_LLAMA_LIKE, qk_proj=None),  # one fused qkv_proj
     "phi": Family(blocks="model.layers", out_proj="self_attn.dense", rotary="model.rotary_emb",
                   final=("model.final_layernorm",)),
     "gpt2": Family(blocks="transformer.h", out_proj="attn.c_proj", weight_in_rows=True, position="learned",
-                   final=("transformer.ln_f",)),
+                   final=("transformer.ln_f",), qk_proj=None),
     "opt": Family(blocks="model.decoder.layers", out_proj="self_attn.out_proj", position="learned",
                   final=("model.decoder.final_layer_norm", "model.decoder.project_out")),
     "bloom": Family(blocks="transformer.h", out_proj="self_attention.dense", position="alibi",
-                    final=("transformer.ln_f",)),
+                    final=("transformer.ln_f",), qk_proj=None),
     "mpt": Family(blocks="transformer.blocks", out_proj="attn.out_proj", position="alibi",
-                  final=("transformer.norm_f",)),
+                  final=("transformer.norm_f",), qk_proj=None),
     "gpt_neox": Family(blocks="gpt_neox.layers", out_proj="attention.dense", rotary="gpt_neox.rotary_emb",
-                       final=("gpt_neox.final_layer_norm",)),
+                       final=("gpt_neox.final_layer_norm",), qk_proj=None),
     "falcon": Family(blocks="transformer.h", out_proj="self_attention.dense", rotary="transformer.rotary_emb",
-                     final=("transformer.ln_f",)),
-    "gptj": Family(blocks="transformer.h", out_proj="attn.out_proj", final=("transformer.ln_f",)),
+                     final=("transformer.ln_f",), qk_proj=None),
+    "gptj": Family(blocks="transformer.h", out_proj="attn.out_proj", final=("transformer.ln_f",),
+                   qk_proj=("attn.q_proj", "attn.k_proj")),
 }
 
 

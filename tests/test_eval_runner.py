@@ -225,6 +225,17 @@ def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(folder), "--variant", "no-such", "--task", "closedbook",
                  "--out", str(out), "--data-dir", str(data_dir)]) == 2
     assert "unknown variant" in capsys.readouterr().err
+    # the positional-hidden variant from the command line: a weight edit while it runs, the folder untouched
+    before = (folder / "model.safetensors").read_bytes()
+    rc = main(["eval", "--model", str(folder), "--label", "base", "--model", str(folder), "--variant",
+               "positional-hidden", "--variant-option", "dims=5,9", "--variant-option", "layers=0-1",
+               "--variant-option", "factor=-2", "--label", "ph", "--task", "kv-4", "--limit", "2",
+               "--data-dir", str(data_dir), "--device", "cpu", "--out", str(out), "--no-progress",
+               "--bootstrap", "100", "--max-new-tokens", "4", "--force"])
+    assert rc == 0 and (folder / "model.safetensors").read_bytes() == before
+    res = json.loads(out.read_text())
+    assert res["models"][1]["variant"] == "positional-hidden"
+    assert res["models"][1]["variant_options"] == {"dims": [5, 9], "layers": "0-1", "factor": -2}
     with pytest.raises(SystemExit):
         main(["eval", "--variant", "none", "--model", str(folder), "--task", "kv", "--out", str(out)])
     with pytest.raises(PearError, match="not found in"):

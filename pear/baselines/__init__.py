@@ -1,8 +1,10 @@
 """Inference-time variants that a model can be evaluated under, registered by name.
 
-A variant changes how a loaded model computes, without changing its weights: Ms-PoE
+A variant changes how a loaded model computes, without changing its weights for good: Ms-PoE
 (per-head position rescaling in RoPE), Attention Buckets (parallel runs with different RoPE
-bases), MoICE (per-head mixture of RoPE bases, routers trained by `pear baseline train moice`).
+bases), MoICE (per-head mixture of RoPE bases, routers trained by `pear baseline train moice`),
+positional hidden states (one residual channel scaled in the query and key inputs: a weight edit
+undone on leaving).
 PEAR itself needs no variant: its output is an ordinary checkpoint.
 
 Contract used by the evaluation harness and the overhead benchmark:
@@ -92,7 +94,7 @@ def _load_builtin() -> None:
     """Import the modules that register the built-in variants (kept lazy: they import torch)."""
     import importlib
 
-    for mod in ("ms_poe", "attention_buckets", "moice"):
+    for mod in ("ms_poe", "attention_buckets", "moice", "positional_hidden"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
