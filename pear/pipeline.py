@@ -137,12 +137,13 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     base) or "peft" (an IA3 adapter).
     top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
     """
-    from .recipes import default_recipe, get_recipe, recipe_settings
+    from .recipes import check_recipe_data, default_recipe, get_recipe, recipe_settings
 
     t_total = time.perf_counter()
     from .preflight import check_discovery_settings, check_k, check_out_folder
     from .proxy import parse_settings
 
+    preset_default = recipe is None and settings is None
     if recipe is None and settings is None:
         recipe = default_recipe(model)
     rec = get_recipe(recipe)
@@ -165,7 +166,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                         f"({', '.join(sorted(fit_overrides))}), not both")
     fs = settings if settings is not None else recipe_settings(recipe, **fit_overrides)
     seed = fs.seed
-    fs.make_objective(data_dir).check_data()
+    check_recipe_data(fs, data_dir, model, recipe, by_default=preset_default)
     cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
 

@@ -60,9 +60,23 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = "paper"
 # `pear run` / `pear fit` on a preset without --recipe use its entry here, set only where the recipe
 # study's report half confirms the recipe on that model (BENCHMARKS.md §5, round 3, rule 4: above base
-# on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower).
-# Every other model, and a preset not listed, gets DEFAULT_RECIPE.
-PRESET_DEFAULTS: dict[str, str] = {}
+# on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower;
+# tests/test_pipeline.py derives this table from the HELD_OUT tables below). Every other model, and a
+# preset not listed, gets DEFAULT_RECIPE.
+PRESET_DEFAULTS: dict[str, str] = {"gemma3-270m": "oracle-distill-channels"}  # round 5
+
+
+def check_recipe_data(settings, data_dir, model: str | None, recipe: str | None, by_default: bool) -> None:
+    """The data the fit reads are there, or one clear error; a preset whose own recipe (not named on
+    the command line) reads data is told why, and what needs none."""
+    try:
+        settings.make_objective(data_dir).check_data()
+    except PearError as e:
+        if not by_default or recipe == DEFAULT_RECIPE:
+            raise
+        raise PearError(f"{e}. Without --recipe, {model} gets recipe '{recipe}', the study's measured best for this "
+                        "preset (BENCHMARKS.md §5), which reads SQuAD 2.0 from that folder; or pass --recipe paper, "
+                        "which reads no data") from None
 
 
 def default_recipe(model: str | None) -> str:

@@ -391,3 +391,24 @@ def test_sequences_of_different_lengths_share_a_pass(family):
         assert tgt[i, A - k:].tolist() == seqs[i][-k:] == tgt1[0].tolist()
         torch.testing.assert_close(lp[i, A - k:], lp1[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad, sum(a[3] for a in alone), atol=1e-4, rtol=1e-4)
+
+
+def test_a_preset_default_recipe_that_reads_data_says_so(tmp_path, monkeypatch, capsys):
+    """Without --recipe a preset may get a recipe that reads SQuAD 2.0; with no data folder the one
+    error line says which recipe that is and that --recipe paper needs no data. Named recipes keep
+    the plain message."""
+    import pear.recipes as R
+    from pear.cli import main
+
+    monkeypatch.delenv("PEAR_DATA", raising=False)
+    monkeypatch.setattr(R, "PRESET_DEFAULTS", {"smollm2-135m": "oracle-distill-channels"})
+    assert main(["run", "--model", "smollm2-135m", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "gets recipe 'oracle-distill-channels'" in err and "--recipe paper" in err and err.count("\n") == 1
+    assert main(["fit", "--model", "smollm2-135m", "--out", str(tmp_path / "c.json")]) == 2
+    assert "gets recipe 'oracle-distill-channels'" in capsys.readouterr().err
+    assert main(["run", "--model", "smollm2-135m", "--recipe", "oracle-distill-channels", "--out",
+                 str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "PEAR_DATA" in err and "gets recipe" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c.json").exists()

@@ -160,6 +160,24 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     assert "unknown until `pear eval`" in measured_text("paper", "/my/model")
 
 
+def test_preset_defaults_are_the_choices_that_pass_the_default_rule():
+    """PRESET_DEFAULTS names a preset's chosen recipe exactly where its report half passes rule 4
+    (BENCHMARKS.md §5): above base on mdqa-20 for both seeds (p < 0.05), MMLU within ±0.5 points,
+    KV and closed-book not significantly lower (seed 0)."""
+    from pear.recipes import HELD_OUT, HELD_OUT_OTHER, PRESET_DEFAULTS, default_recipe
+
+    passing = {}
+    for name, rows in HELD_OUT.items():
+        for m, seeds in rows.items():
+            other = HELD_OUT_OTHER.get(name, {}).get(m, {})
+            if name != "paper" and len(seeds) == 2 and all(d > 0 and p < 0.05 for d, p in seeds) \
+                    and set(other) == {"kv", "closedbook", "mmlu"} and abs(other["mmlu"][0]) <= 0.5 \
+                    and not any(other[t][0] < 0 and other[t][1] < 0.05 for t in ("kv", "closedbook")):
+                passing[m] = name
+    assert PRESET_DEFAULTS == passing == {"gemma3-270m": "oracle-distill-channels"}
+    assert default_recipe("gemma3-270m") == "oracle-distill-channels" and default_recipe(None) == "paper"
+
+
 @pytest.mark.real
 def test_pear_run_real_model(tmp_path, smollm2, capsys):
     """Small settings on the real default model: the saved folder reloads with plain

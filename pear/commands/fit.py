@@ -134,7 +134,9 @@ def _cli_fit(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
         raise PearError(f"--max-steps-this-run must be >= 1, got {args.max_steps_this_run}")
-    settings.make_objective(args.data_dir).check_data()
+    from ..recipes import check_recipe_data
+
+    check_recipe_data(settings, args.data_dir, args.model, recipe_from_args(args), by_default=args.recipe is None)
     k = k_from_args(args)
     if settings.all_heads:
         heads, scores, evidence = None, {}, {"method": f"every head ({settings.scales})"}

@@ -39,10 +39,12 @@ def _cli_run(args: argparse.Namespace) -> int:
     from ..pipeline import default_out, run
     from ..preflight import check_discovery_settings, check_k, check_out_folder
     from ..proxy import parse_settings
+    from ..recipes import check_recipe_data
 
     out = Path(args.out) if args.out else default_out(args.model)
     check_out_folder(out, args.force)
     settings = settings_from_args(args)
+    check_recipe_data(settings, args.data_dir, args.model, recipe_from_args(args), by_default=args.recipe is None)
     check_discovery_settings(parse_settings(args.discovery_settings))
     check_k(args.model, k_from_args(args), top_m=args.top_m)  # run() checks again: cheap, the shape is cached
     dtype = announce(args.device, args.dtype).dtype  # and the thread count
