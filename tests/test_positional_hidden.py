@@ -82,7 +82,6 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     loaded = LoadedModel(model, tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
-    monkeypatch.setattr(ph, "SEARCH_SAMPLES", 2)
     monkeypatch.setattr(ph, "VALIDATION", dict(records=2, pairs=4))
     chosen = {}
     real_choose = ph.choose_dim
@@ -98,7 +97,7 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
     ids = tok("The key is", return_tensors="pt").input_ids
     with torch.no_grad():
         base = model(ids).logits
-        with get_variant("positional-hidden").wrap(loaded, candidates=2) as lm:
+        with get_variant("positional-hidden").wrap(loaded, candidates=2, samples=2) as lm:
             got = lm(ids).logits
     assert chosen["candidates"] == [7, 30] and set(chosen["losses"]) == {None, 7, 30}
     assert chosen["dim"] == min((7, 30), key=lambda d: chosen["losses"][d])
@@ -108,14 +107,14 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
     with get_variant("positional-hidden").wrap(loaded, dims=7, factor=1.0) as lm:  # factor 1: the base exactly
         torch.testing.assert_close(lm(ids).logits, base, rtol=0, atol=0)
     for bad, match in [(dict(dims=64), "dims must be within 0..63"), (dict(dims=3, layers="4-9"), "layers must be"),
-                       (dict(dims="x"), "dims must be 'auto'")]:
+                       (dict(dims="x"), "dims must be 'auto'"), (dict(samples=0), "samples must be")]:
         with pytest.raises(PearError, match=match):
             with get_variant("positional-hidden").wrap(loaded, **bad):
                 pass
     with pytest.raises(PearError, match="needs the model's tokenizer"):
         with get_variant("positional-hidden").wrap(model):
             pass
-    assert get_variant("positional-hidden").options == ["dims", "layers", "factor", "candidates", "seed"]
+    assert get_variant("positional-hidden").options == ["dims", "layers", "factor", "candidates", "samples", "seed"]
 
 
 @pytest.mark.real

@@ -45,7 +45,7 @@ from . import Variant, register
 from .rope import unwrap
 
 LAYER_SPAN = (10 / 32, 26 / 32)  # reference: layers 10..25 of 32
-SEARCH_SAMPLES, SEARCH_LENGTH = 64, 1000  # random sequences whose hidden states are averaged
+SEARCH_SAMPLES, SEARCH_LENGTH = 64, 1000  # random sequences whose hidden states are averaged (samples=)
 VALIDATION = dict(records=16, pairs=24)  # key-value prompts for the choice, ~1.7k tokens each
 
 
@@ -182,7 +182,8 @@ def _int_list(value, what: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates: int = 10, seed: int = 0):
+def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates: int = 10,
+         samples: int = SEARCH_SAMPLES, seed: int = 0):
     """``with wrap(loaded) as lm:`` -- the model with its positional channel scaled (found by the
     search and the validation choice when ``dims="auto"``); leaving restores the weights."""
     model = unwrap(loaded)
@@ -196,7 +197,9 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
         if tokenizer is None:
             raise PearError("positional-hidden: dims=auto needs the model's tokenizer for its validation prompts")
         length = min(SEARCH_LENGTH, getattr(model.config.get_text_config(), "max_position_embeddings", SEARCH_LENGTH))
-        found = positional_dims(mean_hidden_states(model, SEARCH_SAMPLES, length, seed), candidates)
+        if not (isinstance(samples, int) and samples >= 1):
+            raise PearError(f"positional-hidden: samples must be a positive integer, got {samples!r}")
+        found = positional_dims(mean_hidden_states(model, samples, length, seed), candidates)
         dim, losses = choose_dim(model, tokenizer, found, layers, factor, seed)
         shown = ", ".join(f"{'base' if d is None else d}: {v:.3f}" for d, v in losses.items())
         print(f"positional-hidden: candidates {found}; validation loss {shown}; chosen {dim}", file=sys.stderr)
