@@ -202,3 +202,21 @@ def test_run_two_processes_equals_one(tmp_path, monkeypatch):
     assert [(h["layer"], h["head"], h["exact"]) for h in one] == [(h["layer"], h["head"], h["exact"]) for h in dp]
     torch.testing.assert_close(torch.tensor([h["score"] for h in dp]), torch.tensor([h["score"] for h in one]),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.data
+def test_eval_processes_benchmark(tiny_folder, data_dir, tmp_path):
+    """benchmarks/eval_processes.py: the same `pear eval` with one process and with two under
+    torchrun; it records examples/s for each and finds no output that differs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import eval_processes
+
+    out = tmp_path / "ep.json"
+    assert eval_processes.main(["--model", str(tiny_folder), "--task", "closedbook", "--limit", "6", "--processes",
+                                "1,2", "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir),
+                                "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["processes"] for r in runs] == [1, 2] and all(r["examples"] == 6 for r in runs)
+    assert all(r["outputs_differing"] == 0 and r["examples_per_s"] > 0 for r in runs)
+    assert runs[0]["command"].startswith("pear eval") and runs[1]["command"].startswith(
+        "torchrun --standalone --nproc-per-node 2 -m pear eval")
