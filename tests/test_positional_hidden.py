@@ -107,7 +107,8 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
     with get_variant("positional-hidden").wrap(loaded, dims=7, factor=1.0) as lm:  # factor 1: the base exactly
         torch.testing.assert_close(lm(ids).logits, base, rtol=0, atol=0)
     for bad, match in [(dict(dims=64), "dims must be within 0..63"), (dict(dims=3, layers="4-9"), "layers must be"),
-                       (dict(dims="x"), "dims must be 'auto'"), (dict(samples=0), "samples must be")]:
+                       (dict(dims="x"), "dims must be 'auto'"), (dict(samples=0), "samples must be"),
+                       (dict(dims=3, factor="half"), "factor must be a number"), (dict(candidates=0), "candidates must")]:
         with pytest.raises(PearError, match=match):
             with get_variant("positional-hidden").wrap(loaded, **bad):
                 pass

@@ -188,6 +188,12 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
     search and the validation choice when ``dims="auto"``); leaving restores the weights."""
     model = unwrap(loaded)
     pairs = qk_projections(model)
+    try:
+        factor = float(factor)
+    except (TypeError, ValueError):
+        raise PearError(f"positional-hidden: factor must be a number, got {factor!r}") from None
+    if not (isinstance(candidates, int) and candidates >= 1):
+        raise PearError(f"positional-hidden: candidates must be a positive integer, got {candidates!r}")
     layers = default_layers(len(pairs)) if layers == "auto" else _int_list(layers, "layers")
     width = pairs[0][0].in_features
     if not layers or any(not 0 <= l < len(pairs) for l in layers):
@@ -208,7 +214,7 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
         dims = _int_list(dims, "dims")
     if any(not 0 <= d < width for d in dims):
         raise PearError(f"positional-hidden: dims must be within 0..{width - 1}, got {dims}")
-    with scaled(model, dims, layers, float(factor)):
+    with scaled(model, dims, layers, factor):
         yield model
 
 
