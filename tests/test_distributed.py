@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,12 +41,8 @@ def one_thread(fn, *a, **k):
 def tiny_folder(smollm2_bf16, tmp_path_factory):
     """A 2-layer random llama with SmolLM2's tokenizer, saved as a model folder."""
     tok = smollm2_bf16.tokenizer
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("dist") / "tiny"
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tiny_llama(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

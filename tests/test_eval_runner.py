@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import tiny_llama
+from transformers import AutoModelForCausalLM
 
 from pear.errors import PearError
 from pear.evaluate import ModelEntry, evaluate, save_results
@@ -21,12 +22,7 @@ pytestmark = pytest.mark.data
 def tiny(smollm2_bf16):
     """A 2-layer random llama with SmolLM2's tokenizer and a 256-token window."""
     tok = smollm2_bf16.tokenizer
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    return LoadedModel(model, tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
+    return LoadedModel(tiny_llama(tok), tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
 
 
 PROMPTS = ["Question: what is the capital of France?\nAnswer:", "Hi",

@@ -4,8 +4,7 @@ the query and key inputs, applied as a weight edit that is undone on leaving."""
 import numpy as np
 import pytest
 import torch
-from tiny_models import CONFIGS, VOCAB, tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import CONFIGS, VOCAB, tiny_llama, tiny_model
 
 from pear.baselines import get_variant
 from pear.baselines import positional_hidden as ph
@@ -76,11 +75,7 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
     """dims=auto: mean hidden states, candidates, validation losses on fresh key-value prompts,
     the lowest chosen and applied; the base model comes back untouched. Bad options: one line."""
     tok = smollm2_bf16.tokenizer
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                               num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = tiny_llama(tok, layers=6)
     loaded = LoadedModel(model, tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
     monkeypatch.setattr(ph, "VALIDATION", dict(records=2, pairs=4))
     chosen = {}

@@ -52,3 +52,12 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def tiny_llama(tokenizer, layers: int = 2, seed: int = 0):
+    """A random llama of `layers` layers with a real tokenizer's vocabulary and a 256-token window."""
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -134,37 +134,40 @@ def scaled(model: nn.Module, dims: list[int], layers: list[int], factor: float):
                 proj.weight[:, dims] = cols
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, tokenizer, records: int, pairs: int, seed: int) -> float:
-    """Mean answer loss (nats per token) on key-value retrieval prompts with the gold pair at a
-    random position: fresh UUIDs, not the evaluation's records; fewer than `pairs` pairs where
-    the model's window is shorter than the prompt."""
+def validation_set(model: nn.Module, tokenizer, records: int, pairs: int, seed: int) -> list:
+    """Key-value retrieval prompts with the gold pair at a random position, each followed by its
+    value (`objectives.Sequence`: the value's tokens are the targets). Fresh UUIDs, not the
+    evaluation's records; fewer than `pairs` pairs where the model's window is shorter than the prompt."""
+    from ..evaluate.generate import context_window
     from ..evaluate.prompts import kv_prompt
     from ..evaluate.tasks.kv import make_kv_records, move_gold
+    from ..objectives import Sequence
 
-    window = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+    window = context_window(model) or 10**9
     sample = make_kv_records(1, pairs, seed=seed)[0]
     while pairs > 2 and len(tokenizer(kv_prompt(sample["ordered_kv_records"][:pairs], sample["key"]))["input_ids"]) \
             + 32 > window:
         pairs -= 1  # fewer pairs where the model's window is short
-    rng, dev, losses = random.Random(seed), next(model.parameters()).device, []
+    rng, out = random.Random(seed), []
     for rec in make_kv_records(records, pairs, seed=seed + 1_000_003):
         kv = move_gold(rec["ordered_kv_records"], rec["key"], rng.randrange(pairs))
         prompt = tokenizer(kv_prompt(kv, rec["key"]))["input_ids"]
         answer = tokenizer(" " + rec["value"], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + answer], device=dev)
-        logp = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
-        losses.append(-logp.gather(-1, ids[0, len(prompt):, None]).mean().item())
-    return sum(losses) / len(losses)
+        out.append(Sequence(prompt + answer, len(answer)))
+    return out
 
 
 def choose_dim(model: nn.Module, tokenizer, candidates: list[int], layers: list[int], factor: float,
                seed: int = 0) -> tuple[int | None, dict]:
     """The candidate with the lowest validation loss, and every candidate's loss (None: the base's)."""
-    losses = {None: validation_loss(model, tokenizer, seed=seed, **VALIDATION)}
+    from ..objectives import pad_id_of, target_nll
+
+    seqs, pad = validation_set(model, tokenizer, seed=seed, **VALIDATION), pad_id_of(tokenizer)  # built once
+    loss = torch.no_grad()(lambda: target_nll(model, seqs, pad).item())  # answer loss, all prompts in one pass
+    losses = {None: loss()}
     for dim in candidates:
         with scaled(model, [dim], layers, factor):
-            losses[dim] = validation_loss(model, tokenizer, seed=seed, **VALIDATION)
+            losses[dim] = loss()
     best = min(candidates, key=lambda d: losses[d]) if candidates else None
     return best, losses
 
@@ -202,7 +205,9 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
         tokenizer = getattr(loaded, "tokenizer", None)
         if tokenizer is None:
             raise PearError("positional-hidden: dims=auto needs the model's tokenizer for its validation prompts")
-        length = min(SEARCH_LENGTH, getattr(model.config.get_text_config(), "max_position_embeddings", SEARCH_LENGTH))
+        from ..evaluate.generate import context_window
+
+        length = min(SEARCH_LENGTH, context_window(model) or SEARCH_LENGTH)
         if not (isinstance(samples, int) and samples >= 1):
             raise PearError(f"positional-hidden: samples must be a positive integer, got {samples!r}")
         found = positional_dims(mean_hidden_states(model, samples, length, seed), candidates)
