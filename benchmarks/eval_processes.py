@@ -9,8 +9,15 @@ batches, so every example is scored in the same batch as in one process) and ran
 results; with several processes on one GPU they talk over gloo (`pear.distributed`). For each N
 this runs the same command (the first N = 1 without a launcher), reads the scoring time that
 `pear eval` records (model loading excluded) and every example's output (`--log-samples`), and
-reports examples/s, the ratio to one process, and the outputs that differ from one process's
-(none are expected: same batches, same kernels). Saved with the commands, versions and hardware.
+reports examples/s, the ratio to the first run, and the outputs that differ from the first run's
+(none are expected at the same batch size: same batches, same kernels). Saved with the commands,
+versions and hardware.
+
+Whole batches are the unit of work, so N processes can only all be busy when a part holds at
+least N batches: 1,000 mdqa-10 examples at `pear eval`'s automatic 512 rows are two batches,
+and a third process has nothing to do. `N:B` runs N processes at B rows per batch (e.g.
+`1,4:128`); other batches pad differently, so in bf16 a few greedy outputs may differ from the
+first run's, and the count says how many.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def command(n: int, args, out: Path) -> list[str]:
+def command(n: int, batch: int | None, args, out: Path) -> list[str]:
     launch = [sys.executable, "-m", "pear"] if n == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "pear"]
     cmd = launch + ["eval", "--model", args.model, "--task", args.task, "--limit", str(args.limit), "--device",
                     args.device, "--dtype", args.dtype, "--decode", args.decode, "--seed", "0", "--no-progress",
                     "--log-samples", "--bootstrap", "100", "--out", str(out)]
+    cmd += ["--batch-size", str(batch)] if batch else []
     return cmd + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
@@ -50,7 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="folder, .gguf file or preset")
     ap.add_argument("--task", default="mdqa-10")
     ap.add_argument("--limit", type=int, default=200, help="first N questions (x the task's default positions)")
-    ap.add_argument("--processes", default="1,2,3,4", help="process counts to compare; the first is the reference")
+    ap.add_argument("--processes", default="1,2,3,4",
+                    help="runs to compare, N or N:B (N processes, B rows per batch; default: pear eval's own); "
+                         "the first is the reference")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--decode", default="eager", choices=["eager", "static"])
@@ -60,12 +70,12 @@ def main(argv=None) -> int:
     from pear.atomic import write_text
     from pear.provenance import provenance
 
-    counts = [int(x) for x in args.processes.split(",")]
+    runs = [(int(n), int(b) if b else None) for n, _, b in (x.partition(":") for x in args.processes.split(","))]
     rows, ref = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for n in counts:
-            out = Path(tmp) / f"n{n}" / "eval.json"
-            cmd = command(n, args, out)
+        for i, (n, batch) in enumerate(runs):
+            out = Path(tmp) / f"run{i}" / "eval.json"
+            cmd = command(n, batch, args, out)
             env = dict(os.environ, PEAR_CACHE=str(Path(tmp) / "cache"), PYTHONPATH=os.pathsep.join(
                 [str(REPO), os.environ.get("PYTHONPATH", "")]))
             if n > 1 and args.device == "cpu":
@@ -84,11 +94,11 @@ def main(argv=None) -> int:
             ref = ref or (outs, t["examples_per_s"])
             differ = sorted(k for k in outs if outs[k] != ref[0].get(k))
             shown = ["pear"] + cmd[3:] if n == 1 else ["torchrun"] + cmd[3:]  # as a user types it
-            rows.append({"processes": n, "command": shlex.join(shown),
+            rows.append({"processes": n, "batch_size": batch or "auto", "command": shlex.join(shown),
                          "seconds": t["seconds"], "examples": t["examples"], "examples_per_s": t["examples_per_s"],
                          "x_first": round(t["examples_per_s"] / ref[1], 3), "outputs_differing": len(differ),
                          "differing": [list(k) for k in differ[:20]]})
-            print(f"{n} process(es): {t['examples']} examples in {t['seconds']:.1f} s, {t['examples_per_s']:.1f}/s, "
+            print(f"{n} process(es), batch {batch or 'auto'}: {t['examples']} examples in {t['seconds']:.1f} s, {t['examples_per_s']:.1f}/s, "
                   f"x{rows[-1]['x_first']:.2f}, {len(differ)} outputs differ", flush=True)
     import torch
 
@@ -96,9 +106,10 @@ def main(argv=None) -> int:
     res = {"settings": {"command": shlex.join([sys.executable, *sys.argv]), **vars(args), **provenance(dev)},
            "runs": rows}
     write_text(args.out, json.dumps(res, indent=1) + "\n")
-    print(f"| processes | examples/s | × {counts[0]} | outputs differing |\n|---:|---:|---:|---:|")
+    print("| processes | rows per batch | examples/s | × first | outputs differing |\n|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['processes']} | {r['examples_per_s']:.1f} | {r['x_first']:.2f} | {r['outputs_differing']} |")
+        print(f"| {r['processes']} | {r['batch_size']} | {r['examples_per_s']:.1f} | {r['x_first']:.2f} "
+              f"| {r['outputs_differing']} |")
     return 0
 
 

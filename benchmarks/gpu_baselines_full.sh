@@ -87,7 +87,8 @@ workers)  # every baseline (VARIANTS) on the full data, data parallel over the G
 moice)  # MoICE: routers (reference recipe, SQuAD 2.0 long instructions), then base and MoICE
   for m in "${MODELS[@]}"; do
     r="$OUT/runs/$(name "$m")-moice"
-    [ -f "$r/routers.safetensors" ] || pear baseline train moice --model "$m" --device cuda --out "$r" --force \
+    # bf16 as the reference trains (flash attention); the routers themselves run in fp32
+    [ -f "$r/routers.safetensors" ] || pear baseline train moice --model "$m" --device cuda --dtype bf16 --out "$r" --force \
       > "$OUT/res/moice-train-$(name "$m").log" 2>&1
     ev "moice-$(name "$m")" --model "$m" --label base --model "$m" --variant moice --variant-option routers="$r" \
        --label moice --task $BTASKS "${LIM[@]}" "${BUCKETS[@]}"

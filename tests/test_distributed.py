@@ -209,10 +209,11 @@ def test_eval_processes_benchmark(tiny_folder, data_dir, tmp_path):
 
     out = tmp_path / "ep.json"
     assert eval_processes.main(["--model", str(tiny_folder), "--task", "closedbook", "--limit", "6", "--processes",
-                                "1,2", "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir),
+                                "1,2,2:3", "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir),
                                 "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert [r["processes"] for r in runs] == [1, 2] and all(r["examples"] == 6 for r in runs)
+    assert [(r["processes"], r["batch_size"]) for r in runs] == [(1, "auto"), (2, "auto"), (2, 3)]
+    assert all(r["examples"] == 6 for r in runs) and "--batch-size 3" in runs[2]["command"]
     assert all(r["outputs_differing"] == 0 and r["examples_per_s"] > 0 for r in runs)
     assert runs[0]["command"].startswith("pear eval") and runs[1]["command"].startswith(
         "torchrun --standalone --nproc-per-node 2 -m pear eval")

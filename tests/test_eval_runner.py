@@ -232,6 +232,8 @@ def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["models"][1]["variant"] == "positional-hidden"
     assert res["models"][1]["variant_options"] == {"dims": [5, 9], "layers": "0-1", "factor": -2}
+    assert res["models"][1]["variant_info"] == {"dims": [5, 9], "layers": [0, 1], "factor": -2.0, "search": None}
+    assert "variant_info" not in res["models"][0]
     with pytest.raises(SystemExit):
         main(["eval", "--variant", "none", "--model", str(folder), "--task", "kv", "--out", str(out)])
     with pytest.raises(PearError, match="not found in"):

@@ -125,6 +125,39 @@ def test_only_the_routers_get_gradients_and_the_model_is_untouched():
     assert hist[0]["aux"] > 1.0 and hist[0]["loss"] == pytest.approx(hist[0]["ce"] + 0.3 * hist[0]["aux"])
 
 
+def test_training_recomputes_attention_same_gradients_less_memory():
+    """With gradients on, each expert's attention is recomputed in the backward pass instead of
+    kept (a 4k-token training step otherwise outgrows a GPU): the router gradients are the same,
+    and what autograd keeps for the backward pass no longer grows with T x S."""
+    from pear.baselines.moice import MoICE
+    from pear.baselines.moice_train import sequence_loss
+
+    model = position_sensitive_tiny().eval()
+    model.config._attn_implementation = "eager"  # attention weights (T x S) kept by autograd
+    routers = Routers(2, 16, [10000, 30, 300], 3, "silu", std=1.0, seed=1)
+    seq = sequences(1, 128)[0]
+
+    def step(recompute):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        routers.zero_grad(set_to_none=True)
+        lm = MoICE(model, routers)
+        lm.checkpoint = recompute
+        with lm.active(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = sequence_loss(lm, seq, 0.3)[0]
+        loss.backward()
+        return [p.grad.clone() for p in routers.parameters()], sum(saved)
+
+    (g_kept, kept), (g_re, recomputed) = step(False), step(True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_kept, g_re))
+    assert all(a.abs().sum() > 0 for a in g_re)
+    assert recomputed < 0.6 * kept, (recomputed, kept)
+
+
 def test_training_lowers_the_loss_on_a_tiny_model():
     """Routers initialised at std 1 (the default 0.02 makes a tiny model's gradients vanish)."""
     from pear.baselines.moice import MoICE

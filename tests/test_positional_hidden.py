@@ -94,6 +94,10 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
         base = model(ids).logits
         with get_variant("positional-hidden").wrap(loaded, candidates=2, samples=2) as lm:
             got = lm(ids).logits
+            info = lm.pear_variant_info  # what `pear eval` saves as the model's variant_info
+    assert info["dims"] == [chosen["dim"]] and info["search"]["candidates"] == [7, 30]
+    assert info["search"]["validation_loss"] == {"base" if d is None else str(d): v for d, v in chosen["losses"].items()}
+    assert not hasattr(model, "pear_variant_info")  # gone with the edit
     assert chosen["candidates"] == [7, 30] and set(chosen["losses"]) == {None, 7, 30}
     assert chosen["dim"] == min((7, 30), key=lambda d: chosen["losses"][d])
     assert f"chosen {chosen['dim']}" in capsys.readouterr().err

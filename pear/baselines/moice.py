@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from ..errors import PearError
@@ -208,6 +209,12 @@ class MoICE(WrappedModel):
         self.experts = {lt: self._experts(lt, routers.bases) for lt in (types or [None])}
         self.session: _Session | None = None
         self.collect_logits = False  # training: keep every layer's router logits in the session
+        # Training backpropagates through every expert's attention in every layer. An attention
+        # function that keeps its (T x S) weights for the backward pass (eager; SDPA's math kernel)
+        # then holds 7 x layers of them: at the reference's 4k tokens more than a GPU has (Qwen2.5-
+        # Coder-0.5B ran out of an H200's memory). With gradients on, each expert's attention is
+        # recomputed in the backward pass instead (torch.utils.checkpoint): same gradients.
+        self.checkpoint = True
 
     def _experts(self, ltype, bases) -> _Experts:
         own = base_of(self.rotary, ltype)
@@ -278,15 +285,19 @@ class MoICE(WrappedModel):
         if self.session.logits is not None:
             self.session.logits.append(logits)
         w = routing_weights(logits, self.routers.top_k).to(query.dtype)  # (B, T, H, N)
+        grad = self.checkpoint and torch.is_grad_enabled()  # training: recompute attention in backward
+
+        def expert(e, query, key):  # one expert's attention output, (B, T, H, D)
+            if ex.own[e]:
+                return fn(module, query, key, value, attention_mask, **kwargs)[0]
+            d = ex.delta[e].to(query.device)
+            q = rotate(query, pos.query[:, None, :, None].float() * d)  # (B, H, T, D)
+            k = rotate(key, kpos[:, None, :, None].float() * d)  # (B, KVH, S, D)
+            return fn(module, q, k, value, attention_mask, **kwargs)[0]
+
         out = None
         for e in range(len(ex.own)):
-            if ex.own[e]:
-                o = fn(module, query, key, value, attention_mask, **kwargs)[0]
-            else:
-                d = ex.delta[e].to(query.device)
-                q = rotate(query, pos.query[:, None, :, None].float() * d)  # (B, H, T, D)
-                k = rotate(key, kpos[:, None, :, None].float() * d)  # (B, KVH, S, D)
-                o = fn(module, q, k, value, attention_mask, **kwargs)[0]  # (B, T, H, D)
+            o = checkpoint(expert, e, query, key, use_reentrant=False) if grad else expert(e, query, key)
             o = w[..., e, None] * o
             out = o if out is None else out + o
         return out, None

@@ -215,12 +215,18 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
         shown = ", ".join(f"{'base' if d is None else d}: {v:.3f}" for d, v in losses.items())
         print(f"positional-hidden: candidates {found}; validation loss {shown}; chosen {dim}", file=sys.stderr)
         dims = [] if dim is None else [dim]
+        search = {"candidates": found, "validation_loss": {"base" if d is None else str(d): v for d, v in losses.items()}}
     else:
-        dims = _int_list(dims, "dims")
+        dims, search = _int_list(dims, "dims"), None
     if any(not 0 <= d < width for d in dims):
         raise PearError(f"positional-hidden: dims must be within 0..{width - 1}, got {dims}")
     with scaled(model, dims, layers, factor):
-        yield model
+        # what was edited, for the results file (`pear eval` saves it as the model's variant_info)
+        model.pear_variant_info = {"dims": dims, "layers": layers, "factor": factor, "search": search}
+        try:
+            yield model
+        finally:
+            del model.pear_variant_info
 
 
 register(Variant("positional-hidden", "positional hidden state: one residual channel scaled (x0) in the query and "

@@ -241,6 +241,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
         with variant.wrap(loaded, **entry.options) as lm:
             decoder = _decoder(lm, label, decode)
             models_info.append(_model_info(entry, label, loaded, rows, tokens, "eager" if decoder is None else decode))
+            if getattr(lm, "pear_variant_info", None) is not None:  # what a variant chose (e.g. a searched channel)
+                models_info[-1]["variant_info"] = lm.pear_variant_info
             job = Job(lm, loaded, entry, label, mkey, rows, tokens, chat, progress, decoder)
             for task in built:
                 texts, recs, secs = run_parts(job, task, cache, parts)
