@@ -98,8 +98,8 @@ def main(argv=None) -> int:
                          "seconds": t["seconds"], "examples": t["examples"], "examples_per_s": t["examples_per_s"],
                          "x_first": round(t["examples_per_s"] / ref[1], 3), "outputs_differing": len(differ),
                          "differing": [list(k) for k in differ[:20]]})
-            print(f"{n} process(es), batch {batch or 'auto'}: {t['examples']} examples in {t['seconds']:.1f} s, {t['examples_per_s']:.1f}/s, "
-                  f"x{rows[-1]['x_first']:.2f}, {len(differ)} outputs differ", flush=True)
+            print(f"{n} process(es), batch {batch or 'auto'}: {t['examples']} examples in {t['seconds']:.1f} s, "
+                  f"{t['examples_per_s']:.1f}/s, x{rows[-1]['x_first']:.2f}, {len(differ)} outputs differ", flush=True)
     import torch
 
     dev = torch.device("cuda" if args.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")

@@ -96,7 +96,8 @@ def test_auto_search_and_choice_end_to_end(monkeypatch, capsys, smollm2_bf16):
             got = lm(ids).logits
             info = lm.pear_variant_info  # what `pear eval` saves as the model's variant_info
     assert info["dims"] == [chosen["dim"]] and info["search"]["candidates"] == [7, 30]
-    assert info["search"]["validation_loss"] == {"base" if d is None else str(d): v for d, v in chosen["losses"].items()}
+    losses = {"base" if d is None else str(d): v for d, v in chosen["losses"].items()}
+    assert info["search"]["validation_loss"] == losses
     assert not hasattr(model, "pear_variant_info")  # gone with the edit
     assert chosen["candidates"] == [7, 30] and set(chosen["losses"]) == {None, 7, 30}
     assert chosen["dim"] == min((7, 30), key=lambda d: chosen["losses"][d])

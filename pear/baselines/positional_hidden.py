@@ -215,7 +215,8 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
         shown = ", ".join(f"{'base' if d is None else d}: {v:.3f}" for d, v in losses.items())
         print(f"positional-hidden: candidates {found}; validation loss {shown}; chosen {dim}", file=sys.stderr)
         dims = [] if dim is None else [dim]
-        search = {"candidates": found, "validation_loss": {"base" if d is None else str(d): v for d, v in losses.items()}}
+        search = {"candidates": found,
+                  "validation_loss": {"base" if d is None else str(d): v for d, v in losses.items()}}
     else:
         dims, search = _int_list(dims, "dims"), None
     if any(not 0 <= d < width for d in dims):
