@@ -16,6 +16,7 @@ and the gathered outputs equal a single process's (same batches, same kernels).
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any, Sequence, TypeVar
 
@@ -46,7 +47,16 @@ def init() -> bool:
         dist.init_process_group("nccl" if per_host <= gpus else "gloo")
     else:
         dist.init_process_group("gloo")
+    # Leave the group while the interpreter is alive: a gloo group torn down at interpreter exit
+    # can abort the process ("terminate called without an active exception", SIGABRT) after the
+    # work is done (pytorch/pytorch#190489).
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

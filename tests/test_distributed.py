@@ -217,3 +217,27 @@ def test_eval_processes_benchmark(tiny_folder, data_dir, tmp_path):
     assert all(r["outputs_differing"] == 0 and r["examples_per_s"] > 0 for r in runs)
     assert runs[0]["command"].startswith("pear eval") and runs[1]["command"].startswith(
         "torchrun --standalone --nproc-per-node 2 -m pear eval")
+
+
+
+LEAVE_AT_EXIT = """
+import atexit, os, sys
+import torch.distributed as dist
+from pear import distributed
+
+# registered before init, so it runs after init's own handler (exit handlers run last in, first out)
+atexit.register(lambda: open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + "-"
+                                          + ("still-in" if dist.is_initialized() else "left")), "w").close())
+assert distributed.init()
+distributed.barrier()
+"""
+
+
+def test_processes_leave_the_group_before_interpreter_exit(tmp_path):
+    """A gloo group still alive at interpreter teardown can abort a finished process (SIGABRT,
+    "terminate called without an active exception"); `init` therefore leaves it at exit."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_AT_EXIT)
+    run = torchrun([str(tmp_path)], tmp_path, target=(str(script),))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-left", "rank1-left"]
