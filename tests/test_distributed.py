@@ -219,7 +219,6 @@ def test_eval_processes_benchmark(tiny_folder, data_dir, tmp_path):
         "torchrun --standalone --nproc-per-node 2 -m pear eval")
 
 
-
 LEAVE_AT_EXIT = """
 import atexit, os, sys
 import torch.distributed as dist

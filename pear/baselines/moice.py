@@ -285,7 +285,7 @@ class MoICE(WrappedModel):
         if self.session.logits is not None:
             self.session.logits.append(logits)
         w = routing_weights(logits, self.routers.top_k).to(query.dtype)  # (B, T, H, N)
-        grad = self.checkpoint and torch.is_grad_enabled()  # training: recompute attention in backward
+        recompute = self.checkpoint and torch.is_grad_enabled()  # training: attention again in backward
 
         def expert(e, query, key):  # one expert's attention output, (B, T, H, D)
             if ex.own[e]:
@@ -297,7 +297,7 @@ class MoICE(WrappedModel):
 
         out = None
         for e in range(len(ex.own)):
-            o = checkpoint(expert, e, query, key, use_reentrant=False) if grad else expert(e, query, key)
+            o = checkpoint(expert, e, query, key, use_reentrant=False) if recompute else expert(e, query, key)
             o = w[..., e, None] * o
             out = o if out is None else out + o
         return out, None

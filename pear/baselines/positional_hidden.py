@@ -212,11 +212,11 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
             raise PearError(f"positional-hidden: samples must be a positive integer, got {samples!r}")
         found = positional_dims(mean_hidden_states(model, samples, length, seed), candidates)
         dim, losses = choose_dim(model, tokenizer, found, layers, factor, seed)
-        shown = ", ".join(f"{'base' if d is None else d}: {v:.3f}" for d, v in losses.items())
+        named = {"base" if d is None else str(d): v for d, v in losses.items()}
+        shown = ", ".join(f"{d}: {v:.3f}" for d, v in named.items())
         print(f"positional-hidden: candidates {found}; validation loss {shown}; chosen {dim}", file=sys.stderr)
         dims = [] if dim is None else [dim]
-        search = {"candidates": found,
-                  "validation_loss": {"base" if d is None else str(d): v for d, v in losses.items()}}
+        search = {"candidates": found, "validation_loss": named}
     else:
         dims, search = _int_list(dims, "dims"), None
     if any(not 0 <= d < width for d in dims):
