@@ -118,7 +118,7 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
             raise PearError(f"preset '{spec}': expected model file {f} is missing; reinstall its package")
         return ModelSpec(spec, "preset", str(f.parent), f.name)
     p = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
+    if spec.endswith(".gguf") and not p.is_dir():  # a model folder may be named x.gguf (made from one)
         if not p.is_file():
             raise PearError(f"GGUF file not found: {p}")
         _check_gguf_magic(p)

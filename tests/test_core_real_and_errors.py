@@ -242,3 +242,14 @@ def test_gguf_tokenizer_without_merges_is_refused(smollm2):
     assert len(broken(PLAIN_TEXT)["input_ids"]) > 3 * len(PLAIN_TEXT.split())
     with pytest.raises(PearError, match=r"splits plain English into fragments \(\d+ tokens for 17 words\)"):
         check_gguf_tokenizer(broken)
+
+
+def test_model_folder_named_like_a_gguf_file_is_a_folder(tmp_path, tiny_folder):
+    """A folder converted from x.gguf is often named x.gguf; it is read as the folder it is."""
+    import shutil
+
+    d = tmp_path / "model.gguf"
+    shutil.copytree(tiny_folder, d)
+    spec = resolve_spec(str(d))
+    assert spec.kind == "folder" and spec.path == str(d.resolve())
+    assert pear.load_model(str(d)) is not None
