@@ -118,16 +118,16 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
             raise PearError(f"preset '{spec}': expected model file {f} is missing; reinstall its package")
         return ModelSpec(spec, "preset", str(f.parent), f.name)
     p = Path(spec).expanduser()
-    if spec.endswith(".gguf") and not p.is_dir():  # a model folder may be named x.gguf (made from one)
-        if not p.is_file():
-            raise PearError(f"GGUF file not found: {p}")
-        _check_gguf_magic(p)
-        return ModelSpec(spec, "gguf", str(p.resolve().parent), p.name)
-    if p.is_dir():
+    if p.is_dir():  # first: a folder converted from x.gguf may keep that name
         if not (p / "config.json").is_file():
             raise PearError(f"folder {p} has no config.json: not a Hugging Face model folder")
         _check_config(p / "config.json")
         return ModelSpec(spec, "folder", str(p.resolve()))
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise PearError(f"GGUF file not found: {p}")
+        _check_gguf_magic(p)
+        return ModelSpec(spec, "gguf", str(p.resolve().parent), p.name)
     if p.exists():
         raise PearError(f"{p} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):

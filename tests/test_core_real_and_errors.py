@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,8 +247,6 @@ def test_gguf_tokenizer_without_merges_is_refused(smollm2):
 
 def test_model_folder_named_like_a_gguf_file_is_a_folder(tmp_path, tiny_folder):
     """A folder converted from x.gguf is often named x.gguf; it is read as the folder it is."""
-    import shutil
-
     d = tmp_path / "model.gguf"
     shutil.copytree(tiny_folder, d)
     spec = resolve_spec(str(d))
