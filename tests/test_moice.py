@@ -4,6 +4,7 @@ Exactness tests decode as the harness does (left padding, position ids from the 
 cache passed back opaquely), with test_baselines' helpers.
 """
 
+import copy
 import json
 
 import pytest
@@ -179,6 +180,46 @@ def test_training_lowers_the_loss_on_a_tiny_model():
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[0]["aux"] == pytest.approx(3.0)  # K = N: the constant N
 
 
+def test_micro_batches_of_unequal_sequences_give_the_same_training():
+    """Several right-padded sequences per forward pass: the same per-sequence losses and router
+    updates as one sequence at a time (padding after a sequence is invisible to it)."""
+    model = position_sensitive_tiny()
+    data = [s[:n] for s, n in zip(sequences(5, 48), [48, 30, 41, 17, 48])]
+    runs = []
+    for micro in (1, 2, 5):
+        routers = Routers(2, 16, [10000, 30, 300], 2, "silu", std=1.0, seed=1)
+        hist = train_routers(model, routers, data, steps=2, batch=5, lr=3e-2, aux_coef=0.3, micro_batch=micro)
+        runs.append((hist, [p.detach().clone() for p in routers.parameters()]))
+    (h1, p1), *others = runs
+    assert h1[0]["aux"] > 1.0  # K < N: the balancing term is live, so per-sequence rows matter
+    for h, ps in others:
+        for a, b in zip(h1, h):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["aux"] == pytest.approx(b["aux"], rel=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(p1, ps))
+    assert any((a - b).abs().max() > 0 for a, b in zip(p1, Routers(2, 16, [10000, 30, 300], 2, "silu", std=1.0,
+                                                                   seed=1).parameters()))  # it trained
+
+
+def test_a_resumed_training_equals_an_uninterrupted_one():
+    model = position_sensitive_tiny()
+    data = sequences(4, 32)
+
+    def fresh():
+        return Routers(2, 16, [10000, 30, 300], 2, "silu", std=1.0, seed=1)
+
+    whole = fresh()
+    h_whole = train_routers(model, whole, data, steps=3, batch=2, lr=3e-2, aux_coef=0.3)
+    states = []
+    first = fresh()
+    train_routers(model, first, data, steps=1, batch=2, lr=3e-2, aux_coef=0.3,
+                  on_step=lambda st: states.append(copy.deepcopy(st)))
+    resumed = fresh()
+    h = train_routers(model, resumed, data, steps=3, batch=2, lr=3e-2, aux_coef=0.3, resume=states[-1])
+    assert [x["step"] for x in h] == [1, 2, 3]
+    assert [x["loss"] for x in h] == [x["loss"] for x in h_whole]
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+
+
 def test_routers_save_load_and_refuse_a_mismatch(tmp_path):
     model = tiny("llama")
     r = Routers.for_model(model, bases=[10000, 20000], top_k=1, seed=4)
@@ -224,6 +265,9 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err and not out.exists()
     assert main(["baseline", "train", "moice", "--out", str(out), "--bases", "x,y"]) == 2
     assert "--bases" in capsys.readouterr().err and not out.exists()
+    assert main(["baseline", "train", "moice", "--out", str(out), "--micro-batch", "0"]) == 2
+    assert "--micro-batch" in capsys.readouterr().err and not out.exists()
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.real
@@ -246,3 +290,33 @@ def test_real_model_train_save_and_evaluate(smollm2, tmp_path, data_dir):
         got = decode(lm, enc.input_ids, enc.attention_mask, steps=2)
     assert torch.isfinite(got).all() and (got - base).abs().max() > 1e-3
     assert torch.equal(before, smollm2.model.model.layers[0].self_attn.o_proj.weight)
+
+
+@pytest.mark.real
+def test_real_model_training_resumes_after_an_interruption(smollm2, tmp_path, data_dir, monkeypatch):
+    """Stopped after its first step, the same call continues from DIR.resume.pt: the routers equal
+    an uninterrupted run's, and the state file is gone once the routers are saved."""
+    import pear.loading
+    from pear.baselines.moice_train import resume_file, train_moice
+
+    monkeypatch.setattr(pear.loading, "load_model", lambda *a, **k: smollm2)  # loaded once
+    kw = dict(steps=2, batch=1, seq_len=64, lr=1e-2, dtype="fp32", device="cpu", data_dir=data_dir)
+    train_moice("smollm2-135m", tmp_path / "whole", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(h):
+        if h["step"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_moice("smollm2-135m", tmp_path / "r", progress=stop_after_first, **kw)
+    assert resume_file(tmp_path / "r").is_file() and not (tmp_path / "r").exists()
+    said = []
+    s = train_moice("smollm2-135m", tmp_path / "r", log=said.append, **kw)
+    assert said and "after step 1 of 2" in said[0] and s["training"]["resumed_after_step"] == 1
+    assert not resume_file(tmp_path / "r").exists()
+    a, b = Routers.load(tmp_path / "whole"), Routers.load(tmp_path / "r")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert [h["step"] for h in s["history"]] == [1, 2]

@@ -18,12 +18,17 @@ question, then the answer as the assistant's turn (the model's chat template whe
 one). No evaluation task in the tables uses SQuAD (mdqa uses it only with the non-default
 distractor pool nq+squad). Everything else is the reference's; all of it is an option and is
 saved with the routers (moice.json), with the loss of every step.
+
+A step of 128 sequences of 4k tokens takes minutes even on a GPU, so the state after every step
+is kept beside the output folder (``DIR.resume.pt``) and the same command continues an
+interrupted run from it; ``--micro-batch`` runs several sequences per forward pass.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -88,27 +93,54 @@ def build_sequences(tokenizer, data_dir, n: int, seq_len: int, seed: int = 0) ->
 
 
 # ---------------------------------------------------------------------------- training
-def sequence_loss(lm, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, float, float]:
-    """Cross-entropy on every next token of one sequence + aux_coef x the load-balancing loss."""
+def batch_loss(lm, seqs: list[torch.Tensor], aux_coef: float) -> tuple[torch.Tensor, list[tuple[float, float, float]]]:
+    """Sum over `seqs` of each sequence's loss: cross-entropy on its every next token + aux_coef x
+    the load-balancing loss over its own (token, head) rows, as when it runs alone (the reference
+    trains one sequence per device). Sequences are right-padded into one (B, T) batch without a
+    mask: causal attention never lets a real token see the padding after it and positions start
+    at 0 in every row, so each row's real tokens compute what they would alone. Also returns
+    (loss, ce, aux) per sequence."""
     from .moice import load_balancing_loss
 
-    ids = ids.to(next(lm.model.parameters()).device)[None]  # (1, T)
+    lens = [len(x) for x in seqs]
+    ids = torch.zeros(len(seqs), max(lens), dtype=torch.long)  # (B, T), right-padded with token 0
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = x
+    ids = ids.to(next(lm.model.parameters()).device)
     lm.collect_logits = True
     try:
         out = lm(input_ids=ids, use_cache=False)
     finally:
         lm.collect_logits = False
-    ce = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:])
-    aux = load_balancing_loss(lm.last_logits, lm.routers.top_k)
-    return ce + aux_coef * aux, ce.item(), aux.item()
+    total, parts = 0.0, []
+    for b, n in enumerate(lens):
+        ce = torch.nn.functional.cross_entropy(out.logits[b, :n - 1].float(), ids[b, 1:n])
+        aux = load_balancing_loss([x[b, :n] for x in lm.last_logits], lm.routers.top_k)  # (n, H, N) each
+        loss = ce + aux_coef * aux
+        total = total + loss
+        parts.append((loss.item(), ce.item(), aux.item()))
+    return total, parts
+
+
+def sequence_loss(lm, ids: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, float, float]:
+    """One sequence's loss (a batch of one): (loss, ce, aux)."""
+    loss, [(_, ce, aux)] = batch_loss(lm, [ids], aux_coef)
+    return loss, ce, aux
 
 
 def train_routers(model, routers, sequences: list[torch.Tensor], *, steps: int, batch: int, lr: float,
-                  aux_coef: float, max_grad_norm: float = 1.0, seed: int = 0, progress=None) -> list[dict]:
-    """AdamW on the routers only; each step averages `batch` sequences' losses. Returns the history.
-    The model's weights are never changed and its requires_grad flags are put back."""
+                  aux_coef: float, max_grad_norm: float = 1.0, seed: int = 0, micro_batch: int = 1,
+                  resume: dict | None = None, on_step=None, progress=None) -> list[dict]:
+    """AdamW on the routers only; each step averages `batch` sequences' losses, run `micro_batch`
+    sequences per forward pass (the same gradient up to rounding; fewer, larger kernels on a GPU).
+    `resume`: a state from `on_step` (routers, optimizer, history) to continue from; the data
+    order is a function of `seed` alone, so a resumed run sees the sequences an uninterrupted one
+    would. `on_step(state)` is called after every step. Returns the history. The model's weights
+    are never changed and its requires_grad flags are put back."""
     from .moice import MoICE
 
+    if micro_batch < 1:
+        raise PearError(f"--micro-batch must be >= 1, got {micro_batch}")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sequences), generator=g).tolist()
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -117,23 +149,30 @@ def train_routers(model, routers, sequences: list[torch.Tensor], *, steps: int, 
     routers.train()
     params = list(routers.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    hist, k = [], 0
+    hist = []
+    if resume is not None:
+        routers.load_state_dict(resume["routers"])
+        opt.load_state_dict(resume["optimizer"])
+        hist = list(resume["history"])
     lm = MoICE(model, routers)
     try:
         with lm.active():
-            for step in range(steps):
+            for step in range(len(hist), steps):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                tot = ce_sum = aux_sum = 0.0
-                for _ in range(batch):
-                    loss, ce, aux = sequence_loss(lm, sequences[order[k % len(order)]], aux_coef)
-                    k += 1
+                idx = [order[(step * batch + i) % len(order)] for i in range(batch)]
+                parts = []
+                for j in range(0, batch, micro_batch):
+                    loss, p = batch_loss(lm, [sequences[i] for i in idx[j:j + micro_batch]], aux_coef)
                     (loss / batch).backward()
-                    tot, ce_sum, aux_sum = tot + loss.item(), ce_sum + ce, aux_sum + aux
+                    parts += p
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
-                hist.append({"step": step + 1, "loss": tot / batch, "ce": ce_sum / batch, "aux": aux_sum / batch,
-                             "grad_norm": float(norm), "seconds": time.perf_counter() - t0})
+                tot, ce, aux = (sum(x) / batch for x in zip(*parts))
+                hist.append({"step": step + 1, "loss": tot, "ce": ce, "aux": aux, "grad_norm": float(norm),
+                             "seconds": time.perf_counter() - t0})
+                if on_step is not None:
+                    on_step({"routers": routers.state_dict(), "optimizer": opt.state_dict(), "history": hist})
                 if progress is not None:
                     progress(hist[-1])
     finally:
@@ -147,8 +186,13 @@ def train_moice(model_spec: str | None, out, *, steps: int = DEFAULTS["steps"], 
                 seq_len: int = DEFAULTS["seq_len"], lr: float = DEFAULTS["lr"], aux_coef: float = DEFAULTS["aux_coef"],
                 max_grad_norm: float = DEFAULTS["max_grad_norm"], bases=None, top_k: int | None = None,
                 seed: int = DEFAULTS["seed"], data_dir=None, dtype: str = "auto", device: str = "auto",
-                force: bool = False, progress=None) -> dict:
-    """Train routers for `model_spec` on SQuAD instructions and save them in `out` (atomically)."""
+                micro_batch: int = 1, force: bool = False, progress=None, log=None) -> dict:
+    """Train routers for `model_spec` on SQuAD instructions and save them in `out` (atomically).
+
+    After every step the routers, optimizer state and history go to `resume_file(out)`; the same
+    command run again after an interruption continues from there (only when every setting but
+    `micro_batch` and `device` is the same), and the file is removed once `out` is written."""
+    from ..atomic import open_atomic
     from ..folding import AtomicDir, check_out_dir
     from ..loading import load_model, parse_device
     from .moice import DEFAULT_BASES, MoICE, Routers
@@ -156,6 +200,8 @@ def train_moice(model_spec: str | None, out, *, steps: int = DEFAULTS["steps"], 
     bases = DEFAULT_BASES if bases is None else bases
     if steps < 1 or batch < 1 or seq_len < 16 or lr <= 0 or aux_coef < 0:
         raise PearError("--steps and --batch must be >= 1, --seq-len >= 16, --lr > 0, --aux-coef >= 0")
+    if micro_batch < 1:
+        raise PearError(f"--micro-batch must be >= 1, got {micro_batch}")
     check_out_dir(out, force)
     loaded = load_model(model_spec, dtype=dtype, device=parse_device(device))
     window = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
@@ -164,9 +210,29 @@ def train_moice(model_spec: str | None, out, *, steps: int = DEFAULTS["steps"], 
     routers = Routers.for_model(loaded.model, bases=bases, top_k=top_k, seed=seed)
     torch.manual_seed(seed)
     seqs, data_info = build_sequences(loaded.tokenizer, data_dir, min(steps * batch, 20000), seq_len, seed)
+    dt = str(next(loaded.model.parameters()).dtype)
+    key = {"model": str(model_spec or "smollm2-135m"), "parameters": sum(p.numel() for p in loaded.model.parameters()),
+           "dtype": dt, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "aux_coef": aux_coef,
+           "max_grad_norm": max_grad_norm, "bases": list(bases), "top_k": routers.top_k, "seed": seed,
+           "data": data_info}
+    state_file, resume = resume_file(out), None
+    if state_file.is_file():
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        if saved.get("key") == key and len(saved["history"]) < steps:
+            resume = saved
+            if log:
+                log(f"resuming from {state_file} after step {len(saved['history'])} of {steps}")
+        elif log:
+            log(f"{state_file} holds a run with other settings; starting over")
+
+    def save_state(state):
+        with open_atomic(state_file, "wb") as f:
+            torch.save({"key": key, **state}, f)
+
     t0 = time.perf_counter()
     hist = train_routers(loaded.model, routers, seqs, steps=steps, batch=batch, lr=lr, aux_coef=aux_coef,
-                         max_grad_norm=max_grad_norm, seed=seed, progress=progress)
+                         max_grad_norm=max_grad_norm, seed=seed, micro_batch=micro_batch, resume=resume,
+                         on_step=save_state, progress=progress)
     from .. import __version__
 
     routers.info = {"model": str(model_spec or "smollm2-135m"), "model_type": loaded.model.config.model_type,
@@ -174,10 +240,19 @@ def train_moice(model_spec: str | None, out, *, steps: int = DEFAULTS["steps"], 
                     "training": {"steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "schedule": "constant",
                                  "optimizer": "AdamW (weight decay 0)", "aux_coef": aux_coef,
                                  "max_grad_norm": max_grad_norm, "loss": "cross-entropy on every token + aux_coef x "
-                                 "load balancing", "seed": seed, "dtype": str(next(loaded.model.parameters()).dtype),
+                                 "load balancing", "seed": seed, "dtype": dt, "micro_batch": micro_batch,
                                  "device": str(next(loaded.model.parameters()).device),
-                                 "seconds": time.perf_counter() - t0, "pear": __version__},
+                                 "resumed_after_step": len(resume["history"]) if resume else 0,
+                                 "seconds": sum(h["seconds"] for h in hist),
+                                 "seconds_this_run": time.perf_counter() - t0, "pear": __version__},
                     "data": data_info, "history": hist}
     with AtomicDir(out, force) as tmp:
         routers.save(tmp)
+    state_file.unlink(missing_ok=True)
     return routers.settings()
+
+
+def resume_file(out) -> Path:
+    """Where an unfinished training of `out` keeps its state: beside `out`, not inside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".resume.pt")

@@ -24,7 +24,8 @@ def add_cli(sub) -> None:
     m = tsub.add_parser("moice", help="MoICE routers on SQuAD 2.0 long instructions (model frozen)",
                         description=moice_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(m)
-    m.add_argument("--out", required=True, metavar="DIR", help="folder for routers.safetensors and moice.json")
+    m.add_argument("--out", required=True, metavar="DIR", help="folder for routers.safetensors and moice.json; until "
+                   "it is written, DIR.resume.pt keeps each step, and the same command continues from it")
     m.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps (default 7)")
     m.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="sequences per step (default 128)")
     m.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="tokens per sequence, at most (4096)")
@@ -33,6 +34,9 @@ def add_cli(sub) -> None:
     m.add_argument("--bases", default=None, help="comma list of RoPE bases for a base-10000 model, scaled to the "
                    "model's own base (default 10000,17500,18000,19000,20000,22500,25000)")
     m.add_argument("--top-k", type=int, default=None, help="experts kept per token and head (default: all)")
+    m.add_argument("--micro-batch", type=int, default=1, metavar="N",
+                   help="sequences per forward pass (default 1; the same gradient up to rounding, faster on a GPU "
+                   "with memory to spare)")
     m.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     m.add_argument("--data-dir", default=None, help="data folder (default $PEAR_DATA)")
     m.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -58,7 +62,8 @@ def _cli_train_moice(args: argparse.Namespace) -> int:
 
     s = train_moice(args.model, args.out, steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
                     aux_coef=args.aux_coef, bases=bases, top_k=args.top_k, seed=args.seed, data_dir=args.data_dir,
-                    dtype=args.dtype, device=args.device, force=args.force, progress=progress)
+                    dtype=args.dtype, device=args.device, micro_batch=args.micro_batch, force=args.force,
+                    progress=progress, log=lambda m: print(m, file=sys.stderr))
     h = s["history"]
     print(f"moice routers: {s['n_layers']} layers x {len(s['bases'])} experts (top-{s['top_k']}); loss "
           f"{h[0]['loss']:.4f} -> {h[-1]['loss']:.4f}; saved {args.out}")
