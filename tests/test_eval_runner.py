@@ -303,6 +303,33 @@ def test_out_of_memory_batch_is_split_after_its_memory_is_freed():
         _split_on_oom(lambda b: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), [0])
 
 
+def test_an_option_naming_files_is_keyed_on_their_content(tiny, data_dir, tmp_path, monkeypatch):
+    """MoICE's routers=DIR: routers trained again into the same folder are computed anew; the
+    same routers copied elsewhere reuse their results."""
+    import shutil
+
+    from pear.baselines.moice import Routers
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    folder, copy = tmp_path / "routers", tmp_path / "copy"
+    folder.mkdir()
+    Routers.for_model(tiny.model, seed=1).save(folder)
+    shutil.copytree(folder, copy)
+    calls = []
+    real = runner_mod.run_task
+    monkeypatch.setattr(runner_mod, "run_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(data_dir=data_dir, limit=2, progress=False, n_resamples=100, max_new_tokens=3,
+              parts_dir=tmp_path / "parts")
+    run = lambda f: evaluate([ModelEntry(tiny, "moice", label="moice", options={"routers": str(f)})],
+                             ["closedbook"], **kw)
+    run(folder)
+    run(copy)
+    assert calls == [1]
+    Routers.for_model(tiny.model, seed=2).save(folder)
+    run(folder)
+    assert calls == [1, 1]
+
+
 def test_table_and_plot_when_a_model_misses_a_task(tmp_path, monkeypatch):
     """A results file assembled with --parts only can lack a model on some tasks: the table
     shows '-', the plot draws no line there, and the legend still names every model once,

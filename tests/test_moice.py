@@ -84,6 +84,22 @@ def test_experts_are_mixed_by_the_routing_weights():
     torch.testing.assert_close(outs[2], w[0] * outs[0] + w[1] * outs[1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", list(TINY) + ["gpt_neox"])
+def test_experts_stacked_in_one_call_equal_experts_one_by_one(model_type):
+    """Inference runs the seven experts in one attention call; prefill and cached decoding with
+    left padding give the logits of running them one after the other (GQA, two RoPE bases per
+    model with a sliding window, partial rotary)."""
+    model = tiny(model_type, **TINY.get(model_type, {}))
+    ids, mask = batch()
+    with get_variant("moice").wrap(model, routers=Routers.for_model(model, top_k=3, seed=2)) as lm:
+        assert lm.stack
+        stacked = decode(lm, ids, mask)
+        lm.stack = False
+        one_by_one = decode(lm, ids, mask)
+    torch.testing.assert_close(stacked, one_by_one, rtol=0, atol=1e-6)  # fp32 rounding of a batched kernel
+    assert (stacked - decode(model, ids, mask)).abs().max() > 2e-5  # the experts do change the model
+
+
 def test_routing_weights_and_balance_loss_follow_the_reference():
     z = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     w = routing_weights(z, 2)

@@ -37,8 +37,9 @@ Deviations (ours):
   and let the model's attention function group them (same result, less memory);
 - the router runs in fp32 (reference: the model's dtype, bf16); partial rotary (Phi,
   GPT-NeoX) rotates only the rotary part, as the model does;
-- experts run one after the other (the reference stacks them in the batch of one flash call):
-  the same arithmetic, with one expert's attention in memory at a time.
+- inference stacks the experts in the batch of one attention call, as the reference does;
+  training runs them one after the other, each recomputed in the backward pass (one expert's
+  attention in memory at a time): the same arithmetic.
 An expert whose base is the model's own makes the original attention call unchanged, so with
 bases=[10000] (one expert, weight 1) logits are exactly the base model's.
 """
@@ -215,6 +216,7 @@ class MoICE(WrappedModel):
         # Coder-0.5B ran out of an H200's memory). With gradients on, each expert's attention is
         # recomputed in the backward pass instead (torch.utils.checkpoint): same gradients.
         self.checkpoint = True
+        self.stack = True  # inference: every expert in one attention call (False: one after the other)
 
     def _experts(self, ltype, bases) -> _Experts:
         own = base_of(self.rotary, ltype)
@@ -295,12 +297,31 @@ class MoICE(WrappedModel):
             k = rotate(key, kpos[:, None, :, None].float() * d)  # (B, KVH, S, D)
             return fn(module, q, k, value, attention_mask, **kwargs)[0]
 
+        if recompute or not self.stack or len(ex.own) == 1:
+            outs = [checkpoint(expert, e, query, key, use_reentrant=False) if recompute else expert(e, query, key)
+                    for e in range(len(ex.own))]
+        else:
+            outs = self._stacked(ex, fn, module, query, key, value, attention_mask, kpos, **kwargs)
         out = None
-        for e in range(len(ex.own)):
-            o = checkpoint(expert, e, query, key, use_reentrant=False) if recompute else expert(e, query, key)
+        for e, o in enumerate(outs):  # the same sum, in the same order, either way
             o = w[..., e, None] * o
             out = o if out is None else out + o
         return out, None
+
+    def _stacked(self, ex, fn, module, query, key, value, attention_mask, kpos, **kwargs):
+        """Every expert's attention in one call, the experts stacked in the batch as the reference
+        does: one kernel launch per layer instead of one per expert (decoding is launch-bound).
+        An expert at the model's own base is rotated by angle 0, which leaves q and k as they are."""
+        E, B = len(ex.own), query.shape[0]
+        d = ex.delta.to(query.device)[:, None, None, None, :]  # (E, 1, 1, 1, F)
+        q = rotate(query[None], self.session.positions.query[None, :, None, :, None].float() * d)  # (E, B, H, T, D)
+        k = rotate(key[None], kpos[None, :, None, :, None].float() * d)  # (E, B, KVH, S, D)
+        v = value[None].expand(E, *value.shape)  # (E, B, KVH, S, D)
+        m = attention_mask
+        if m is not None and m.shape[0] == B:
+            m = m[None].expand(E, *m.shape).flatten(0, 1)  # (E*B, 1, T, S)
+        o = fn(module, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), m, **kwargs)[0]  # (E*B, T, H, D)
+        return o.unflatten(0, (E, B)).unbind(0)  # E x (B, T, H, D)
 
 
 # ---------------------------------------------------------------------------- registry

@@ -122,7 +122,7 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     out = xr * emb.cos() + rotate_half(xr) * emb.sin()
     if rd == x.shape[-1]:
         return out.to(x.dtype)
-    return torch.cat((out.to(x.dtype), x[..., rd:]), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rd:].expand(*out.shape[:-1], -1)), dim=-1)  # angles may broadcast x
 
 
 @dataclass

@@ -8,7 +8,8 @@ bytes, plus config.json and generation_config.json); each file's hash is remembe
 Copying, moving or touching a model keeps its results; changing one weight does not. A model
 handed over in memory (a `LoadedModel`) is keyed on its tensors, since it may differ from
 its files. A folder holding only an adapter (no config.json) and a `pear.json` naming its
-base is keyed on its files plus the base's key.
+base is keyed on its files plus the base's key. A variant option that names local files (MoICE's
+routers=DIR) enters the key by their content, as a model does.
 
 Results are saved in parts of PART_SIZE examples, each as soon as it is done, as
 LABEL__TASK__KEY.json.gz; a part is found by task and key alone, so a renamed --label reuses it.
@@ -104,6 +105,22 @@ def model_key(spec, loaded: LoadedModel) -> str:
     return key or tensors_sha256(loaded.model)
 
 
+def options_key(options: dict) -> dict:
+    """A variant's options as they enter the key: an option naming a local file or folder (MoICE's
+    trained routers) by its files' content, so that routers trained again in the same folder are
+    not mistaken for the old ones and a copied folder keeps its results."""
+    def content(v):
+        p = Path(str(v))
+        if not isinstance(v, (str, os.PathLike)) or not str(v) or not p.exists():
+            return v
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.relative_to(p) if p.is_dir() else ''}\x00{file_sha256(f)}\x01".encode())
+        return f"sha256:{h.hexdigest()}"
+    return {k: content(v) for k, v in options.items()}
+
+
 def part_key(model: str, variant: str, options: dict, task, texts: list[str], ids: list[list[int]],
              settings: dict) -> str:
     """Key of one part: model content key, variant and options, the task's examples as the
@@ -112,7 +129,7 @@ def part_key(model: str, variant: str, options: dict, task, texts: list[str], id
     h = hashlib.sha256()
     for e, t, x in zip(task.examples, texts, ids):
         h.update(f"{e.id}\x00{e.condition}\x00{t}\x00{x}\x00{e.answers}\x01".encode())
-    key = {"v": KEY_VERSION, "model": model, "variant": variant, "options": options, "task": task.name,
+    key = {"v": KEY_VERSION, "model": model, "variant": variant, "options": options_key(options), "task": task.name,
            "kind": task.kind, "max_new_tokens": task.max_new_tokens, "choices": task.choices,
            "prompts": h.hexdigest(), **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
