@@ -15,7 +15,7 @@
 #   workers     on a machine of several GPUs: every baseline (VARIANTS) on the full data, one
 #               `torchrun` of WORKERS (2) processes per GPU (data parallel, sharing OUT/parts)
 #   moice       MoICE: train its routers on each MODEL (`pear baseline train moice`,
-#               OUT/runs/<model>-moice; MOICE_MICRO sequences per forward pass, default 1; a
+#               OUT/runs/<model>-moice; MOICE_MICRO sequences per forward pass, default 8; a
 #               training cut short continues from its .resume.pt when run again), then base and MoICE on the first LIMIT items of BTASKS
 #   assemble    once the workers are done: one results JSON per model from the parts alone
 #               (`--parts only`; nothing is computed)
@@ -90,7 +90,7 @@ moice)  # MoICE: routers (reference recipe, SQuAD 2.0 long instructions), then b
     r="$OUT/runs/$(name "$m")-moice"
     # bf16 as the reference trains (flash attention); the routers themselves run in fp32
     [ -f "$r/routers.safetensors" ] || pear baseline train moice --model "$m" --device cuda --dtype bf16 --out "$r" --force \
-      --micro-batch ${MOICE_MICRO:-1} \
+      --micro-batch ${MOICE_MICRO:-8} \
       >> "$OUT/res/moice-train-$(name "$m").log" 2>&1
     ev "moice-$(name "$m")" --model "$m" --label base --model "$m" --variant moice --variant-option routers="$r" \
        --label moice --task $BTASKS "${LIM[@]}" "${BUCKETS[@]}"
