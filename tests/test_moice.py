@@ -91,13 +91,42 @@ def test_experts_stacked_in_one_call_equal_experts_one_by_one(model_type):
     model with a sliding window, partial rotary)."""
     model = tiny(model_type, **TINY.get(model_type, {}))
     ids, mask = batch()
-    with get_variant("moice").wrap(model, routers=Routers.for_model(model, top_k=3, seed=2)) as lm:
+    routers = Routers.for_model(model, top_k=3, seed=2)
+    with get_variant("moice").wrap(model, routers=routers) as lm:
         assert lm.stack
         stacked = decode(lm, ids, mask)
-        lm.stack = False
+    with get_variant("moice").wrap(model, routers=routers, stack=False) as lm:
         one_by_one = decode(lm, ids, mask)
     torch.testing.assert_close(stacked, one_by_one, rtol=0, atol=1e-6)  # fp32 rounding of a batched kernel
     assert (stacked - decode(model, ids, mask)).abs().max() > 2e-5  # the experts do change the model
+
+
+def test_decoding_rotates_only_the_new_keys(monkeypatch):
+    """The experts' rotated keys travel with the cache: after the prefill, a step rotates one
+    query and one key per layer, not the whole cache; cutting rows keeps them in step."""
+    import pear.baselines.moice as moice_mod
+
+    model = tiny("llama")
+    ids, mask = batch()
+    sizes, real = [], moice_mod.rotate
+    monkeypatch.setattr(moice_mod, "rotate", lambda x, a: sizes.append(x.shape[-2]) or real(x, a))
+    with get_variant("moice").wrap(model, routers=Routers.for_model(model, top_k=3, seed=2)) as lm, torch.no_grad():
+        got = decode(lm, ids, mask, steps=4)
+        assert sizes == [24] * 2 * 4 + [1] * 2 * 4 * 4  # prefill: q and k of 4 layers; then 4 steps
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True)
+        keep = torch.tensor([0, 2])
+        assert lm.select_cache_rows(out.past_key_values, keep, 2)
+        nxt = out.logits[keep, -1].argmax(-1, keepdim=True)
+        m2 = torch.cat([mask[keep], torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        sizes.clear()
+        step = lm(input_ids=nxt, attention_mask=m2, position_ids=pos[keep, -1:] + 1,
+                  past_key_values=out.past_key_values, use_cache=True)
+        assert sizes == [1] * 2 * 4
+        lm.stack = False
+        ref = decode(lm, ids[keep], mask[keep], steps=1)
+    torch.testing.assert_close(step.logits[:, -1].float(), ref[:, 1], rtol=0, atol=1e-5)
+    assert got.shape[0] == 3
 
 
 def test_routing_weights_and_balance_loss_follow_the_reference():
@@ -259,6 +288,9 @@ def test_routers_save_load_and_refuse_a_mismatch(tmp_path):
             pass
     with pytest.raises(PearError, match="needs trained routers"):
         with get_variant("moice").wrap(model):
+            pass
+    with pytest.raises(PearError, match="stack must be true or false"):
+        with get_variant("moice").wrap(model, routers=str(tmp_path), stack="yes"):
             pass
     with pytest.raises(PearError, match="only with routers=init"):
         with get_variant("moice").wrap(model, routers=str(tmp_path), top_k=2):

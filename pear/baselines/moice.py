@@ -67,6 +67,7 @@ DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0)
 DEFAULT_TOP_K = 7
 ROUTERS_FILE, SETTINGS_FILE = "routers.safetensors", "moice.json"
 _ATTR = "_pear_moice"
+_KEYS = "_pear_moice_keys"  # on a cache filled through the wrapper: every expert's rotated keys, per layer
 _PREFIX = "pear_moice_"
 
 
@@ -190,6 +191,8 @@ class _Session:
     def __init__(self):
         self.positions: Positions | None = None
         self.logits: list[torch.Tensor] | None = None
+        self.prev_keys: dict = {}  # layer -> (E, B, KVH, S, D) rotated keys of the cache passed in
+        self.keys: dict | None = None  # the same after this forward (None: no cache is returned)
 
 
 # ---------------------------------------------------------------------------- the wrapped model
@@ -256,15 +259,19 @@ class MoICE(WrappedModel):
         self.session = _Session()
         self.session.positions = pos
         self.session.logits = [] if self.collect_logits else None
+        self.session.prev_keys = (getattr(past_key_values, _KEYS, None) if past_key_values is not None else None) or {}
+        self.session.keys = {} if (self.model.config.use_cache if use_cache is None else use_cache) else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds,
                              **kwargs)
             self.last_logits = self.session.logits
+            keys = self.session.keys
         finally:
             self.session = None
         if getattr(out, "past_key_values", None) is not None:
             setattr(out.past_key_values, _ATTR, pos)
+            setattr(out.past_key_values, _KEYS, keys or {})
         return out
 
     def select_cache_rows(self, past, keep: torch.Tensor, rows: int) -> bool:
@@ -274,6 +281,7 @@ class MoICE(WrappedModel):
             return False
         past.batch_select_indices(keep)
         setattr(past, _ATTR, p.rows(keep))
+        setattr(past, _KEYS, {layer: k[:, keep] for layer, k in (getattr(past, _KEYS, None) or {}).items()})
         return True
 
     # -- one layer: route, run each expert, mix; called from the registered attention function
@@ -301,21 +309,32 @@ class MoICE(WrappedModel):
             outs = [checkpoint(expert, e, query, key, use_reentrant=False) if recompute else expert(e, query, key)
                     for e in range(len(ex.own))]
         else:
-            outs = self._stacked(ex, fn, module, query, key, value, attention_mask, kpos, **kwargs)
+            outs = self._stacked(layer, ex, fn, module, query, key, value, attention_mask, kpos, **kwargs)
         out = None
         for e, o in enumerate(outs):  # the same sum, in the same order, either way
             o = w[..., e, None] * o
             out = o if out is None else out + o
         return out, None
 
-    def _stacked(self, ex, fn, module, query, key, value, attention_mask, kpos, **kwargs):
+    def _stacked(self, layer, ex, fn, module, query, key, value, attention_mask, kpos, **kwargs):
         """Every expert's attention in one call, the experts stacked in the batch as the reference
         does: one kernel launch per layer instead of one per expert (decoding is launch-bound).
-        An expert at the model's own base is rotated by angle 0, which leaves q and k as they are."""
-        E, B = len(ex.own), query.shape[0]
+        An expert at the model's own base is rotated by angle 0, which leaves q and k as they are.
+        Each expert's rotated keys are kept with the cache, so a decoding step rotates only its
+        new keys (re-rotating a 4k-token cache seven times per layer and step costs more than the
+        step itself at evaluation batch sizes); the rotation of a key does not depend on when it
+        is made, so the keys are the same either way, for E x the key cache's memory."""
+        E, B, T, S = len(ex.own), query.shape[0], query.shape[2], key.shape[2]
         d = ex.delta.to(query.device)[:, None, None, None, :]  # (E, 1, 1, 1, F)
         q = rotate(query[None], self.session.positions.query[None, :, None, :, None].float() * d)  # (E, B, H, T, D)
-        k = rotate(key[None], kpos[None, :, None, :, None].float() * d)  # (E, B, KVH, S, D)
+        prev = self.session.prev_keys.get(layer)
+        if prev is not None and prev.shape[1] == B and S > T and prev.shape[3] >= S - T:  # the new keys come last
+            new = rotate(key[None, :, :, S - T:], kpos[None, :, None, S - T:, None].float() * d)  # (E, B, KVH, T, D)
+            k = torch.cat([prev[:, :, :, prev.shape[3] - (S - T):], new], dim=3)  # (E, B, KVH, S, D)
+        else:
+            k = rotate(key[None], kpos[None, :, None, :, None].float() * d)  # (E, B, KVH, S, D)
+        if self.session.keys is not None:
+            self.session.keys[layer] = k
         v = value[None].expand(E, *value.shape)  # (E, B, KVH, S, D)
         m = attention_mask
         if m is not None and m.shape[0] == B:
@@ -326,12 +345,17 @@ class MoICE(WrappedModel):
 
 # ---------------------------------------------------------------------------- registry
 @contextlib.contextmanager
-def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: int = 0):
+def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: int = 0, stack: bool = True):
     """``with wrap(loaded, routers=DIR) as lm:`` -- `lm(...)` runs the model under MoICE.
 
     routers: a folder from `pear baseline train moice`, a `Routers` object, or "init" for
     untrained routers (seeded; for tests and cost measurements, not for accuracy).
-    bases / top_k: only with routers="init" (trained routers carry their own)."""
+    bases / top_k: only with routers="init" (trained routers carry their own).
+    stack: the experts in one attention call, their rotated keys kept with the cache (fewer
+    launches, E x the key cache); False: one expert after another, re-rotating the cache (the
+    memory of base; on 2 CPU cores, where copies cost more than launches, no slower)."""
+    if not isinstance(stack, bool):
+        raise PearError(f"moice: stack must be true or false, got {stack!r}")
     model = unwrap(loaded)
     if routers is None:
         raise PearError("moice needs trained routers: --variant-option routers=DIR (from `pear baseline train "
@@ -343,6 +367,7 @@ def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: in
             raise PearError("moice: bases and top_k come with trained routers; set them only with routers=init")
         r = routers if isinstance(routers, Routers) else Routers.load(routers)
     lm = MoICE(model, r)
+    lm.stack = stack
     with lm.active():
         yield lm
 
