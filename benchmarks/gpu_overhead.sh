@@ -5,8 +5,8 @@
 #   benchmarks/gpu_overhead.sh smollm2-135m runs/smollm2/model benchmarks/results
 #   benchmarks/gpu_overhead.sh qwen2.5-coder-0.5b "" benchmarks/results
 #
-# Runs `pear bench overhead` (base, PEAR-folded, Ms-PoE, Attention Buckets interleaved in one
-# process) in bf16 on cuda at 4096 prompt tokens + 64 greedy steps, batch 1 and batch 8, and
+# Runs `pear bench overhead` (base, PEAR-folded, Ms-PoE, Attention Buckets, MoICE with its experts
+# stacked in one call and one after another, interleaved in one process; VARIANTS picks) in bf16 on cuda at 4096 prompt tokens + 64 greedy steps, batch 1 and batch 8, and
 # saves one JSON per setting next to the printed table. Without PEAR_DIR a folded checkpoint is
 # made with `pear fold` from a fixed set of coefficients: speed and memory do not depend on the
 # coefficient values (same architecture, same parameter count; the benchmark checks both).
@@ -31,5 +31,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for batch in 1 8; do
   pear bench overhead --model "$MODEL" --pear "$PEAR_DIR" --context 4096 --new-tokens 64 \
     --trials "$TRIALS" --warmup 2 --batch "$batch" --dtype bf16 --device cuda \
+    --variants "${VARIANTS:-base,pear,ms-poe,attention-buckets,moice,moice-one-by-one}" \
     --out "$OUT_DIR/overhead_${name}_4k_b${batch}.json" | tee "$OUT_DIR/overhead_${name}_4k_b${batch}.txt"
 done

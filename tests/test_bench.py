@@ -53,6 +53,22 @@ def test_bench_overhead_cli_reports_every_variant(tmp_path, capsys):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+def test_bench_moice_both_ways(tmp_path, monkeypatch):
+    """moice-one-by-one, on request: MoICE with its experts one after another, the same routers."""
+    import pear.baselines.moice as moice_mod
+
+    seen = []
+    real = moice_mod.MoICE._stacked
+    monkeypatch.setattr(moice_mod.MoICE, "_stacked", lambda self, *a, **k: seen.append(1) or real(self, *a, **k))
+    base, folded = _save_pair(tmp_path, _tiny_llama())
+    res = overhead(base, folded, context=16, new_tokens=2, trials=1, warmup=0, device="cpu",
+                   variants=["base", "moice-one-by-one"])
+    assert list(res["variants"]) == ["base", "moice-one-by-one"] and not seen
+    assert res["settings"]["variant_options"] == {"base": {}, "moice-one-by-one": {"routers": "init", "stack": False}}
+    overhead(base, folded, context=16, new_tokens=2, trials=1, warmup=0, device="cpu", variants=["moice"])
+    assert seen
+
+
 def test_bench_skips_baselines_that_do_not_apply(tmp_path):
     base, folded = _save_pair(tmp_path, tiny_model("gpt2"))
     res = overhead(base, folded, context=16, new_tokens=2, trials=1, warmup=0, device="cpu")

@@ -31,9 +31,11 @@ from ..evaluate.generate import context_window  # one reading of a config's wind
 from .memory import PeakMemory, _model_bytes, memory_method
 
 VARIANTS = ("base", "pear", "ms-poe", "attention-buckets", "moice")
-# variant name -> (registry variant, which model it runs on)
-_RUNS = {"base": ("none", "base"), "pear": ("none", "pear"), "ms-poe": ("ms-poe", "base"),
-         "attention-buckets": ("attention-buckets", "base"), "moice": ("moice", "base")}
+# variant name -> (registry variant, which model it runs on, its options); moice-one-by-one on request:
+# MoICE's experts one after another, re-rotating the cache (its memory is the base model's)
+_RUNS = {"base": ("none", "base", {}), "pear": ("none", "pear", {}), "ms-poe": ("ms-poe", "base", {}),
+         "attention-buckets": ("attention-buckets", "base", {}), "moice": ("moice", "base", {}),
+         "moice-one-by-one": ("moice", "base", {"stack": False})}
 METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes")
 
 
@@ -112,7 +114,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
     variants = list(variants)
     unknown = [v for v in variants if v not in _RUNS]
     if unknown:
-        raise PearError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        raise PearError(f"unknown benchmark variant(s) {unknown}; choose from {', '.join(_RUNS)}")
     if "pear" in variants and pear is None:
         raise PearError("the 'pear' variant needs --pear DIR (a PEAR-folded checkpoint)")
     if context < 1 or new_tokens < 1 or trials < 1 or batch < 1 or warmup < 0:
@@ -133,12 +135,14 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
     vocab = base.model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
-    options = dict(variant_options or {})
-    options.setdefault("moice", {"routers": "init"})  # its cost does not depend on the routers' values
+    given = dict(variant_options or {})
+    given.setdefault("moice", {"routers": "init"})  # its cost does not depend on the routers' values
+    given.setdefault("moice-one-by-one", given["moice"])  # the same routers
+    options = {v: {**given.get(v, {}), **run[2]} for v, run in _RUNS.items()}
 
     runnable, skipped = [], {}
     for v in variants:  # refuse early (and record why) variants that do not apply to this family
-        name, which = _RUNS[v]
+        name, which, _ = _RUNS[v]
         try:
             with get_variant(name).wrap(models[which], **options.get(v, {})):
                 pass
@@ -157,7 +161,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         if r >= warmup:
             orders.append(order)
         for v in order:
-            name, which = _RUNS[v]
+            name, which, _ = _RUNS[v]
             with get_variant(name).wrap(models[which], **options.get(v, {})) as lm:
                 t = run_trial(lm, ids, new_tokens, dev, mem_method)
             if r >= warmup:
@@ -187,7 +191,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
         "benchmark": "overhead",
         "settings": {"model": model, "pear": pear, "context": context, "new_tokens": new_tokens, "trials": trials,
                      "warmup": warmup, "batch": batch, "variants": variants, "dtype": dtype,
-                     "seed": seed, "variant_options": options, "input": "uniform random token ids",
+                     "seed": seed, "variant_options": {v: options[v] for v in variants}, "input": "uniform random token ids",
                      "order_per_trial": orders},
         "device": dev,
         **provenance(dev),
