@@ -321,9 +321,9 @@ class MoICE(WrappedModel):
         does: one kernel launch per layer instead of one per expert (decoding is launch-bound).
         An expert at the model's own base is rotated by angle 0, which leaves q and k as they are.
         Each expert's rotated keys are kept with the cache, so a decoding step rotates only its
-        new keys (re-rotating a 4k-token cache seven times per layer and step costs more than the
-        step itself at evaluation batch sizes); the rotation of a key does not depend on when it
-        is made, so the keys are the same either way, for E x the key cache's memory."""
+        new keys instead of re-rotating the whole cache seven times per layer and step; the
+        rotation of a key does not depend on when it is made, so the keys are the same either
+        way, for E x the key cache's memory."""
         E, B, T, S = len(ex.own), query.shape[0], query.shape[2], key.shape[2]
         d = ex.delta.to(query.device)[:, None, None, None, :]  # (E, 1, 1, 1, F)
         q = rotate(query[None], self.session.positions.query[None, :, None, :, None].float() * d)  # (E, B, H, T, D)
