@@ -6,7 +6,8 @@
 #   benchmarks/gpu_overhead.sh qwen2.5-coder-0.5b "" benchmarks/results
 #
 # Runs `pear bench overhead` (base, PEAR-folded, Ms-PoE, Attention Buckets, MoICE with its experts
-# stacked in one call and one after another, interleaved in one process; VARIANTS picks) in bf16 on cuda at 4096 prompt tokens + 64 greedy steps, batch 1 and batch 8, and
+# stacked in one call and one after another, interleaved in one process; VARIANTS picks) in bf16
+# on cuda at 4096 prompt tokens + 64 greedy steps, batch 1 and batch 8, and
 # saves one JSON per setting next to the printed table. Without PEAR_DIR a folded checkpoint is
 # made with `pear fold` from a fixed set of coefficients: speed and memory do not depend on the
 # coefficient values (same architecture, same parameter count; the benchmark checks both).

@@ -201,7 +201,7 @@ class MoICE(WrappedModel):
 
     name = "moice"
 
-    def __init__(self, model, routers: Routers):
+    def __init__(self, model, routers: Routers, stack: bool = True):
         self.arch, self.rotary = require_rope("moice", model)
         require_attention_interface("moice", model, self.arch)
         if (len(routers.layers), routers.head_dim) != (self.arch.n_layers, self.arch.head_dim):
@@ -219,7 +219,7 @@ class MoICE(WrappedModel):
         # Coder-0.5B ran out of an H200's memory). With gradients on, each expert's attention is
         # recomputed in the backward pass instead (torch.utils.checkpoint): same gradients.
         self.checkpoint = True
-        self.stack = True  # inference: every expert in one attention call (False: one after the other)
+        self.stack = stack  # inference: every expert in one attention call (False: one after the other)
 
     def _experts(self, ltype, bases) -> _Experts:
         own = base_of(self.rotary, ltype)
@@ -259,7 +259,7 @@ class MoICE(WrappedModel):
         self.session = _Session()
         self.session.positions = pos
         self.session.logits = [] if self.collect_logits else None
-        self.session.prev_keys = (getattr(past_key_values, _KEYS, None) if past_key_values is not None else None) or {}
+        self.session.prev_keys = getattr(past_key_values, _KEYS, None) or {}
         self.session.keys = {} if (self.model.config.use_cache if use_cache is None else use_cache) else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -366,8 +366,7 @@ def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: in
         if bases is not None or top_k is not None:
             raise PearError("moice: bases and top_k come with trained routers; set them only with routers=init")
         r = routers if isinstance(routers, Routers) else Routers.load(routers)
-    lm = MoICE(model, r)
-    lm.stack = stack
+    lm = MoICE(model, r, stack=stack)
     with lm.active():
         yield lm
 

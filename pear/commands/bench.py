@@ -27,8 +27,9 @@ def add_cli(sub) -> None:
     o.add_argument("--trials", type=int, default=5, help="timed rounds over all variants (default 5)")
     o.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     o.add_argument("--batch", type=int, default=1, help="rows per forward (default 1)")
-    o.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list (default {','.join(VARIANTS)}; also moice-one-by-one: MoICE's "
-                   "experts one after another, at the base model's memory)")
+    o.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma list (default {','.join(VARIANTS)}; also moice-one-by-one: MoICE's experts "
+                   "one after another, at the base model's memory)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--moice-routers", default="init", metavar="DIR",
                    help="MoICE routers (pear baseline train moice); default: untrained, same cost")

@@ -123,13 +123,13 @@ def options_key(options: dict) -> dict:
 
 def part_key(model: str, variant: str, options: dict, task, texts: list[str], ids: list[list[int]],
              settings: dict) -> str:
-    """Key of one part: model content key, variant and options, the task's examples as the
-    model reads them (rendered prompts and their token ids, answers), and the settings that
-    change outputs."""
+    """Key of one part: model content key, variant and options (as `options_key` gives them),
+    the task's examples as the model reads them (rendered prompts and their token ids, answers),
+    and the settings that change outputs."""
     h = hashlib.sha256()
     for e, t, x in zip(task.examples, texts, ids):
         h.update(f"{e.id}\x00{e.condition}\x00{t}\x00{x}\x00{e.answers}\x01".encode())
-    key = {"v": KEY_VERSION, "model": model, "variant": variant, "options": options_key(options), "task": task.name,
+    key = {"v": KEY_VERSION, "model": model, "variant": variant, "options": options, "task": task.name,
            "kind": task.kind, "max_new_tokens": task.max_new_tokens, "choices": task.choices,
            "prompts": h.hexdigest(), **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -33,7 +33,7 @@ from ..errors import PearError
 from ..loading import LoadedModel, load_model
 from ..provenance import device_name, provenance
 from . import data
-from .cache import PART_SIZE, ResultsCache, model_key, part_key
+from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
@@ -103,6 +103,7 @@ class Job:
     entry: ModelEntry
     label: str
     model_key: str | None  # content key (rank 0, with a cache), else None
+    options_key: dict | None  # the variant's options as they enter the key (files by content)
     rows: int
     tokens: int
     chat: str
@@ -123,7 +124,7 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
         sub = dataclasses.replace(task, examples=task.examples[s0: s0 + step])
         key = None
         if job.model_key is not None:
-            key = part_key(job.model_key, job.entry.variant, job.entry.options, sub, texts[s0: s0 + step],
+            key = part_key(job.model_key, job.entry.variant, job.options_key, sub, texts[s0: s0 + step],
                            ids[s0: s0 + step], settings)
         stored = distributed.broadcast(cache.find(task.name, key) if key is not None else None)
         if stored is None:
@@ -237,13 +238,14 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             loaded_key = (entry.spec_str, dtype, device)
         rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
         mkey = model_key(entry.spec, loaded) if cache.folder is not None and distributed.is_main() else None
+        okey = options_key(entry.options) if mkey is not None else None
         timing[label] = {}
         with variant.wrap(loaded, **entry.options) as lm:
             decoder = _decoder(lm, label, decode)
             models_info.append(_model_info(entry, label, loaded, rows, tokens, "eager" if decoder is None else decode))
             if getattr(lm, "pear_variant_info", None) is not None:  # what a variant chose (e.g. a searched channel)
                 models_info[-1]["variant_info"] = lm.pear_variant_info
-            job = Job(lm, loaded, entry, label, mkey, rows, tokens, chat, progress, decoder)
+            job = Job(lm, loaded, entry, label, mkey, okey, rows, tokens, chat, progress, decoder)
             for task in built:
                 texts, recs, secs = run_parts(job, task, cache, parts)
                 if recs is None:
