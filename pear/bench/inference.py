@@ -144,7 +144,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
     for v in variants:  # refuse early (and record why) variants that do not apply to this family
         name, which, _ = _RUNS[v]
         try:
-            with get_variant(name).wrap(models[which], **options.get(v, {})):
+            with get_variant(name).wrap(models[which], **options[v]):
                 pass
             runnable.append(v)
         except PearError as e:
@@ -162,7 +162,7 @@ def overhead(model: str | None, pear: str | None, *, context: int = 2048, new_to
             orders.append(order)
         for v in order:
             name, which, _ = _RUNS[v]
-            with get_variant(name).wrap(models[which], **options.get(v, {})) as lm:
+            with get_variant(name).wrap(models[which], **options[v]) as lm:
                 t = run_trial(lm, ids, new_tokens, dev, mem_method)
             if r >= warmup:
                 raw[v].append(t)

@@ -76,6 +76,14 @@ def tensors_sha256(model) -> str:
     return h.hexdigest()
 
 
+def _files_hash(named: list[tuple[str, Path]]):
+    """A running SHA-256 over (name, content hash) pairs: how a model's and an option's files enter a key."""
+    h = hashlib.sha256()
+    for name, f in named:
+        h.update(f"{name}\x00{file_sha256(f)}\x01".encode())
+    return h
+
+
 def spec_key(spec: str | os.PathLike, _seen: tuple = ()) -> str | None:
     """Content key of the model a spec names (its weight files and config), or None where
     there are no local files to hash (a hub id)."""
@@ -88,9 +96,7 @@ def spec_key(spec: str | os.PathLike, _seen: tuple = ()) -> str | None:
     else:
         files = sorted(f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name in
                        ("config.json", "generation_config.json", "adapter_config.json"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\x00{file_sha256(f)}\x01".encode())
+    h = _files_hash([(f.name, f) for f in files])
     meta = folder / "pear.json"
     if not ms.gguf_file and not (folder / "config.json").is_file() and meta.is_file():
         base = json.loads(meta.read_text()).get("base_model")
@@ -113,11 +119,8 @@ def options_key(options: dict) -> dict:
         p = Path(str(v))
         if not isinstance(v, (str, os.PathLike)) or not str(v) or not p.exists():
             return v
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f.relative_to(p) if p.is_dir() else ''}\x00{file_sha256(f)}\x01".encode())
-        return f"sha256:{h.hexdigest()}"
+        named = [(str(f.relative_to(p)), f) for f in sorted(p.rglob("*")) if f.is_file()] if p.is_dir() else [("", p)]
+        return f"sha256:{_files_hash(named).hexdigest()}"
     return {k: content(v) for k, v in options.items()}
 
 
