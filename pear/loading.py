@@ -287,27 +287,44 @@ def _converted_gguf(ms: ModelSpec) -> Path:
 
     transformers dequantises GGUF on every load (about 20 s for SmolLM2-135M on 2 cores);
     the cached folder loads in about a second and gives the same weights. Keyed by file
-    name, size and modification time; written atomically. Processes that start together (one per
-    GPU) may all convert it: the first rename wins, the others use its folder. PEAR_GGUF_CACHE=0
-    turns it off.
+    name, size and modification time; written atomically. Under torchrun / accelerate launch rank 0
+    converts and the other ranks wait for it (transformers' save_pretrained writes the weights on
+    rank 0 alone, so a copy made on another rank would hold only the tokenizer); independent
+    processes that start together may all convert it: the first rename wins, the others use its
+    folder. PEAR_GGUF_CACHE=0 turns it off.
     """
+    from . import distributed
+
+    target = converted_folder(Path(ms.path) / ms.gguf_file)
+    if distributed.active():  # transformers writes a model's files on rank 0 only: it converts, the others wait
+        if distributed.is_main():
+            _convert_gguf(ms, target)
+        distributed.barrier()
+        if not (target / "config.json").is_file():
+            raise PearError(f"the converted copy of {ms.gguf_file} in {target} has no config.json")
+        return target
+    _convert_gguf(ms, target)
+    return target
+
+
+def _convert_gguf(ms: ModelSpec, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    target = converted_folder(Path(ms.path) / ms.gguf_file)
     if (target / "config.json").is_file():
-        return target
+        return
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    try:
-        with atomic_dir(target, keep_existing=True) as tmp:
+    try:  # a folder without config.json (an interrupted or partial copy) is replaced, a complete one kept
+        with atomic_dir(target, keep_existing=not target.exists()) as tmp:
             model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file, dtype=torch.float32)
             strip_quantization(model)
             model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file).save_pretrained(tmp)
+            if not (tmp / "config.json").is_file():
+                raise PearError(f"converting {ms.gguf_file}: transformers wrote no config.json")
     finally:
         hf_logging.set_verbosity(verbosity)
-    return target
 
 
 def strip_quantization(model) -> None:

@@ -240,3 +240,27 @@ def test_processes_leave_the_group_before_interpreter_exit(tmp_path):
     run = torchrun([str(tmp_path)], tmp_path, target=(str(script),))
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-left", "rank1-left"]
+
+
+CONVERT_ON_EACH_RANK = """
+import json, sys
+from pathlib import Path
+from pear import distributed, loading
+assert distributed.init()
+folder = loading._converted_gguf(loading.resolve_spec(sys.argv[1]))
+out = Path(sys.argv[2]) / f"rank{distributed.rank()}.json"
+out.write_text(json.dumps(sorted(p.name for p in folder.iterdir())))
+"""
+
+
+def test_gguf_converted_once_under_torchrun(tmp_path):
+    """Ranks loading the same GGUF together: transformers' save_pretrained writes weights on rank
+    0 alone, so a copy converted on another rank holds only the tokenizer and, renamed first,
+    would become the cached folder. Rank 0 converts, the others wait and read its folder."""
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT_ON_EACH_RANK)
+    run = torchrun(["smollm2-135m", str(tmp_path)], tmp_path, target=(str(script),))
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] and {"config.json", "model.safetensors", "tokenizer.json"} <= set(seen[0])
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1  # no temporary copy left
