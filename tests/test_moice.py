@@ -108,11 +108,12 @@ def test_decoding_rotates_only_the_new_keys(monkeypatch):
 
     model = tiny("llama")
     ids, mask = batch()
-    sizes, real = [], moice_mod.rotate
-    monkeypatch.setattr(moice_mod, "rotate", lambda x, a: sizes.append(x.shape[-2]) or real(x, a))
+    sizes, real = [], moice_mod.rotate_cs
+    monkeypatch.setattr(moice_mod, "rotate_cs", lambda x, c, s: sizes.append(x.shape[-2]) or real(x, c, s))
     with get_variant("moice").wrap(model, routers=Routers.for_model(model, top_k=3, seed=2)) as lm, torch.no_grad():
         got = decode(lm, ids, mask, steps=4)
-        assert sizes == [24] * 2 * 4 + [1] * 2 * 4 * 4  # prefill: q and k of 4 layers; then 4 steps
+        # prefill: q and k of 4 layers, one expert of 7 at a time; then 4 steps, all experts at once
+        assert sizes == [24] * 7 * 2 * 4 + [1] * 2 * 4 * 4
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True)
         keep = torch.tensor([0, 2])

@@ -60,8 +60,8 @@ from ..errors import PearError
 from . import Variant, WrappedModel, register
 from .attention import ModuleView, attention_modules, original_function, require_attention_interface, switched_attention
 from .attention_buckets import REFERENCE_BASE
-from .rope import (Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, track_positions,
-                   unwrap)
+from .rope import (Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, rotate_cs,
+                   track_positions, unwrap)
 
 DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0)
 DEFAULT_TOP_K = 7
@@ -180,7 +180,7 @@ def _make_attention(original: str):
 
 @dataclass
 class _Experts:
-    delta: torch.Tensor  # (N, F) fp32: inv_freq of each expert minus the model's own
+    delta: torch.Tensor  # (N, F) fp32, on the model's device: inv_freq of each expert minus the model's own
     own: list[bool]  # expert at the model's own base: the original call
     bases: list[float]
 
@@ -191,8 +191,9 @@ class _Session:
     def __init__(self):
         self.positions: Positions | None = None
         self.logits: list[torch.Tensor] | None = None
-        self.prev_keys: dict = {}  # layer -> (E, B, KVH, S, D) rotated keys of the cache passed in
+        self.prev_keys: dict = {}  # layer -> (B, E, KVH, S, D) rotated keys of the cache passed in
         self.keys: dict | None = None  # the same after this forward (None: no cache is returned)
+        self.trig: dict = {}  # cos and sin of the experts' extra angles, shared by the layers of a type
 
 
 # ---------------------------------------------------------------------------- the wrapped model
@@ -210,7 +211,8 @@ class MoICE(WrappedModel):
         dev = next(model.parameters()).device
         self.model, self.routers = model, routers.to(dev)
         types = getattr(self.rotary, "layer_types", None)  # Gemma 3: one RoPE per layer type
-        self.experts = {lt: self._experts(lt, routers.bases) for lt in (types or [None])}
+        # on the device once: a host-to-GPU copy per layer and step would wait for the GPU each time
+        self.experts = {lt: self._experts(lt, routers.bases, dev) for lt in (types or [None])}
         self.session: _Session | None = None
         self.collect_logits = False  # training: keep every layer's router logits in the session
         # Training backpropagates through every expert's attention in every layer. An attention
@@ -221,7 +223,7 @@ class MoICE(WrappedModel):
         self.checkpoint = True
         self.stack = stack  # inference: every expert in one attention call (False: one after the other)
 
-    def _experts(self, ltype, bases) -> _Experts:
+    def _experts(self, ltype, bases, device) -> _Experts:
         own = base_of(self.rotary, ltype)
         own_inv = inv_freq(self.rotary, ltype).float()
         check, _ = inv_freq_for_base(self.rotary, own, ltype)
@@ -236,7 +238,7 @@ class MoICE(WrappedModel):
             deltas.append(inv - own_inv)
             is_own.append(same)
             used.append(b)
-        return _Experts(torch.stack(deltas), is_own, used)
+        return _Experts(torch.stack(deltas).to(device), is_own, used)
 
     @property
     def bases(self) -> dict:
@@ -281,7 +283,7 @@ class MoICE(WrappedModel):
             return False
         past.batch_select_indices(keep)
         setattr(past, _ATTR, p.rows(keep))
-        setattr(past, _KEYS, {layer: k[:, keep] for layer, k in (getattr(past, _KEYS, None) or {}).items()})
+        setattr(past, _KEYS, {layer: k[keep] for layer, k in (getattr(past, _KEYS, None) or {}).items()})
         return True
 
     # -- one layer: route, run each expert, mix; called from the registered attention function
@@ -316,31 +318,52 @@ class MoICE(WrappedModel):
             out = o if out is None else out + o
         return out, None
 
+    def _trig(self, ex: _Experts, name: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each (B, E, 1, L, 2F), of every expert's extra angle at `positions` (B, L):
+        the same for every layer of a type (the last L tracked positions), so made once per forward."""
+        key = (id(ex), name)
+        if key not in self.session.trig:
+            angles = positions[:, None, None, :, None].float() * ex.delta[None, :, None, None, :]  # (B, E, 1, L, F)
+            emb = torch.cat((angles, angles), dim=-1)
+            self.session.trig[key] = (emb.cos(), emb.sin())
+        return self.session.trig[key]
+
+    @staticmethod
+    def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, N, L, D) rotated for each expert: (B, E, N, L, D). Several tokens (a prompt): one
+        expert at a time into the result, so that the fp32 intermediates of one expert, not of
+        seven, are in memory at once; one token (a decoding step): all at once, fewer launches.
+        The same values either way."""
+        if x.shape[2] == 1:
+            return rotate_cs(x[:, None], cos, sin)
+        out = x.new_empty(x.shape[0], cos.shape[1], *x.shape[1:])
+        for e in range(cos.shape[1]):
+            out[:, e] = rotate_cs(x, cos[:, e], sin[:, e])
+        return out
+
     def _stacked(self, layer, ex, fn, module, query, key, value, attention_mask, kpos, **kwargs):
-        """Every expert's attention in one call, the experts stacked in the batch as the reference
-        does: one kernel launch per layer instead of one per expert (decoding is launch-bound).
-        An expert at the model's own base is rotated by angle 0, which leaves q and k as they are.
-        Each expert's rotated keys are kept with the cache, so a decoding step rotates only its
-        new keys instead of re-rotating the whole cache seven times per layer and step; the
-        rotation of a key does not depend on when it is made, so the keys are the same either
-        way, for E x the key cache's memory."""
-        E, B, T, S = len(ex.own), query.shape[0], query.shape[2], key.shape[2]
-        d = ex.delta.to(query.device)[:, None, None, None, :]  # (E, 1, 1, 1, F)
-        q = rotate(query[None], self.session.positions.query[None, :, None, :, None].float() * d)  # (E, B, H, T, D)
+        """Every expert's attention in one call, the experts stacked as extra heads (the reference
+        stacks them in the batch; as heads, the attention mask broadcasts instead of being
+        copied E times): one kernel launch per layer instead of one per expert (decoding is
+        launch-bound). Expert e's query heads e*H.. read its key heads e*KVH.., as grouped-query
+        attention maps them. An expert at the model's own base is rotated by angle 0, which leaves
+        q and k as they are. Each expert's rotated keys are kept with the cache, so a decoding step
+        rotates only its new keys instead of re-rotating the whole cache seven times per layer and
+        step; the rotation of a key does not depend on when it is made, so the keys are the same
+        either way, for E x the key cache's memory."""
+        E, B, H, T, S = len(ex.own), query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+        q = self._rotated(query, *self._trig(ex, "query", self.session.positions.query))  # (B, E, H, T, D)
         prev = self.session.prev_keys.get(layer)
-        if prev is not None and prev.shape[1] == B and S > T and prev.shape[3] >= S - T:  # the new keys come last
-            new = rotate(key[None, :, :, S - T:], kpos[None, :, None, S - T:, None].float() * d)  # (E, B, KVH, T, D)
-            k = torch.cat([prev[:, :, :, prev.shape[3] - (S - T):], new], dim=3)  # (E, B, KVH, S, D)
+        if prev is not None and prev.shape[0] == B and S > T and prev.shape[3] >= S - T:  # the new keys come last
+            new = self._rotated(key[:, :, S - T:], *self._trig(ex, "new keys", kpos[:, S - T:]))  # (B, E, KVH, T, D)
+            k = torch.cat([prev[:, :, :, prev.shape[3] - (S - T):], new], dim=3)  # (B, E, KVH, S, D)
         else:
-            k = rotate(key[None], kpos[None, :, None, :, None].float() * d)  # (E, B, KVH, S, D)
+            k = self._rotated(key, *self._trig(ex, f"{S} keys", kpos))  # (B, E, KVH, S, D)
         if self.session.keys is not None:
             self.session.keys[layer] = k
-        v = value[None].expand(E, *value.shape)  # (E, B, KVH, S, D)
-        m = attention_mask
-        if m is not None and m.shape[0] == B:
-            m = m[None].expand(E, *m.shape).flatten(0, 1)  # (E*B, 1, T, S)
-        o = fn(module, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), m, **kwargs)[0]  # (E*B, T, H, D)
-        return o.unflatten(0, (E, B)).unbind(0)  # E x (B, T, H, D)
+        v = value[:, None].expand(B, E, *value.shape[1:])  # (B, E, KVH, S, D)
+        o = fn(module, q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), attention_mask, **kwargs)[0]  # (B, T, E*H, D)
+        return o.unflatten(2, (E, H)).unbind(2)  # E x (B, T, H, D)
 
 
 # ---------------------------------------------------------------------------- registry

@@ -116,10 +116,15 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
     Computed in fp32 and cast back once, so a 16-bit q/k is rounded only one more time.
     """
-    rd = 2 * angles.shape[-1]
     emb = torch.cat((angles, angles), dim=-1)
+    return rotate_cs(x, emb.cos(), emb.sin())
+
+
+def rotate_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` with the angles' cos and sin (..., 2F) given: made once, they serve every layer."""
+    rd = cos.shape[-1]
     xr = x[..., :rd].float()
-    out = xr * emb.cos() + rotate_half(xr) * emb.sin()
+    out = xr * cos + rotate_half(xr) * sin
     if rd == x.shape[-1]:
         return out.to(x.dtype)
     return torch.cat((out.to(x.dtype), x[..., rd:].expand(*out.shape[:-1], -1)), dim=-1)  # angles may broadcast x
