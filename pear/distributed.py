@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+MEMORY_SHARE = 0.95  # of a GPU, split evenly between the processes that share it (the rest: CUDA contexts)
 
 
 def launched() -> bool:
@@ -39,11 +40,18 @@ def init() -> bool:
         return False
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % gpus)
+        device = int(os.environ.get("LOCAL_RANK", "0")) % gpus
+        torch.cuda.set_device(device)
         # Decoding is Python-bound, so two processes per GPU nearly double throughput; NCCL
         # cannot put two ranks on one GPU, and gloo carries the little these ranks exchange
         # (records, the coefficients' gradients) as well.
         per_host = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        sharing = -(-per_host // gpus)  # processes on this GPU
+        if sharing > 1:
+            # Each process's allocator keeps what it once held: without a share, a process that
+            # met long prompts early starves the others, and one that cannot halve a 1-row batch
+            # fails the whole launch. With one, a process out of its share halves its own batch.
+            torch.cuda.set_per_process_memory_fraction(MEMORY_SHARE / sharing, device)
         dist.init_process_group("nccl" if per_host <= gpus else "gloo")
     else:
         dist.init_process_group("gloo")

@@ -264,3 +264,31 @@ def test_gguf_converted_once_under_torchrun(tmp_path):
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1] and {"config.json", "model.safetensors", "tokenizer.json"} <= set(seen[0])
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1  # no temporary copy left
+
+
+@pytest.mark.parametrize("procs, gpus, share", [(4, 1, 0.95 / 4), (8, 2, 0.95 / 4), (3, 2, 0.95 / 2), (2, 2, None)])
+def test_processes_sharing_a_gpu_split_its_memory(monkeypatch, procs, gpus, share):
+    """Several processes on one GPU each get an even share of its memory, so a process whose
+    allocator grew on long prompts cannot starve the others (it halves its own batches);
+    one process per GPU keeps the whole GPU."""
+    from pear import distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", str(procs))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(procs))
+    monkeypatch.setenv("LOCAL_RANK", str(procs - 1))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("device", d))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d: calls.setdefault("fraction", (f, d)))
+    assert distributed.init()
+    assert calls["device"] == (procs - 1) % gpus
+    assert calls["backend"] == ("gloo" if procs > gpus else "nccl")
+    if share is None:
+        assert "fraction" not in calls
+    else:
+        assert calls["fraction"] == (pytest.approx(share), (procs - 1) % gpus)

@@ -276,6 +276,14 @@ def test_auto_batch_limits_by_device_and_memory(tiny):
     assert batch_limits(m, 3, 1000) == (3, 1000)
     assert batch_limits(m, device_type="cuda", free_bytes=10 * per) == (512, 6)
     assert batch_limits(m, device_type="cuda", free_bytes=10**15) == (512, GPU_TOKENS_CAP)
+    mib = 1 << 20
+    with pytest.MonkeyPatch.context() as mp:  # a process with a quarter of an 80 MiB GPU, 4 MiB of it taken
+        mp.setattr(torch.cuda, "mem_get_info", lambda d: (60 * mib, 80 * mib))
+        mp.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.25)
+        mp.setattr(torch.cuda, "memory_reserved", lambda d: 4 * mib)
+        assert batch_limits(m, device_type="cuda")[1] == int(0.6 * 16 * mib / per) == 3024
+        mp.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)  # the GPU alone
+        assert batch_limits(m, device_type="cuda")[1] == int(0.6 * 60 * mib / per) == 11342
     with pytest.raises(PearError, match="--batch-size must be 'auto' or an integer"):
         evaluate([tiny], ["kv"], data_dir="/nonexistent", batch_size=0)
 

@@ -53,12 +53,22 @@ def batch_limits(model, batch_size="auto", max_batch_tokens="auto", *, free_byte
     dev = device_type or model.get_input_embeddings().weight.device.type
     if dev == "cuda":
         if free_bytes is None:
-            free_bytes, _ = torch.cuda.mem_get_info(model.get_input_embeddings().weight.device)
+            free_bytes = gpu_free_bytes(model.get_input_embeddings().weight.device)
         rows, tokens = GPU_ROWS, min(GPU_TOKENS_CAP, int(GPU_MEMORY_SHARE * free_bytes / bytes_per_token(model)))
     else:
         rows, tokens = CPU_LIMITS
     return (rows if batch_size == "auto" else int(batch_size),
             max(1, tokens) if max_batch_tokens == "auto" else int(max_batch_tokens))
+
+
+def gpu_free_bytes(device) -> int:
+    """Free GPU memory this process may still take: the device's free memory, or less where the
+    process has a share of the GPU (several processes on one GPU, pear.distributed)."""
+    free, total = torch.cuda.mem_get_info(device)
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    if share < 1:
+        free = min(free, int(share * total) - torch.cuda.memory_reserved(device))
+    return max(0, free)
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int, extra: int = 0) -> list[list[int]]:
