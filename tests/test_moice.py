@@ -101,6 +101,37 @@ def test_experts_stacked_in_one_call_equal_experts_one_by_one(model_type):
     assert (stacked - decode(model, ids, mask)).abs().max() > 2e-5  # the experts do change the model
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_key_buffer_grows_while_decoding(monkeypatch, model_type):
+    """The experts' keys are written in place into a buffer with room for a few more steps; when
+    it is full it grows. Decoding across several growths gives the one-by-one logits (Gemma 3:
+    sliding-window layers, whose cache keeps only the last keys)."""
+    import pear.baselines.moice as moice_mod
+
+    monkeypatch.setattr(moice_mod, "KEY_ROOM", 2)
+    model = tiny(model_type, **TINY.get(model_type, {}))
+    ids, mask = batch()
+    routers = Routers.for_model(model, top_k=3, seed=2)
+    rooms = []
+    real = moice_mod.MoICE.__call__
+
+    def record(self, *a, **k):
+        out = real(self, *a, **k)
+        buf, n = getattr(out.past_key_values, moice_mod._KEYS)[0]
+        rooms.append((buf.shape[3], n))
+        return out
+
+    monkeypatch.setattr(moice_mod.MoICE, "__call__", record)
+    with get_variant("moice").wrap(model, routers=routers) as lm, torch.no_grad():
+        stacked = decode(lm, ids, mask, steps=7)
+    monkeypatch.setattr(moice_mod.MoICE, "__call__", real)
+    with get_variant("moice").wrap(model, routers=routers, stack=False) as lm, torch.no_grad():
+        one_by_one = decode(lm, ids, mask, steps=7)
+    torch.testing.assert_close(stacked, one_by_one, rtol=0, atol=1e-6)
+    assert rooms[:4] == [(24, 24), (27, 25), (27, 26), (27, 27)]  # grown at the first step, then filled
+    assert rooms[4] == (30, 28) and rooms[-1] == (33, 31)
+
+
 def test_decoding_rotates_only_the_new_keys(monkeypatch):
     """The experts' rotated keys travel with the cache: after the prefill, a step rotates one
     query and one key per layer, not the whole cache; cutting rows keeps them in step."""

@@ -69,6 +69,7 @@ ROUTERS_FILE, SETTINGS_FILE = "routers.safetensors", "moice.json"
 _ATTR = "_pear_moice"
 _KEYS = "_pear_moice_keys"  # on a cache filled through the wrapper: every expert's rotated keys, per layer
 _PREFIX = "pear_moice_"
+KEY_ROOM = 64  # decoding steps the experts' key buffer grows by at a time
 
 
 # ---------------------------------------------------------------------------- routers
@@ -191,7 +192,7 @@ class _Session:
     def __init__(self):
         self.positions: Positions | None = None
         self.logits: list[torch.Tensor] | None = None
-        self.prev_keys: dict = {}  # layer -> (B, E, KVH, S, D) rotated keys of the cache passed in
+        self.prev_keys: dict = {}  # layer -> (buffer (B, E, KVH, room, D), n): the first n are the cache's rotated keys
         self.keys: dict | None = None  # the same after this forward (None: no cache is returned)
         self.trig: dict = {}  # cos and sin of the experts' extra angles, shared by the layers of a type
 
@@ -283,7 +284,7 @@ class MoICE(WrappedModel):
             return False
         past.batch_select_indices(keep)
         setattr(past, _ATTR, p.rows(keep))
-        setattr(past, _KEYS, {layer: k[keep] for layer, k in (getattr(past, _KEYS, None) or {}).items()})
+        setattr(past, _KEYS, {layer: (k[keep], n) for layer, (k, n) in (getattr(past, _KEYS, None) or {}).items()})
         return True
 
     # -- one layer: route, run each expert, mix; called from the registered attention function
@@ -350,17 +351,25 @@ class MoICE(WrappedModel):
         q and k as they are. Each expert's rotated keys are kept with the cache, so a decoding step
         rotates only its new keys instead of re-rotating the whole cache seven times per layer and
         step; the rotation of a key does not depend on when it is made, so the keys are the same
-        either way, for E x the key cache's memory."""
+        either way, for E x the key cache's memory. They live in a buffer with room for KEY_ROOM
+        more steps, written in place, so a step does not copy the whole E x key cache either."""
         E, B, H, T, S = len(ex.own), query.shape[0], query.shape[1], query.shape[2], key.shape[2]
         q = self._rotated(query, *self._trig(ex, "query", self.session.positions.query))  # (B, E, H, T, D)
-        prev = self.session.prev_keys.get(layer)
-        if prev is not None and prev.shape[0] == B and S > T and prev.shape[3] >= S - T:  # the new keys come last
+        buf, n = self.session.prev_keys.get(layer, (None, 0))
+        if buf is not None and buf.shape[0] == B and S > T and n >= S - T:  # the new keys come last
             new = self._rotated(key[:, :, S - T:], *self._trig(ex, "new keys", kpos[:, S - T:]))  # (B, E, KVH, T, D)
-            k = torch.cat([prev[:, :, :, prev.shape[3] - (S - T):], new], dim=3)  # (B, E, KVH, S, D)
+            if buf.shape[3] < n + T:  # room for this step and the next KEY_ROOM ones: no copy per step
+                grown = buf.new_empty(*buf.shape[:3], n + T + KEY_ROOM, buf.shape[4])
+                grown[:, :, :, :n] = buf[:, :, :, :n]
+                buf = grown
+            buf[:, :, :, n:n + T] = new
+            n += T
+            k = buf[:, :, :, n - S:n]  # (B, E, KVH, S, D), a view
         else:
             k = self._rotated(key, *self._trig(ex, f"{S} keys", kpos))  # (B, E, KVH, S, D)
+            buf, n = k, S
         if self.session.keys is not None:
-            self.session.keys[layer] = k
+            self.session.keys[layer] = (buf, n)
         v = value[:, None].expand(B, E, *value.shape[1:])  # (B, E, KVH, S, D)
         q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)  # (B, E*H, T, D), (B, E*KVH, S, D) x 2
         g = getattr(module, "num_key_value_groups", 1)
