@@ -373,7 +373,8 @@ class MoICE(WrappedModel):
         v = value[:, None].expand(B, E, *value.shape[1:])  # (B, E, KVH, S, D)
         q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)  # (B, E*H, T, D), (B, E*KVH, S, D) x 2
         g = getattr(module, "num_key_value_groups", 1)
-        if T == 1 and g > 1 and (attention_mask is None or attention_mask.shape[1] == 1):
+        packable = module.config._attn_implementation in ("sdpa", "eager")  # flash kernels read query length
+        if T == 1 and g > 1 and packable and (attention_mask is None or attention_mask.shape[1] == 1):
             # A decoding step: the g query heads of a key head become g query rows of that head, so
             # the E x key cache is read as it is rather than copied g times (transformers repeats
             # keys and values per query head when there is a mask; 5.23 packs like this itself).
