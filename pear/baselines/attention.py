@@ -34,8 +34,9 @@ class _ConfigView:
 
 
 class ModuleView:
-    """The attention module as seen by the original attention function. With `one_group`, keys
-    and values come already repeated to the query heads, so it must not repeat them again."""
+    """The attention module as seen by the original attention function. With `one_group` it must
+    not repeat keys and values per query head: they come repeated already (Ms-PoE), or the
+    queries come packed per key head (MoICE's decoding steps)."""
 
     def __init__(self, module, implementation: str, one_group: bool):
         self._module = module

@@ -373,29 +373,18 @@ class MoICE(WrappedModel):
         v = value[:, None].expand(B, E, *value.shape[1:])  # (B, E, KVH, S, D)
         q, k, v = q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2)  # (B, E*H, T, D), (B, E*KVH, S, D) x 2
         g = getattr(module, "num_key_value_groups", 1)
-        packable = module.config._attn_implementation in ("sdpa", "eager")  # flash kernels read query length
+        impl = module.config._attn_implementation
+        packable = impl in ("sdpa", "eager")  # flash kernels read the query length
         if T == 1 and g > 1 and packable and (attention_mask is None or attention_mask.shape[1] == 1):
             # A decoding step: the g query heads of a key head become g query rows of that head, so
             # the E x key cache is read as it is rather than copied g times (transformers repeats
             # keys and values per query head when there is a mask; 5.23 packs like this itself).
-            o = fn(_OneGroup(module), q.view(B, -1, g, q.shape[-1]), k, v, attention_mask,
+            o = fn(ModuleView(module, impl, True), q.view(B, -1, g, q.shape[-1]), k, v, attention_mask,
                    **{**kwargs, "is_causal": False})[0]  # (B, g, E*KVH, D)
             o = o.transpose(1, 2).reshape(B, 1, E * H, -1)  # (B, 1, E*H, D)
         else:
             o = fn(module, q, k, v, attention_mask, **kwargs)[0]  # (B, T, E*H, D)
         return o.unflatten(2, (E, H)).unbind(2)  # E x (B, T, H, D)
-
-
-class _OneGroup:
-    """The attention module as seen with queries packed per key head: no key repeat."""
-
-    num_key_value_groups = 1
-
-    def __init__(self, module):
-        self._module = module
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
 
 
 # ---------------------------------------------------------------------------- registry
