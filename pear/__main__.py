@@ -3,6 +3,9 @@
 
 import sys
 
+from . import distributed
 from .cli import main
 
-sys.exit(main())
+rc = main()
+distributed.end(rc)  # several processes: leave together, no interpreter teardown
+sys.exit(rc)

@@ -64,7 +64,26 @@ def init() -> bool:
 
 def _leave() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # together: no rank tears its group down while another still uses it
         dist.destroy_process_group()
+
+
+def end(rc: int) -> None:
+    """In a launched process: leave the group with the others and end the process at once with
+    `rc`, skipping the interpreter's teardown, where gloo's threads still aborted a finished rank
+    now and then (SIGABRT, "terminate called without an active exception": 1 run in 5 of a
+    2-rank discovery on CPU, none in 20 with this). Outputs are written and closed by then; the
+    standard streams and logging are flushed here. In one process it returns."""
+    if not active():
+        return
+    import logging
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    _leave()
+    os._exit(rc)
 
 
 def active() -> bool:

@@ -134,6 +134,7 @@ res = D.discover(load_model(folder, dtype="fp32", device="cpu").model, None, set
 r = distributed.rank()
 with open(f"{out}/rank{r}.json", "w") as f:
     json.dump({"rc": rc, "rechecked": mine, "result": res.to_dict()}, f)
+distributed.end(0)
 """
 
 
@@ -250,6 +251,7 @@ assert distributed.init()
 folder = loading._converted_gguf(loading.resolve_spec(sys.argv[1]))
 out = Path(sys.argv[2]) / f"rank{distributed.rank()}.json"
 out.write_text(json.dumps(sorted(p.name for p in folder.iterdir())))
+distributed.end(0)
 """
 
 
