@@ -17,7 +17,9 @@ and the gathered outputs equal a single process's (same batches, same kernels).
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import sys
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -76,9 +78,6 @@ def end(rc: int) -> None:
     standard streams and logging are flushed here. In one process it returns."""
     if not active():
         return
-    import logging
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -296,14 +296,9 @@ def _converted_gguf(ms: ModelSpec) -> Path:
     from . import distributed
 
     target = converted_folder(Path(ms.path) / ms.gguf_file)
-    if distributed.active():  # transformers writes a model's files on rank 0 only: it converts, the others wait
-        if distributed.is_main():
-            _convert_gguf(ms, target)
-        distributed.barrier()
-        if not (target / "config.json").is_file():
-            raise PearError(f"the converted copy of {ms.gguf_file} in {target} has no config.json")
-        return target
-    _convert_gguf(ms, target)
+    if distributed.is_main():  # every process alone; of launched ones, rank 0 (the others wait)
+        _convert_gguf(ms, target)
+    distributed.barrier()
     return target
 
 

@@ -60,8 +60,8 @@ from ..errors import PearError
 from . import Variant, WrappedModel, register
 from .attention import ModuleView, attention_modules, original_function, require_attention_interface, switched_attention
 from .attention_buckets import REFERENCE_BASE
-from .rope import (Positions, base_of, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate, rotate_cs,
-                   track_positions, unwrap)
+from .rope import (Positions, base_of, cos_sin, inv_freq, inv_freq_for_base, layer_type, require_rope, rotate,
+                   rotate_cs, track_positions, unwrap)
 
 DEFAULT_BASES = (10000.0, 17500.0, 18000.0, 19000.0, 20000.0, 22500.0, 25000.0)
 DEFAULT_TOP_K = 7
@@ -325,8 +325,7 @@ class MoICE(WrappedModel):
         key = (id(ex), name)
         if key not in self.session.trig:
             angles = positions[:, None, None, :, None].float() * ex.delta[None, :, None, None, :]  # (B, E, 1, L, F)
-            emb = torch.cat((angles, angles), dim=-1)
-            self.session.trig[key] = (emb.cos(), emb.sin())
+            self.session.trig[key] = cos_sin(angles)
         return self.session.trig[key]
 
     @staticmethod

@@ -116,8 +116,13 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
     Computed in fp32 and cast back once, so a 16-bit q/k is rounded only one more time.
     """
+    return rotate_cs(x, *cos_sin(angles))
+
+
+def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (..., 2F) of RoPE angles (..., F), in rotate_half's pairing."""
     emb = torch.cat((angles, angles), dim=-1)
-    return rotate_cs(x, emb.cos(), emb.sin())
+    return emb.cos(), emb.sin()
 
 
 def rotate_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
