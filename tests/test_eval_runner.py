@@ -123,6 +123,21 @@ def test_evaluate_two_entries_skips_and_pairs(tiny, data_dir, tmp_path):
         assert len(f.readlines()) == 2 * (6 + 6 + 6)
 
 
+def test_prompts_rendered_once_per_loaded_model(tiny, data_dir, monkeypatch):
+    """Entries sharing a loaded model (base and its variants) render each task once; another
+    model renders its own."""
+    calls, real = [], runner_mod.render_prompts
+    monkeypatch.setattr(runner_mod, "render_prompts", lambda loaded, task, chat: calls.append((id(loaded), task.name))
+                        or real(loaded, task, chat))
+    other = LoadedModel(tiny.model, tiny.tokenizer, ModelSpec("other", "folder", "/nonexistent/other"))
+    kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=100, max_new_tokens=4)
+    res = evaluate([tiny, ModelEntry(tiny, label="copy"), ModelEntry(other, label="other")], ["closedbook", "mmlu"], **kw)
+    assert sorted(calls) == sorted((id(m), t) for m in (tiny, other) for t in ("closedbook", "mmlu"))
+    for t in ("closedbook", "mmlu"):  # the shared prompts give the same outputs
+        assert res["tasks"][t]["paired"]["copy"]["conditions"]["all"]["diff"] == 0
+        assert res["tasks"][t]["paired"]["other"]["conditions"]["all"]["diff"] == 0
+
+
 def test_resume_reuses_parts(tiny, data_dir, tmp_path, monkeypatch):
     kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=100, parts_dir=tmp_path / "parts",
               max_new_tokens=4)
