@@ -291,6 +291,8 @@ def test_auto_batch_limits_by_device_and_memory(tiny):
     assert batch_limits(m, 3, 1000) == (3, 1000)
     assert batch_limits(m, device_type="cuda", free_bytes=10 * per) == (512, 6)
     assert batch_limits(m, device_type="cuda", free_bytes=10**15) == (512, GPU_TOKENS_CAP)
+    assert batch_limits(m, device_type="cuda", free_bytes=40 * per, memory_factor=4) == (512, 6)  # a variant's share
+    assert batch_limits(m, memory_factor=4) == (8, 32768)  # CPU batches are sized for speed, not memory
     mib = 1 << 20
     with pytest.MonkeyPatch.context() as mp:  # a process with a quarter of an 80 MiB GPU, 4 MiB of it taken
         mp.setattr(torch.cuda, "mem_get_info", lambda d: (60 * mib, 80 * mib))
@@ -301,6 +303,24 @@ def test_auto_batch_limits_by_device_and_memory(tiny):
         assert batch_limits(m, device_type="cuda")[1] == int(0.6 * 60 * mib / per) == 11342
     with pytest.raises(PearError, match="--batch-size must be 'auto' or an integer"):
         evaluate([tiny], ["kv"], data_dir="/nonexistent", batch_size=0)
+
+
+def test_variants_declare_their_memory_and_evaluate_sizes_batches_by_it(tiny, data_dir, monkeypatch):
+    """A variant that holds several caches says so (`Variant.memory`), and the automatic batch
+    limits of its entry are computed with that factor."""
+    from pear.baselines import get_variant
+
+    assert get_variant("none").memory_factor({}) == 1.0
+    assert get_variant("moice").memory_factor({"routers": "init"}) == 4.0
+    assert get_variant("moice").memory_factor({"routers": "init", "stack": False}) == 1.0
+    assert get_variant("attention-buckets").memory_factor({}) == 6  # one run per RoPE base
+    assert get_variant("attention-buckets").memory_factor({"bases": [10000, 20000]}) == 2
+    assert get_variant("ms-poe").memory_factor({}) == 1.25
+    seen, real = [], runner_mod.batch_limits
+    monkeypatch.setattr(runner_mod, "batch_limits", lambda *a, **k: seen.append(k["memory_factor"]) or real(*a, **k))
+    evaluate([tiny, ModelEntry(tiny, "attention-buckets")], ["closedbook"], data_dir=data_dir, limit=1,
+             progress=False, n_resamples=10, max_new_tokens=2)
+    assert seen == [1.0, 6]
 
 
 def test_out_of_memory_batch_is_split_after_its_memory_is_freed():

@@ -33,6 +33,10 @@ class Variant:
     description: str
     wrap: Callable[..., ContextManager]  # wrap(loaded, **options) -> context manager yielding lm
     needs_rope: bool = True
+    # memory(**options): GPU memory per batch token relative to the base model (None: 1); the
+    # automatic batch limits divide their token budget by it, so that a variant holding several
+    # caches does not start every batch too large and split it after running out of memory
+    memory: Callable[..., float] | None = None
 
     @property
     def options(self) -> list[str]:
@@ -41,6 +45,9 @@ class Variant:
 
         ps = list(inspect.signature(self.wrap).parameters.values())[1:]
         return [p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def memory_factor(self, options: dict) -> float:
+        return 1.0 if self.memory is None else float(self.memory(**options))
 
     def check_options(self, options: dict) -> None:
         bad = sorted(set(options) - set(self.options))

@@ -173,4 +173,5 @@ def wrap(loaded, *, bases=DEFAULT_BASES, scale_to_model: bool = True, combine: s
 
 
 register(Variant("attention-buckets", "Attention Buckets: parallel runs with RoPE bases 10000..25000 (scaled to the "
-                 "model's base), distributions combined by confidence (arXiv 2312.04455)", wrap, needs_rope=True))
+                 "model's base), distributions combined by confidence (arXiv 2312.04455)", wrap, needs_rope=True,
+                 memory=lambda bases=DEFAULT_BASES, **_: len(bases)))  # one run, one cache, per base

@@ -70,6 +70,10 @@ _ATTR = "_pear_moice"
 _KEYS = "_pear_moice_keys"  # on a cache filled through the wrapper: every expert's rotated keys, per layer
 _PREFIX = "pear_moice_"
 KEY_ROOM = 64  # decoding steps the experts' key buffer grows by at a time
+# GPU memory per batch token with the experts stacked, relative to the base model: 3.0 x (kv) and
+# 4.1 x (mdqa-10) in `pear eval` on SmolLM2-135M, 1 x H200 (the seven experts' rotated keys, the
+# values each attention call reads, the stacked queries); one by one it is the base model's
+STACKED_MEMORY = 4.0
 
 
 # ---------------------------------------------------------------------------- routers
@@ -415,4 +419,5 @@ def wrap(loaded, *, routers=None, bases=None, top_k: int | None = None, seed: in
 
 
 register(Variant("moice", "MoICE: each head attends with 7 RoPE bases (scaled to the model's), mixed per token "
-                 "and head by trained routers (arXiv 2406.19598)", wrap, needs_rope=True))
+                 "and head by trained routers (arXiv 2406.19598)", wrap, needs_rope=True,
+                 memory=lambda stack=True, **_: STACKED_MEMORY if stack else 1.0))

@@ -114,7 +114,8 @@ def add_cli(sub) -> None:
                    help="max rows per batch, or auto (default: 8 on CPU, 512 on a GPU)")
     p.add_argument("--max-batch-tokens", type=_auto_or_int, default="auto",
                    help="max rows x (longest prompt + new tokens) per batch, or auto (default: 32768 on CPU; "
-                        "on a GPU from its free memory, at most 1.5M); a batch that runs out of memory is split")
+                        "on a GPU from its free memory and the variant's memory per token, at most 1.5M); a batch that runs "
+                        "out of memory is split")
     p.add_argument("--decode", default="eager", choices=["eager", "static"],
                    help="greedy decoding: eager (default), or static: a preallocated KV cache and the decoding "
                         "step compiled into CUDA graphs (faster on a GPU; the first batch compiles it; plain "

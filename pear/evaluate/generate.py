@@ -45,16 +45,17 @@ def bytes_per_token(model) -> int:
 
 
 def batch_limits(model, batch_size="auto", max_batch_tokens="auto", *, free_bytes: int | None = None,
-                 device_type: str | None = None) -> tuple[int, int]:
+                 device_type: str | None = None, memory_factor: float = 1.0) -> tuple[int, int]:
     """(rows, rows x tokens) per batch; "auto" for either picks it for the model's device:
     on CPU 8 rows and 32,768 tokens; on a GPU 512 rows and as many tokens as 60 % of the free
-    memory holds at `bytes_per_token` (at most 1.5M: SmolLM2-135M and Qwen2.5-0.5B ran at
-    512 x 1.5M on an H200 with ~77 GB at peak)."""
+    memory holds at `bytes_per_token` times `memory_factor` (a variant's, `Variant.memory`; at
+    most 1.5M: SmolLM2-135M and Qwen2.5-0.5B ran at 512 x 1.5M on an H200 with ~77 GB at peak)."""
     dev = device_type or model.get_input_embeddings().weight.device.type
     if dev == "cuda":
         if free_bytes is None:
             free_bytes = gpu_free_bytes(model.get_input_embeddings().weight.device)
-        rows, tokens = GPU_ROWS, min(GPU_TOKENS_CAP, int(GPU_MEMORY_SHARE * free_bytes / bytes_per_token(model)))
+        per_token = bytes_per_token(model) * memory_factor
+        rows, tokens = GPU_ROWS, min(GPU_TOKENS_CAP, int(GPU_MEMORY_SHARE * free_bytes / per_token))
     else:
         rows, tokens = CPU_LIMITS
     return (rows if batch_size == "auto" else int(batch_size),

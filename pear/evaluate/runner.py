@@ -258,7 +258,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             loaded_key = (entry.spec_str, dtype, device)
         if prompts is None or prompts.loaded is not loaded:
             prompts = Prompts(loaded)
-        rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens)
+        rows, tokens = batch_limits(loaded.model, batch_size, max_batch_tokens,
+                                    memory_factor=variant.memory_factor(entry.options))
         mkey = model_key(entry.spec, loaded) if cache.folder is not None and distributed.is_main() else None
         okey = options_key(entry.options) if mkey is not None else None
         timing[label] = {}
