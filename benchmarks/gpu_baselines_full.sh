@@ -16,11 +16,15 @@
 #               `torchrun` of WORKERS (2) processes per GPU (data parallel, sharing OUT/parts)
 #   moice       MoICE: train its routers on each MODEL (`pear baseline train moice`,
 #               OUT/runs/<model>-moice; MOICE_MICRO sequences per forward pass, default 8; a
-#               training cut short continues from its .resume.pt when run again), then base and MoICE on the first LIMIT items of BTASKS
+#               training cut short continues from its .resume.pt when run again; ROUTERS_FROM=DIR
+#               uses DIR/routers-<model> instead, e.g. the committed ones), then base and MoICE on
+#               the first LIMIT items of BTASKS, one `torchrun` of PROCS (1) processes per task,
+#               batches of MOICE_ROWS (64) rows / MOICE_TOKENS (60000) tokens: the full-data
+#               tables of BENCHMARKS.md §3b ran with PROCS=8 on 1 x H200
 #   assemble    once the workers are done: one results JSON per model from the parts alone
 #               (`--parts only`; nothing is computed)
-# Each `pear eval` call keeps per-example parts in OUT/parts, so a run cut short continues where
-# it stopped when the same step is run again. Decoding is Python-bound: two processes per GPU
+# Each `pear eval` call keeps per-example parts in OUT/parts (or PARTS), so a run cut short
+# continues where it stopped when the same step is run again. Decoding is Python-bound: two processes per GPU
 # nearly double throughput; two Attention Buckets processes at 64 rows / 200,000 tokens hold
 # ~120-134 GB of an H200, so two per GPU is the limit there.
 set -uo pipefail
@@ -32,7 +36,8 @@ MODELS=("$@")
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # several processes share a GPU: less fragmentation
 LIMIT=${LIMIT:-200}  # items per task for the baselines; LIMIT=all: the full development data
 LIM=(--limit $LIMIT); [ "$LIMIT" = all ] && LIM=()
-EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir "$OUT/parts")
+PARTS=${PARTS:-$OUT/parts}  # per-example parts (PARTS=benchmarks/results/gpu_eval_full/moice/parts continues those)
+EVAL=(--dtype bf16 --device cuda --seed 0 --no-progress --parts-dir "$PARTS")
 BIG=(--batch-size ${BATCH:-auto} --max-batch-tokens ${MAX_TOKENS:-auto})  # auto: from free GPU memory
 BUCKETS=(--batch-size ${BUCKET_BATCH:-64} --max-batch-tokens ${BUCKET_TOKENS:-200000})
 BTASKS=${BTASKS:-kv,mdqa-20,hotpotqa,mdqa-10,mmlu}  # longest part first: kv, 1,500 long prompts in one part
@@ -88,12 +93,19 @@ workers)  # every baseline (VARIANTS) on the full data, data parallel over the G
 moice)  # MoICE: routers (reference recipe, SQuAD 2.0 long instructions), then base and MoICE
   for m in "${MODELS[@]}"; do
     r="$OUT/runs/$(name "$m")-moice"
+    [ -n "${ROUTERS_FROM:-}" ] && r="$ROUTERS_FROM/routers-$(name "$m")"
     # bf16 as the reference trains (flash attention); the routers themselves run in fp32
     [ -f "$r/routers.safetensors" ] || pear baseline train moice --model "$m" --device cuda --dtype bf16 --out "$r" --force \
       --micro-batch ${MOICE_MICRO:-8} \
       >> "$OUT/res/moice-train-$(name "$m").log" 2>&1
-    ev "moice-$(name "$m")" --model "$m" --label base --model "$m" --variant moice --variant-option routers="$r" \
-       --label moice --task $BTASKS "${LIM[@]}" "${BUCKETS[@]}"
+    for t in ${BTASKS//,/ }; do  # one launch per task: its table is complete once the launch ends
+      n="moice-$(name "$m")-$t"; echo "== $(date +%T) start $n"
+      torchrun --nproc-per-node ${PROCS:-1} -m pear eval --model "$m" --label base --model "$m" --variant moice \
+        --variant-option routers="$r" --label moice --task $t "${LIM[@]}" "${EVAL[@]}" \
+        --batch-size ${MOICE_ROWS:-64} --max-batch-tokens ${MOICE_TOKENS:-60000} --out "$OUT/res/$n.json" \
+        > "$OUT/res/$n.log" 2>&1
+      echo "== $(date +%T) done $n rc=$?"
+    done
   done ;;
 assemble)  # one results JSON per model (base, pear, ms-poe, attention-buckets) from the parts only
   for m in "${MODELS[@]}"; do
