@@ -1,17 +1,19 @@
-"""Evaluation throughput: eager greedy decoding vs `--decode static` (static KV cache, compiled step).
+"""Evaluation throughput: eager greedy decoding vs `--decode static` and `--decode continuous`.
 
     python3 benchmarks/decode_throughput.py --model smollm2-135m --device cuda --dtype bf16 \\
         --task mdqa-10 --limit 100 --out benchmarks/results/decode_throughput_h200.json
 
 Both paths score the same examples through the harness (`pear.evaluate.scoring.run_task`, as
 `pear eval` does: same batches, same early stop at the answer's first line). Eager runs once
-after a small warm-up; static runs twice: the first run includes compiling the step and
-recording its CUDA graphs, the second is the steady state. Reported: examples/s of each run,
+after a small warm-up; each other path (`--decoders`: static, a static KV cache with the step
+compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts) runs twice:
+static's first run includes compiling the step and recording its CUDA graphs, the second is
+the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
 should), accuracy under each, peak GPU memory, the time of the prompts alone (one new token:
 the floor of any decoding loop), and the command, versions and hardware
-(`pear.provenance`). If compiling fails, the error is printed and saved under "static" and the
-exit status is 1; the eager numbers are still written.
+(`pear.provenance`). If a path fails (compiling, say), the error is printed and saved under its
+name and the exit status is 1; the other numbers are still written.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def parse(argv):
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--max-batch-tokens", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
+    ap.add_argument("--decoders", default="static,continuous", help="the paths compared with eager")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="compile the static path's step: auto = on CUDA only (as pear eval --decode static)")
     ap.add_argument("--compile-backend", default="inductor")
@@ -74,6 +77,7 @@ def main(argv=None) -> int:
     from pear.evaluate.generate import batch_limits
     from pear.evaluate.registry import BuildContext, build_task, parse_positions
     from pear.evaluate.scoring import render_prompts, run_task
+    from pear.evaluate.continuous import ContinuousDecoder
     from pear.evaluate.static_decode import StaticDecoder
     from pear.hardware import announce
     from pear.loading import load_model
@@ -119,32 +123,40 @@ def main(argv=None) -> int:
           f"can gain: x{dt / dt0:.2f}", flush=True)
 
     rc = 0
-    try:
-        compile = {"auto": None, "on": True, "off": False}[args.compile]
-        dec = StaticDecoder(model, compile=compile, backend=args.compile_backend,
-                            mode=None if args.compile_mode == "none" else args.compile_mode,
-                            dynamic=True if args.compile_dynamic else None)
-        first, dt1, _ = timed(lambda: run(dec), device)
-        static, dt2, peak2 = timed(lambda: run(dec), device)
-        differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, static)
-                  if not e["skipped"] and e["output"] != s["output"]]
-        res["static"] = {**_summary(static, dt2, peak2), "compiled": dec.compiled,
-                         "compile": ({"backend": args.compile_backend, "mode": args.compile_mode,
-                                      "dynamic": bool(args.compile_dynamic)} if dec.compiled else None),
+    for name in [d.strip() for d in args.decoders.split(",") if d.strip()]:
+        try:
+            if name == "static":
+                compile = {"auto": None, "on": True, "off": False}[args.compile]
+                dec = StaticDecoder(model, compile=compile, backend=args.compile_backend,
+                                    mode=None if args.compile_mode == "none" else args.compile_mode,
+                                    dynamic=True if args.compile_dynamic else None)
+            elif name == "continuous":
+                dec = ContinuousDecoder()
+            else:
+                raise ValueError(f"unknown decoder {name!r} (static, continuous)")
+            first, dt1, _ = timed(lambda: run(dec), device)
+            again, dt2, peak2 = timed(lambda: run(dec), device)
+            differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)
+                      if not e["skipped"] and e["output"] != s["output"]]
+            res[name] = {**_summary(again, dt2, peak2),
                          "first_run": {"seconds": round(dt1, 3), "examples_per_s": round(n / dt1, 3)},
-                         "runs_agree": [r["output"] for r in first] == [r["output"] for r in static],
+                         "runs_agree": [r["output"] for r in first] == [r["output"] for r in again],
+                         "speedup": round(dt / dt2, 3),
                          "outputs_differ_from_eager": len(differ),
-                         "differing_examples": [dict(zip(("id", "condition", "eager", "static"), d))
-                                                for d in differ[:20]]}
-        res["speedup"] = round(dt / dt2, 3)
-        print(f"static: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run, compiling: {dt1:.1f} s); "
-              f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
-    except Exception as e:  # compiling or running the static path failed: say so, keep the eager numbers
-        res["static"] = {"error": f"{type(e).__name__}: {e}".strip()[:2000],
-                         "traceback": traceback.format_exc()[-4000:]}
-        print(f"static: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-              file=sys.stderr, flush=True)
-        rc = 1
+                         "differing_examples": [dict(zip(("id", "condition", "eager", name), d)) for d in differ[:20]]}
+            if name == "static":
+                res[name].update(compiled=dec.compiled, compile=({"backend": args.compile_backend,
+                                                                  "mode": args.compile_mode,
+                                                                  "dynamic": bool(args.compile_dynamic)}
+                                                                 if dec.compiled else None))
+                res["speedup"] = res[name]["speedup"]
+            print(f"{name}: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run: {dt1:.1f} s); "
+                  f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
+        except Exception as e:  # compiling or running a path failed: say so, keep the other numbers
+            res[name] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "traceback": traceback.format_exc()[-4000:]}
+            print(f"{name}: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                  file=sys.stderr, flush=True)
+            rc = 1
     write_text(args.out, json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")
     return rc

@@ -58,7 +58,7 @@ def test_backend_check_runs_both_modes_on_cpu():
 @pytest.mark.data
 def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
     """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
-    holds mdqa-10): both paths give the same answers and their rates; a compile that cannot
+    holds mdqa-10): the three paths give the same answers and their rates; a compile that cannot
     work is reported in the JSON, exit 1, with the eager numbers kept."""
     import decode_throughput
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -79,6 +79,7 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["static"]["outputs_differ_from_eager"] == 0 and res["static"]["runs_agree"]
     assert res["static"]["compiled"] is False  # on CPU by default: the static cache alone
     assert res["eager"]["examples_per_s"] > 0 and res["static"]["examples_per_s"] > 0 and res["speedup"] > 0
+    assert res["continuous"]["outputs_differ_from_eager"] == 0 and res["continuous"]["speedup"] > 0
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 

@@ -81,6 +81,27 @@ def test_eval_two_processes_equals_one(tiny_folder, data_dir, tmp_path, monkeypa
     assert json.loads((tmp_path / "two" / "e.json").read_text())["tasks"] == r1["tasks"]
 
 
+def test_eval_continuous_two_processes_equals_eager(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """`--decode continuous` under torchrun: each rank decodes its share of the prompts, rows
+    joining as others finish; the outputs equal one eager process's (fp32)."""
+    from pear.cli import main
+
+    monkeypatch.setenv("PEAR_CACHE", str(tmp_path / "cache"))
+    args = ["eval", "--model", str(tiny_folder), "--task", "closedbook", "--limit", "6", "--batch-size", "2",
+            "--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32", "--data-dir", str(data_dir),
+            "--log-samples", "--no-progress", "--bootstrap", "100"]
+    two = torchrun(args + ["--decode", "continuous", "--out", str(tmp_path / "two" / "e.json")], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert one_thread(main, args + ["--out", str(tmp_path / "one" / "e.json")]) == 0
+
+    def outputs(d):
+        with gzip.open(tmp_path / d / "e.samples.jsonl.gz", "rt") as f:
+            return [(x["id"], x["output"], x["score"]) for x in map(json.loads, f)]
+
+    assert len(outputs("one")) == 6 and outputs("two") == outputs("one")
+    assert json.loads((tmp_path / "two" / "e.json").read_text())["models"][0]["decode"] == "continuous"
+
+
 def test_fit_two_processes_equals_one(tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m pear fit`: each rank takes half of every proxy batch,
     the coefficients' gradients (and the penalty, once) are summed over ranks; the coefficients

@@ -279,6 +279,63 @@ def test_dropping_finished_rows_changes_nothing(tiny, variant):
     assert cuts and cuts[0] == 3  # the first cut keeps the three rows still running
 
 
+def test_continuous_batching_equals_eager(tiny, monkeypatch):
+    """Rows that finish make room for waiting prompts, prefilled together and joined to the
+    running cache left-padded; columns no row attends to are cut: every prompt's tokens equal
+    the eager loop's (fp32), through joins, drops and cuts."""
+    from pear.evaluate import continuous as cont
+
+    tok = tiny.tokenizer
+    words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
+    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]  # 11 prompts, 3-19 words
+    stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
+    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, **kw)
+    joins, cuts, done_counts = [], [], []
+    for name, seen in (("_join", joins), ("_trim", cuts)):
+        real = getattr(cont, name)
+        monkeypatch.setattr(cont, name, lambda *a, _r=real, _s=seen: _s.append(a[1:]) or _r(*a))
+    got = cont.continuous_generate(tiny.model, ids, on_batch=done_counts.append, **kw)
+    assert got == eager and [len(o) for o in got] == stop_after
+    assert joins and cuts and sum(done_counts) == len(ids)
+    # the share of one process (`batches`) only: the others stay empty
+    mine = cont.continuous_generate(tiny.model, ids, batches=[[1, 4], [7]], **kw)
+    assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
+    # a tight token budget: fewer rows join at a time, the same tokens
+    assert cont.continuous_generate(tiny.model, ids, **dict(kw, max_batch_tokens=60)) == eager
+    # prompts whose prefill runs out of memory go back to the queue and join fewer at a time
+    real_call, sizes = cont.Forward.__call__, []
+
+    def oom_above_two(self, **k):
+        if k["past_key_values"] is None:
+            sizes.append(k["input_ids"].shape[0])
+            if k["input_ids"].shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real_call(self, **k)
+    monkeypatch.setattr(cont.Forward, "__call__", oom_above_two)
+    assert cont.continuous_generate(tiny.model, ids, **kw) == eager
+    assert sizes[0] == 4 and max(sizes[1:]) <= 2
+
+
+def test_continuous_batching_only_for_whole_caches(tiny, data_dir):
+    """Variants and sliding-window layers keep the eager loop (said once), with the same outputs."""
+    from pear.baselines import get_variant
+    from pear.evaluate.continuous import supports_continuous
+
+    assert supports_continuous(tiny.model)
+    with get_variant("ms-poe").wrap(tiny) as lm:
+        assert not supports_continuous(lm)
+    sliding = tiny_llama(tiny.tokenizer)
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert not supports_continuous(sliding)
+    kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=50, max_new_tokens=6)
+    eager = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], **kw)
+    cont = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], decode="continuous", **kw)
+    assert [m["decode"] for m in cont["models"]] == ["continuous", "eager"]
+    assert cont["tasks"]["closedbook"]["models"] == eager["tasks"]["closedbook"]["models"]
+
+
 def test_auto_batch_limits_by_device_and_memory(tiny):
     """--batch-size/--max-batch-tokens auto: CPU keeps small batches; on a GPU the token budget
     follows the free memory (capped), and given numbers are kept as they are."""
@@ -519,15 +576,19 @@ def test_grouped_attention_equals_repeated_heads():
     torch.testing.assert_close(attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
 
 
-def test_cli_decode_static(tiny, data_dir, tmp_path):
+@pytest.mark.parametrize("decode", ["static", "continuous"])
+def test_cli_decode(tiny, data_dir, tmp_path, decode):
     from pear.cli import main
 
     folder = tmp_path / "tiny"
     tiny.model.save_pretrained(folder)
     tiny.tokenizer.save_pretrained(folder)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(folder), "--task", "closedbook", "--limit", "2", "--data-dir", str(data_dir),
-                 "--device", "cpu", "--out", str(out), "--no-progress", "--bootstrap", "10", "--max-new-tokens", "4",
-                 "--decode", "static"]) == 0
+    args = ["eval", "--model", str(folder), "--task", "closedbook", "--limit", "2", "--data-dir", str(data_dir),
+            "--device", "cpu", "--out", str(out), "--no-progress", "--bootstrap", "10", "--max-new-tokens", "4",
+            "--parts-dir", str(tmp_path / "parts")]
+    assert main(args + ["--decode", decode]) == 0
     res = json.loads(out.read_text())
-    assert res["models"][0]["decode"] == "static" and "--decode static" in res["settings"]["command"]
+    assert res["models"][0]["decode"] == decode and f"--decode {decode}" in res["settings"]["command"]
+    assert main(args + ["--force"]) == 0  # eager: parts of its own, keyed on the decoding
+    assert len(list((tmp_path / "parts").iterdir())) == 2

@@ -37,6 +37,7 @@ from ..provenance import device_name, provenance
 from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
+from .continuous import ContinuousDecoder, supports_continuous
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
 from .registry import BuildContext, Task, build_task, parse_positions
@@ -127,7 +128,7 @@ class Job:
     tokens: int
     chat: str
     progress: bool
-    decoder: Any = None  # static_decode.StaticDecoder (--decode static), else None: the eager loop
+    decoder: Any = None  # StaticDecoder / ContinuousDecoder (--decode static / continuous), else None: eager
     prompts: Prompts | None = None  # shared by the jobs of one loaded model; None: this job's own
 
 
@@ -139,7 +140,7 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
     recs, secs = [], 0.0
     step = PART_SIZE if cache.folder is not None else max(1, len(texts))
     settings = {"dtype": str(next(job.loaded.model.parameters()).dtype), "window": context_window(job.loaded.model),
-                **({"decode": "static"} if job.decoder is not None and task.kind == "generate" else {})}
+                **({"decode": job.decoder.name} if job.decoder is not None and task.kind == "generate" else {})}
     for s0 in range(0, len(texts), step):  # parts: a killed run loses at most one
         sub = dataclasses.replace(task, examples=task.examples[s0: s0 + step])
         ids = [a.tolist() for a in arrays[s0: s0 + step]]
@@ -164,20 +165,24 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 
 # ------------------------------------------------------------------ evaluate
-DECODES = ("eager", "static")
+DECODES = ("eager", "static", "continuous")
 
 
-def _decoder(lm, label: str, decode: str) -> StaticDecoder | None:
-    """The static decoder of `lm` for decode "static", where it applies (a plain transformers
-    model of a family that compiles); else None, said once on stderr."""
-    if decode != "static":
+def _decoder(lm, label: str, decode: str) -> StaticDecoder | ContinuousDecoder | None:
+    """The decoder of `lm` for decode "static" or "continuous", where it applies; else None
+    (the eager loop), said once on stderr."""
+    if decode == "eager":
         return None
-    if not supports_static(lm):
-        if distributed.is_main():
-            print(f"pear: {label} decodes eagerly: --decode static takes plain transformers models of families "
-                  "that compile with a static cache (not a variant)", file=sys.stderr)
-        return None
-    return StaticDecoder(lm)
+    if decode == "static" and supports_static(lm):
+        return StaticDecoder(lm)
+    if decode == "continuous" and supports_continuous(lm):
+        return ContinuousDecoder()
+    if distributed.is_main():
+        needs = ("families that compile with a static cache" if decode == "static"
+                 else "layers that keep their whole cache (no sliding window)")
+        print(f"pear: {label} decodes eagerly: --decode {decode} takes plain transformers models of {needs} "
+              "(not a variant)", file=sys.stderr)
+    return None
 
 
 def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode) -> None:
@@ -222,9 +227,10 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     GPU memory; the values used are recorded per model under "batch_limits").
     parts (with `parts_dir`): "reuse" (compute what is missing) or "only" (compute nothing;
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
-    decode: greedy decoding, "eager" (a Python loop over the forward) or "static" (a static KV
-    cache and a decoding step compiled on CUDA: `static_decode`; a model under a variant
-    decodes eagerly, as models_info's "decode" records).
+    decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
+    cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
+    make room for waiting prompts: `continuous`); a model under a variant decodes eagerly, as
+    models_info's "decode" records.
     """
     from ..baselines import get_variant
 

@@ -11,7 +11,6 @@ all the records: the same records, batch for batch, as one process computes.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from typing import Callable
@@ -21,7 +20,6 @@ from ..errors import PearError
 from ..loading import LoadedModel
 from .generate import context_window, eos_token_ids, greedy_generate, make_batches, next_token_logprobs
 from .prompts import has_chat_template, render
-from .static_decode import static_generate
 from .registry import Task
 
 Scorer = Callable[..., dict[int, dict]]
@@ -77,13 +75,14 @@ def _estimating(bar, n_total: int, desc: str, progress: bool):
 def score_generate(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, decoder=None,
                    **kw) -> dict[int, dict]:
     """Greedy answers, scored by the task; stops early once `task.done` says the score is settled.
-    decoder: a `static_decode.StaticDecoder` of `lm` (`--decode static`), else the eager loop."""
+    decoder: a StaticDecoder of `lm` or a ContinuousDecoder (`--decode static / continuous`: its
+    `generate`), else the eager loop."""
     tok = loaded.tokenizer
 
     def done(j, new):
         return task.done is not None and task.done(tok.decode(new, skip_special_tokens=True), examples[j])
 
-    gen = greedy_generate if decoder is None else functools.partial(static_generate, decoder=decoder)
+    gen = greedy_generate if decoder is None else decoder.generate
     outs = gen(lm, prompts, eos_ids=eos_token_ids(loaded.model, tok), max_new_tokens=task.max_new_tokens,
                done=done, batches=batches, **kw)
     res = {}
@@ -119,7 +118,7 @@ def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_s
              rendered: tuple[list[str], list[list[int]]] | None = None, decoder=None) -> list[dict]:
     """Records, one per example, in example order: id, condition, score (None = skipped),
     output, n_prompt_tokens, and for choice tasks the choice log-probabilities.
-    decoder: greedy decoding on a static cache (`static_decode.StaticDecoder`), else eager."""
+    decoder: a decoder's `generate` replaces the eager loop (`--decode static / continuous`)."""
     from tqdm.auto import tqdm
 
     model, tok = loaded.model, loaded.tokenizer

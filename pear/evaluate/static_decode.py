@@ -103,6 +103,8 @@ class StaticDecoder:
     dynamic: torch.compile's (None: compile for the first shapes, then again with the sizes
     that changed as symbols; True: symbolic from the start, one compilation)."""
 
+    name = "static"
+
     def __init__(self, model, compile: bool | None = None, backend: str = "inductor",
                  mode: str | None = "reduce-overhead", dynamic: bool | None = None):
         if not supports_static(model):
@@ -120,6 +122,10 @@ class StaticDecoder:
             except Exception as e:  # an unknown backend, a torch without a compiler
                 raise _compile_error(e) from e
         self.caches, self.start = {}, None  # {(rows, length): StaticCache}, the batch shape they belong to
+
+    def generate(self, model, prompts, **kw) -> list[list[int]]:
+        """`generate.greedy_generate`'s contract, on this decoder's static caches."""
+        return static_generate(model, prompts, decoder=self, **kw)
 
     def begin(self, rows: int, length: int):
         """The cache for a new batch's prompt; the bucket caches of an earlier batch of another
