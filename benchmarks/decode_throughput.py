@@ -19,6 +19,7 @@ name and the exit status is 1; the other numbers are still written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -41,6 +42,9 @@ def parse(argv):
     ap.add_argument("--max-batch-tokens", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
     ap.add_argument("--decoders", default="static,continuous", help="the paths compared with eager")
+    ap.add_argument("--variant", default="none", help="evaluate the model under this variant (pear eval --variant)")
+    ap.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the variant, as pear eval takes it (repeatable)")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="compile the static path's step: auto = on CUDA only (as pear eval --decode static)")
     ap.add_argument("--compile-backend", default="inductor")
@@ -77,8 +81,10 @@ def main(argv=None) -> int:
     from pear.evaluate.generate import batch_limits
     from pear.evaluate.registry import BuildContext, build_task, parse_positions
     from pear.evaluate.scoring import render_prompts, run_task
+    from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
     from pear.evaluate.static_decode import StaticDecoder
+    from pear.commands.eval import parse_option
     from pear.hardware import announce
     from pear.loading import load_model
     from pear.provenance import provenance
@@ -93,20 +99,24 @@ def main(argv=None) -> int:
     rows, tokens = batch_limits(model, as_int(args.batch_size), as_int(args.max_batch_tokens))
     rendered = render_prompts(loaded, task, "auto")
     kw = dict(batch_size=rows, max_batch_tokens=tokens, progress=False, rendered=rendered)
+    variant, options = get_variant(args.variant), dict(parse_option(o) for o in args.variant_option)
+    variant.check_options(options)
+    wrapped = contextlib.ExitStack()  # the model under the variant until the end (then restored)
+    lm = wrapped.enter_context(variant.wrap(loaded, **options))
 
     def run(decoder=None):
-        return run_task(model, loaded, task, decoder=decoder, **kw)
+        return run_task(lm, loaded, task, decoder=decoder, **kw)
 
     res = {"command": "python3 benchmarks/decode_throughput.py " + shlex.join(argv),
            "model": args.model, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-           "task": args.task, "limit": args.limit, "positions": args.positions, "max_new_tokens": task.max_new_tokens,
+           "variant": args.variant, "variant_options": options, "task": args.task, "limit": args.limit, "positions": args.positions, "max_new_tokens": task.max_new_tokens,
            "batch_limits": {"rows": rows, "tokens": tokens}, **provenance(device)}
 
     # eager: a warm-up on a few examples (kernels, allocator), then the timed run
     import dataclasses
 
     small = dataclasses.replace(task, examples=task.examples[:8])
-    run_task(model, loaded, small, batch_size=rows, max_batch_tokens=tokens, progress=False,
+    run_task(lm, loaded, small, batch_size=rows, max_batch_tokens=tokens, progress=False,
              rendered=(rendered[0][:8], rendered[1][:8]))
     eager, dt, peak = timed(run, device)
     n = sum(not r["skipped"] for r in eager)
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
 
     # the floor no decoding loop can go under: the prompts alone (one new token each)
     one = dataclasses.replace(task, max_new_tokens=1)
-    _, dt0, _ = timed(lambda: run_task(model, loaded, one, **kw), device)
+    _, dt0, _ = timed(lambda: run_task(lm, loaded, one, **kw), device)
     res["prompts_only"] = {"seconds": round(dt0, 3), "examples_per_s": round(n / dt0, 3),
                            "max_speedup": round(dt / dt0, 3)}
     print(f"prompts only (1 new token): {dt0:.1f} s = {n / dt0:.2f} examples/s, the most any decoding loop "
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                   file=sys.stderr, flush=True)
             rc = 1
+    wrapped.close()
     write_text(args.out, json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")
     return rc

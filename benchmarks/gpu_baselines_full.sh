@@ -19,8 +19,9 @@
 #               training cut short continues from its .resume.pt when run again; ROUTERS_FROM=DIR
 #               uses DIR/routers-<model> instead, e.g. the committed ones), then base and MoICE on
 #               the first LIMIT items of BTASKS, one `torchrun` of PROCS (1) processes per task,
-#               batches of MOICE_ROWS (64) rows / MOICE_TOKENS (60000) tokens: the full-data
-#               tables of BENCHMARKS.md §3b ran with PROCS=8 on 1 x H200
+#               batches of MOICE_ROWS (64) rows / MOICE_TOKENS (60000) tokens, MOICE_DECODE
+#               (eager; continuous: finished rows replaced): the full-data tables of BENCHMARKS.md
+#               §3b ran with PROCS=8 on 1 x H200
 #   assemble    once the workers are done: one results JSON per model from the parts alone
 #               (`--parts only`; nothing is computed)
 # Each `pear eval` call keeps per-example parts in OUT/parts (or PARTS), so a run cut short
@@ -102,7 +103,8 @@ moice)  # MoICE: routers (reference recipe, SQuAD 2.0 long instructions), then b
       n="moice-$(name "$m")-$t"; echo "== $(date +%T) start $n"
       torchrun --nproc-per-node ${PROCS:-1} -m pear eval --model "$m" --label base --model "$m" --variant moice \
         --variant-option routers="$r" --label moice --task $t "${LIM[@]}" "${EVAL[@]}" \
-        --batch-size ${MOICE_ROWS:-64} --max-batch-tokens ${MOICE_TOKENS:-60000} --out "$OUT/res/$n.json" \
+        --batch-size ${MOICE_ROWS:-64} --max-batch-tokens ${MOICE_TOKENS:-60000} --decode ${MOICE_DECODE:-eager} \
+        --out "$OUT/res/$n.json" \
         > "$OUT/res/$n.log" 2>&1
       echo "== $(date +%T) done $n rc=$?"
     done

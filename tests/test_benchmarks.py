@@ -83,6 +83,12 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 
+    moice = args + ["--variant", "moice", "--variant-option", "routers=init", "--decoders", "continuous",
+                    "--out", str(tmp_path / "moice.json")]
+    assert decode_throughput.main(moice) == 0  # a variant: eager and continuous agree
+    res = json.loads((tmp_path / "moice.json").read_text())
+    assert res["variant"] == "moice" and res["continuous"]["outputs_differ_from_eager"] == 0 and "static" not in res
+
     bad = args + ["--compile", "on", "--compile-backend", "no-such-backend", "--out", str(tmp_path / "bad.json")]
     assert decode_throughput.main(bad) == 1
     res = json.loads((tmp_path / "bad.json").read_text())

@@ -279,10 +279,29 @@ def test_dropping_finished_rows_changes_nothing(tiny, variant):
     assert cuts and cuts[0] == 3  # the first cut keeps the three rows still running
 
 
-def test_continuous_batching_equals_eager(tiny, monkeypatch):
+@pytest.mark.parametrize("variant", ["none", "moice"])
+def test_continuous_batching_equals_eager(tiny, monkeypatch, variant):
     """Rows that finish make room for waiting prompts, prefilled together and joined to the
     running cache left-padded; columns no row attends to are cut: every prompt's tokens equal
-    the eager loop's (fp32), through joins, drops and cuts."""
+    the eager loop's (fp32), through joins, drops and cuts; under MoICE too (its positions and
+    experts' keys are joined and cut with the cache)."""
+    from pear.baselines import get_variant
+
+    # MoICE with bases far apart, so that a key rotated at a wrong position changes the tokens
+    opts = {"routers": "init", "bases": [10000.0, 300.0, 3e5]} if variant == "moice" else {}
+    with get_variant(variant).wrap(tiny, **opts) as lm:
+        _continuous_equals_eager(tiny, lm, monkeypatch)
+    if variant == "moice":  # joined experts' keys dropped: re-rotated from the joined positions, the same tokens
+        from pear.baselines import moice
+
+        join = moice.MoICE.join_cache_state
+        monkeypatch.setattr(moice.MoICE, "join_cache_state",
+                            lambda self, past, *a: join(self, past, *a) or setattr(past, moice._KEYS, {}))
+        with get_variant(variant).wrap(tiny, **opts) as lm:
+            _continuous_equals_eager(tiny, lm, monkeypatch)
+
+
+def _continuous_equals_eager(tiny, lm, monkeypatch):
     from pear.evaluate import continuous as cont
 
     tok = tiny.tokenizer
@@ -291,19 +310,19 @@ def test_continuous_batching_equals_eager(tiny, monkeypatch):
     stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
     kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
               done=lambda i, new: len(new) >= stop_after[i])
-    eager = greedy_generate(tiny.model, ids, **kw)
+    eager = greedy_generate(lm, ids, **kw)
     joins, cuts, done_counts = [], [], []
     for name, seen in (("_join", joins), ("_trim", cuts)):
         real = getattr(cont, name)
         monkeypatch.setattr(cont, name, lambda *a, _r=real, _s=seen: _s.append(a[1:]) or _r(*a))
-    got = cont.continuous_generate(tiny.model, ids, on_batch=done_counts.append, **kw)
+    got = cont.continuous_generate(lm, ids, on_batch=done_counts.append, **kw)
     assert got == eager and [len(o) for o in got] == stop_after
     assert joins and cuts and sum(done_counts) == len(ids)
     # the share of one process (`batches`) only: the others stay empty
-    mine = cont.continuous_generate(tiny.model, ids, batches=[[1, 4], [7]], **kw)
+    mine = cont.continuous_generate(lm, ids, batches=[[1, 4], [7]], **kw)
     assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
     # a tight token budget: fewer rows join at a time, the same tokens
-    assert cont.continuous_generate(tiny.model, ids, **dict(kw, max_batch_tokens=60)) == eager
+    assert cont.continuous_generate(lm, ids, **dict(kw, max_batch_tokens=60)) == eager
     # prompts whose prefill runs out of memory go back to the queue and join fewer at a time
     real_call, sizes = cont.Forward.__call__, []
 
@@ -314,7 +333,7 @@ def test_continuous_batching_equals_eager(tiny, monkeypatch):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return real_call(self, **k)
     monkeypatch.setattr(cont.Forward, "__call__", oom_above_two)
-    assert cont.continuous_generate(tiny.model, ids, **kw) == eager
+    assert cont.continuous_generate(lm, ids, **kw) == eager
     assert sizes[0] == 4 and max(sizes[1:]) <= 2
 
 

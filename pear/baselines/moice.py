@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
@@ -290,6 +291,26 @@ class MoICE(WrappedModel):
         setattr(past, _ATTR, p.rows(keep))
         setattr(past, _KEYS, {layer: (k[keep], n) for layer, (k, n) in (getattr(past, _KEYS, None) or {}).items()})
         return True
+
+    def join_cache_state(self, past, new, pad_old: int, pad_new: int) -> None:
+        """After the model's cache `past` took the rows of `new`, each left-padded by its count
+        of columns (`pear.evaluate.continuous`): the same for the tracked positions and for every
+        expert's rotated keys (a layer missing on either side re-rotates its keys next step)."""
+        setattr(past, _ATTR, getattr(past, _ATTR).join(getattr(new, _ATTR), pad_old, pad_new))
+        old, add = getattr(past, _KEYS, None) or {}, getattr(new, _KEYS, None) or {}
+        keys = {}
+        for layer in old.keys() & add.keys():
+            (a, n), (b, m) = old[layer], add[layer]  # (B, E, KVH, room, D), the first n filled
+            a, b = F.pad(a[:, :, :, :n], (0, 0, pad_old, 0)), F.pad(b[:, :, :, :m], (0, 0, pad_new, 0))
+            keys[layer] = (torch.cat([a, b]), n + pad_old)
+        setattr(past, _KEYS, keys)
+
+    def trim_cache_state(self, past, first: int) -> None:
+        """After the model's cache `past` lost its first `first` columns: the same for the
+        tracked positions and the experts' rotated keys."""
+        setattr(past, _ATTR, getattr(past, _ATTR).trim(first))
+        setattr(past, _KEYS, {layer: (k[:, :, :, first:n], n - first)
+                              for layer, (k, n) in (getattr(past, _KEYS, None) or {}).items()})
 
     # -- one layer: route, run each expert, mix; called from the registered attention function
     def _attend(self, layer, fn, module, query, key, value, attention_mask, **kwargs):

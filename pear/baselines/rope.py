@@ -147,6 +147,21 @@ class Positions:
         """The positions of batch rows `keep` only (a cache cut down to those rows)."""
         return Positions(query=self.query[keep], keys=self.keys[keep], key_valid=self.key_valid[keep])
 
+    def join(self, other: "Positions", pad_self: int, pad_other: int) -> "Positions":
+        """The rows of `other` after these, each side's keys left-padded by its count of columns
+        (padding: position 0, not valid), as a joined cache (`pear.evaluate.continuous`); the
+        queries are each row's last."""
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.cat([t.new_zeros(t.shape[0], n), t], dim=1)
+
+        return Positions(query=torch.cat([self.query[:, -1:], other.query[:, -1:]]),
+                         keys=torch.cat([pad(self.keys, pad_self), pad(other.keys, pad_other)]),
+                         key_valid=torch.cat([pad(self.key_valid, pad_self), pad(other.key_valid, pad_other)]))
+
+    def trim(self, first: int) -> "Positions":
+        """Without the first `first` key columns (a cache cut on the left)."""
+        return Positions(query=self.query, keys=self.keys[:, first:], key_valid=self.key_valid[:, first:])
+
     def layer_keys(self, variant: str, layer: int, T: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the S keys a layer attends to with T queries, each (B, S):
         the last S tracked (sliding-window layers keep only the last keys)."""

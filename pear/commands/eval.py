@@ -120,7 +120,8 @@ def add_cli(sub) -> None:
                    help="greedy decoding: eager (default); static: a preallocated KV cache and the decoding "
                         "step compiled into CUDA graphs (faster on a GPU; the first batch compiles it); "
                         "continuous: rows that finish make room for waiting prompts (fewer steps with few "
-                        "rows); static and continuous take plain models only, a --variant decodes eagerly")
+                        "rows); static takes plain models, continuous plain models and moice, another --variant decodes "
+                        "eagerly")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

@@ -13,9 +13,10 @@ attends to any longer are cut from the left.
 
 The same stopping rules as the eager loop (EOS, the token budget, `done`); what differs is which
 rows share a forward pass, so 16-bit outputs can differ as they do under any other batching (in
-fp32 the tokens are the eager loop's: tests). Only plain transformers models whose layers keep
-their whole cache take this path: a variant (pear.baselines) owns its cache, and a sliding-window
-layer keeps only its last tokens, which a join would misalign.
+fp32 the tokens are the eager loop's: tests). Only models whose layers keep their whole cache
+take this path (a sliding-window layer keeps only its last tokens, which a join would misalign):
+plain transformers models, and a variant (pear.baselines) that joins and cuts the state it keeps
+beside the model's cache (`join_cache_state`, `trim_cache_state`: MoICE).
 """
 
 from __future__ import annotations
@@ -28,17 +29,20 @@ import torch.nn.functional as F
 
 from ..backends import attention_backends
 from ..errors import PearError
-from .generate import Forward, left_pad, take_tokens
+from .generate import Forward, left_pad, select_cache_rows, take_tokens
 
 JOIN_WHEN_FREE = 4  # prompts join once 1/4 of the rows are free (each join copies the cache once)
 
 
 def supports_continuous(lm) -> bool:
-    """A plain transformers model on one device whose every layer keeps its whole cache."""
+    """A transformers model on one device whose every layer keeps its whole cache, plain or under
+    a variant that joins and cuts its own cache state."""
     from transformers import PreTrainedModel
 
     from ..hardware import on_one_device
 
+    if all(hasattr(type(lm), f) for f in ("join_cache_state", "trim_cache_state")):
+        lm = lm.model
     if not isinstance(lm, PreTrainedModel) or not on_one_device(lm):
         return False
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -68,17 +72,23 @@ def _layers(past) -> list:
     return layers
 
 
-def _join(past, new, pad_old: int, pad_new: int) -> None:
-    """Append the rows of cache `new` to `past`, in place, left-padding each to a common length."""
+def _join(lm, past, new, pad_old: int, pad_new: int) -> None:
+    """Append the rows of cache `new` to `past`, in place, left-padding each to a common length
+    (and a variant's state kept with the cache)."""
     for a, b in zip(_layers(past), _layers(new)):  # keys and values (B, KVH, L, D)
         a.keys = torch.cat([F.pad(a.keys, (0, 0, pad_old, 0)), F.pad(b.keys, (0, 0, pad_new, 0))])
         a.values = torch.cat([F.pad(a.values, (0, 0, pad_old, 0)), F.pad(b.values, (0, 0, pad_new, 0))])
+    if hasattr(type(lm), "join_cache_state"):
+        lm.join_cache_state(past, new, pad_old, pad_new)
 
 
-def _trim(past, first: int) -> None:
-    """Cut the first `first` columns (attended to by no row) from every layer of `past`."""
+def _trim(lm, past, first: int) -> None:
+    """Cut the first `first` columns (attended to by no row) from every layer of `past` (and
+    from a variant's state kept with the cache)."""
     for a in _layers(past):
         a.keys, a.values = a.keys[:, :, first:], a.values[:, :, first:]
+    if hasattr(type(lm), "trim_cache_state"):
+        lm.trim_cache_state(past, first)
 
 
 def _next_prompts(queue: deque, prompts, running: int, columns: int, batch_size: int, max_batch_tokens: int,
@@ -139,7 +149,7 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
                     past, mask, pos, logits = past2, m2, p2[:, -1:], lg2
                 else:
                     L = max(mask.shape[1], m2.shape[1])
-                    _join(past, past2, L - mask.shape[1], L - m2.shape[1])
+                    _join(lm, past, past2, L - mask.shape[1], L - m2.shape[1])
                     mask = torch.cat([F.pad(mask, (L - mask.shape[1], 0)), F.pad(m2, (L - m2.shape[1], 0))])
                     pos, logits = torch.cat([pos, p2[:, -1:]]), torch.cat([logits, lg2])
                 for i in new:
@@ -152,18 +162,19 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
             n_fin = sum(fin)
             if n_fin and (n_fin >= max(1, len(rows) // JOIN_WHEN_FREE) or n_fin == len(rows)):
                 keep = [r for r, f in enumerate(fin) if not f]
-                sel = torch.tensor(keep, dtype=torch.long, device=device)
+                sel, before = torch.tensor(keep, dtype=torch.long, device=device), len(rows)
                 if on_batch is not None:
                     on_batch(n_fin)
                 rows, fin = [rows[r] for r in keep], [False] * len(keep)
                 if not rows:
                     past = mask = pos = logits = None
                     continue
-                past.batch_select_indices(sel)
+                if not select_cache_rows(lm, past, sel, before):
+                    raise PearError("--decode continuous: this cache cannot drop rows (use --decode eager)")
                 nxt, mask, pos = nxt[sel], mask[sel], pos[sel]
                 first = int(mask.any(0).long().argmax())  # the first column a row still attends to
                 if first:
-                    _trim(past, first)
+                    _trim(lm, past, first)
                     mask = mask[:, first:]
             nxt = nxt.masked_fill(torch.tensor(fin, device=device), pad_id)  # finished rows: padding
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
