@@ -178,10 +178,10 @@ def _decoder(lm, label: str, decode: str) -> StaticDecoder | ContinuousDecoder |
     if decode == "continuous" and supports_continuous(lm):
         return ContinuousDecoder()
     if distributed.is_main():
-        needs = ("families that compile with a static cache" if decode == "static"
-                 else "layers that keep their whole cache (no sliding window)")
-        print(f"pear: {label} decodes eagerly: --decode {decode} takes plain transformers models of {needs} "
-              "(not a variant)", file=sys.stderr)
+        needs = ("plain transformers models of families that compile with a static cache (not a variant)"
+                 if decode == "static" else "models whose layers keep their whole cache (no sliding window), "
+                 "plain or under moice")
+        print(f"pear: {label} decodes eagerly: --decode {decode} takes {needs}", file=sys.stderr)
     return None
 
 
