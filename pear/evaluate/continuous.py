@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..backends import attention_backends
 from ..errors import PearError
-from .generate import Forward, left_pad, select_cache_rows, take_tokens
+from .generate import Forward, decode_step, left_pad, select_cache_rows, take_tokens
 
 JOIN_WHEN_FREE = 4  # prompts join once 1/4 of the rows are free (each join copies the cache once)
 
@@ -97,8 +97,9 @@ def _next_prompts(queue: deque, prompts, running: int, columns: int, batch_size:
     batch_size rows and rows x (columns + new tokens) <= max_batch_tokens (one prompt always, when
     nothing runs, as a batch of one)."""
     new: list[int] = []
+    cols = columns
     while queue and running + len(new) < batch_size:
-        cols = max(columns, len(prompts[queue[0]]), *(len(prompts[i]) for i in new[:1]))
+        cols = max(cols, len(prompts[queue[0]]))  # the joined cache's columns with this prompt in
         if (running or new) and (running + len(new) + 1) * (cols + max_new_tokens) > max_batch_tokens:
             break
         new.append(queue.popleft())
@@ -176,9 +177,5 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
                 if first:
                     _trim(lm, past, first)
                     mask = mask[:, first:]
-            nxt = nxt.masked_fill(torch.tensor(fin, device=device), pad_id)  # finished rows: padding
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            pos = pos + 1
-            logits, past = fwd(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
-                               use_cache=True)
+            logits, past, mask, pos = decode_step(fwd, nxt, fin, past, mask, pos, pad_id)
     return out

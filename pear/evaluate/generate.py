@@ -191,14 +191,22 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
                     rows, fin = [rows[r] for r in keep], [False] * len(keep)
                 else:
                     can_compact = False
-            nxt = nxt.masked_fill(torch.tensor(fin, device=device), pad_id)  # finished rows: padding
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            pos = pos[:, -1:] + 1
-            logits, past = fwd(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                               past_key_values=past, use_cache=True)
+            logits, past, mask, pos = decode_step(fwd, nxt, fin, past, mask, pos, pad_id)
 
     decode_batches(run, prompts, batches, batch_size, max_batch_tokens, max_new_tokens, on_batch)
     return out
+
+
+def decode_step(fwd: Forward, nxt: torch.Tensor, fin: list[bool], past, mask: torch.Tensor, pos: torch.Tensor,
+                pad_id: int) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """One decoding step of the rows in the tensors: their tokens `nxt` (B,) in, finished rows fed
+    padding; (next logits (B, V), cache, mask (B, L+1), positions (B, 1)) out."""
+    nxt = nxt.masked_fill(torch.tensor(fin, device=nxt.device), pad_id)  # finished rows: padding
+    mask = torch.cat([mask, mask.new_ones((len(fin), 1))], dim=1)
+    pos = pos[:, -1:] + 1
+    logits, past = fwd(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                       use_cache=True)
+    return logits, past, mask, pos
 
 
 def take_tokens(nxt: torch.Tensor, eos: torch.Tensor, rows: list[int], fin: list[bool], out: list[list[int]],

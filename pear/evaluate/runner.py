@@ -128,15 +128,15 @@ class Job:
     tokens: int
     chat: str
     progress: bool
+    prompts: Prompts  # shared by the jobs of one loaded model
     decoder: Any = None  # StaticDecoder / ContinuousDecoder (--decode static / continuous), else None: eager
-    prompts: Prompts | None = None  # shared by the jobs of one loaded model; None: this job's own
 
 
 def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[list[str], list[dict] | None, float]:
     """(rendered prompts, records or None where a part is missing, seconds), part by part: a
     part in the cache is read (by rank 0, and sent to the others), a missing one computed by
     all processes together and saved by rank 0."""
-    texts, arrays = (job.prompts or Prompts(job.loaded)).get(task, job.chat)
+    texts, arrays = job.prompts.get(task, job.chat)
     recs, secs = [], 0.0
     step = PART_SIZE if cache.folder is not None else max(1, len(texts))
     settings = {"dtype": str(next(job.loaded.model.parameters()).dtype), "window": context_window(job.loaded.model),
@@ -229,7 +229,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
     decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
     cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
-    make room for waiting prompts: `continuous`); a model under a variant decodes eagerly, as
+    make room for waiting prompts: `continuous`); where a model cannot take the path asked for
+    (a variant, a sliding-window layer; MoICE does take continuous), it decodes eagerly, as
     models_info's "decode" records.
     """
     from ..baselines import get_variant
@@ -274,7 +275,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             models_info.append(_model_info(entry, label, loaded, rows, tokens, "eager" if decoder is None else decode))
             if getattr(lm, "pear_variant_info", None) is not None:  # what a variant chose (e.g. a searched channel)
                 models_info[-1]["variant_info"] = lm.pear_variant_info
-            job = Job(lm, loaded, entry, label, mkey, okey, rows, tokens, chat, progress, decoder, prompts)
+            job = Job(lm, loaded, entry, label, mkey, okey, rows, tokens, chat, progress, prompts, decoder)
             for task in built:
                 texts, recs, secs = run_parts(job, task, cache, parts)
                 if recs is None:
