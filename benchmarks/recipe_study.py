@@ -33,7 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pear.recipes import OVERRIDES, RECIPES  # noqa: E402
+from pear.errors import PearError  # noqa: E402
+from pear.recipes import OVERRIDES, RECIPES, split_name  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
@@ -60,15 +61,13 @@ FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", Non
 def candidate(name: str) -> tuple[str, list[str]]:
     """A candidate's recipe and its `pear run` options: "paper" -> ("paper", []);
     "paper@lr=0.02,steps=80" -> ("paper", ["--lr", "0.02", "--steps", "80"])."""
-    recipe, _, over = name.partition("@")
-    if recipe not in RECIPES:
-        raise ValueError(f"candidate {name!r}: unknown recipe {recipe!r}")
+    try:
+        recipe, overrides = split_name(name)
+    except PearError as e:
+        raise ValueError(f"candidate {name!r}: {e}") from None
     args = []
-    for item in filter(None, over.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in OVERRIDES or not value:
-            raise ValueError(f"candidate {name!r}: use RECIPE@KEY=VALUE,... with KEY among {', '.join(OVERRIDES)}")
-        args += [f"--{key.replace('_', '-')}", value]
+    for key, value in overrides.items():
+        args += [f"--{key.replace('_', '-')}", value if isinstance(value, str) else format(value, "g")]
     return recipe, args
 
 

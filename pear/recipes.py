@@ -58,12 +58,16 @@ RECIPES: dict[str, Recipe] = {
                                                scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
+# A recipe with some of its settings changed is named RECIPE@KEY=VALUE,... (the study's candidates,
+# e.g. "retrieval-channels@anchor=50,anchor_source=questions"); `--recipe` takes such names too.
+OVERRIDES = {"lr": float, "steps": int, "batch": int, "penalty": float, "warmup": int, "anchor": float,
+             "anchor_source": str}  # what RECIPE@KEY=VALUE,... may change, and each value's type
 # `pear run` / `pear fit` on a preset without --recipe use its entry here, set only where the recipe
 # study's report half confirms the recipe on that model (BENCHMARKS.md §5, round 3, rule 4: above base
 # on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower;
-# tests/test_pipeline.py derives this table from the HELD_OUT tables below). Every other model, and a
-# preset not listed, gets DEFAULT_RECIPE.
-PRESET_DEFAULTS: dict[str, str] = {"gemma3-270m": "oracle-distill-channels"}  # round 5
+# tests/test_pipeline.py checks it against the HELD_OUT tables below and the study's last choice).
+# Every other model, and a preset not listed, gets DEFAULT_RECIPE.
+PRESET_DEFAULTS: dict[str, str] = {"gemma3-270m": "retrieval-channels@anchor=50,anchor_source=questions"}  # round 7
 
 
 def check_recipe_data(settings, data_dir, model: str | None, recipe: str | None, by_default: bool) -> None:
@@ -87,9 +91,8 @@ def default_recipe(model: str | None) -> str:
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
-# to 5; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
+# to 7; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
-OVERRIDES = ("lr", "steps", "batch", "penalty", "warmup", "anchor", "anchor_source")  # what RECIPE@KEY=VALUE,... changes
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200; "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
@@ -116,6 +119,9 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "retrieval-inner-channels@anchor=1000": {"gemma3-270m": (6.8, 4.5e-05)},
     "retrieval-channels@anchor=1000": {"gemma3-270m": (7.2, 1e-05)},
     "retrieval-channels@anchor=100,anchor_source=questions": {"gemma3-270m": (11.2, 1.2e-09)},
+    "retrieval-channels@anchor=30,anchor_source=questions": {"gemma3-270m": (17.4, 8.4e-15)},
+    "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": (14.2, 2.2e-11)},
+    "retrieval-channels@anchor=300,anchor_source=questions": {"gemma3-270m": (3.4, 0.012)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
@@ -126,6 +132,7 @@ HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {pre
                                 "gemma3-270m": [(5.0, 5.9e-08), (5.3, 1.5e-08)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 1e-42), (17.1, 5e-39)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.9, 5.9e-43), (16.7, 1.8e-40)]},
+    "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": [(13.5, 1.9e-31), (14.6, 1.3e-35)]},
 }
 
 # The same questions with every answer's first line cut to its first 20 words (benchmarks/answer_length.py):
@@ -138,6 +145,7 @@ HELD_OUT_CUT20: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate
                                 "gemma3-270m": [(5.1, 1.2e-08), (5.3, 4e-09)]},
     "retrieval-channels": {"gemma3-270m": [(17.9, 6.3e-44), (17.3, 9e-41)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.5, 3.2e-43), (16.8, 3.4e-42)]},
+    "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": [(13.4, 1.3e-32), (14.6, 1.1e-37)]},
 }
 
 HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed 0: {preset: {task: (Δ, p)}}
@@ -150,25 +158,33 @@ HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed
     "retrieval-channels": {"gemma3-270m": {"kv": (16.7, 8.1e-13), "closedbook": (0.2, 0.81), "mmlu": (-1.3, 0.0063)}},
     "retrieval-channels@anchor=100": {"gemma3-270m": {"kv": (4.3, 0.00024), "closedbook": (0.0, 1),
                                                       "mmlu": (-0.8, 0.04)}},
+    "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": {"kv": (4.7, 0.00052),
+                                                                             "closedbook": (0.3, 0.38),
+                                                                             "mmlu": (-0.1, 0.85)}},
 }
 
 
 def candidate_name(recipe: str, fit: dict) -> str:
     """The study's name for a fit: its recipe, with the OVERRIDES the fit changed from it
     ("retrieval-channels", {"anchor": 100, ...} -> "retrieval-channels@anchor=100")."""
-    if recipe not in RECIPES:
+    base = recipe.partition("@")[0]  # a named change of a recipe counts from the recipe itself
+    if base not in RECIPES:
         return recipe
-    own = recipe_settings(recipe).as_dict()
-    warm = recipe_settings(recipe, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
+    own = recipe_settings(base).as_dict()
+    warm = recipe_settings(base, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
     changed = [f"{k}={fit[k] if isinstance(fit[k], str) else format(fit[k], 'g')}" for k in OVERRIDES
                if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
-    return recipe + ("@" + ",".join(changed) if changed else "")
+    return base + ("@" + ",".join(changed) if changed else "")
 
 
-def measured_text(name: str, model: str) -> str:
+def measured_text(name: str, model: str, named: str | None = None) -> str:
     """report.md's paragraph on what `name` (a candidate: `candidate_name`) is expected to do, with
-    the measured tables; a fit that changed options the study did not measure gets its recipe's."""
+    the measured tables; a fit that changed options the study did not measure gets the figures of
+    the recipe it was run as (`named`, e.g. a preset's RECIPE@KEY=VALUE default), else its recipe's."""
     recipe, _, changed = name.partition("@")
+    if name not in MEASURED and named in MEASURED and named != name:
+        return (f"This run ran as {name}, changed from `{named}`, a setting the study did not measure; the "
+                f"figures below are `{named}`'s.\n\n" + measured_text(named, model))
     if name not in MEASURED and changed and recipe in MEASURED:
         return (f"This run changed {changed.replace(',', ', ')} from recipe `{recipe}`, a setting the study did not "
                 f"measure; the figures below are the recipe's as named.\n\n" + measured_text(recipe, model))
@@ -201,8 +217,30 @@ def recipe_settings(name: str | None, **overrides):
     return FitSettings(**{**get_recipe(name).fit, **overrides})
 
 
+def split_name(name: str) -> tuple[str, dict]:
+    """"RECIPE@KEY=VALUE,..." -> (RECIPE, {KEY: VALUE}), each VALUE of its OVERRIDES type;
+    "paper" -> ("paper", {})."""
+    recipe, _, changes = name.partition("@")
+    if recipe not in RECIPES:
+        raise PearError(f"unknown recipe '{recipe}'; use one of {', '.join(RECIPES)}, or RECIPE@KEY=VALUE,...")
+    overrides = {}
+    for item in changes.split(",") if changes else []:
+        key, eq, value = item.partition("=")
+        try:
+            if not eq or key not in OVERRIDES or not value:
+                raise ValueError
+            overrides[key] = OVERRIDES[key](value)
+        except ValueError:
+            raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(OVERRIDES)} "
+                            "and a value of its type") from None
+    return recipe, overrides
+
+
 def get_recipe(name: str | None) -> Recipe:
-    name = name or DEFAULT_RECIPE
-    if name not in RECIPES:
-        raise PearError(f"unknown recipe '{name}'; use one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+    """Recipe `name` (default DEFAULT_RECIPE), with the changes a RECIPE@KEY=VALUE,... name makes."""
+    recipe, overrides = split_name(name or DEFAULT_RECIPE)
+    r = RECIPES[recipe]
+    if not overrides:
+        return r
+    said = ", ".join(f"{k} = {v if isinstance(v, str) else format(v, 'g')}" for k, v in overrides.items())
+    return Recipe(f"{r.description}; with {said}", k=r.k, fit={**r.fit, **overrides})

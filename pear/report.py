@@ -204,7 +204,7 @@ every model weight frozen. Training loss, mean of the first / last 5 steps: {los
 
 ![training loss](fit_loss.png)
 
-{measured_text(candidate_name(r.settings.get('recipe') or DEFAULT_RECIPE, fs), r.model)}
+{measured_text(candidate_name(r.settings.get('recipe') or DEFAULT_RECIPE, fs), r.model, r.settings.get('recipe'))}
 
 {_discovery_text(r)}
 

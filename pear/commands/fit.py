@@ -17,12 +17,14 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     value (`pear.recipes`), then FitSettings' default."""
     from ..fit import BOUNDS, SCALES, FitSettings
     from . import add_k_arg
-    from ..recipes import DEFAULT_RECIPE, RECIPES
+    from ..recipes import DEFAULT_RECIPE, OVERRIDES, RECIPES
 
     d = FitSettings()
-    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+    p.add_argument("--recipe", default=None, type=recipe_name, metavar="NAME",
                    help=f"named fit settings (default: the preset's confirmed recipe, else {DEFAULT_RECIPE}): "
-                   + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items()))
+                   + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items())
+                   + f"; NAME@KEY=VALUE,... changes the recipe's {', '.join(OVERRIDES)} "
+                   "(e.g. retrieval-channels@anchor=50,anchor_source=questions)")
     add_k_arg(p, "the recipe's (auto)")
     p.add_argument("--bounds", default=None, choices=list(BOUNDS),
                    help="coefficient range: " + ", ".join(f"{b.name} {b.help}" for b in BOUNDS.values()))
@@ -73,6 +75,19 @@ def _objective_names():
 
 FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
             "grad_checkpointing", "objective", "scales", "penalty", "anchor", "anchor_source")
+
+
+def recipe_name(text: str) -> str:
+    """--recipe's value: a recipe of `pear.recipes`, or RECIPE@KEY=VALUE,... (checked here, so that a
+    bad name is one usage line before anything loads)."""
+    from ..errors import PearError
+    from ..recipes import get_recipe
+
+    try:
+        get_recipe(text)
+    except PearError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def recipe_from_args(args: argparse.Namespace) -> str:
