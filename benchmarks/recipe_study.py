@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.errors import PearError  # noqa: E402
-from pear.recipes import OVERRIDES, RECIPES, split_name  # noqa: E402
+from pear.recipes import OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
@@ -67,7 +67,7 @@ def candidate(name: str) -> tuple[str, list[str]]:
         raise ValueError(f"candidate {name!r}: {e}") from None
     args = []
     for key, value in overrides.items():
-        args += [f"--{key.replace('_', '-')}", value if isinstance(value, str) else format(value, "g")]
+        args += [f"--{key.replace('_', '-')}", value_text(value)]
     return recipe, args
 
 

@@ -62,6 +62,12 @@ DEFAULT_RECIPE = "paper"
 # e.g. "retrieval-channels@anchor=50,anchor_source=questions"); `--recipe` takes such names too.
 OVERRIDES = {"lr": float, "steps": int, "batch": int, "penalty": float, "warmup": int, "anchor": float,
              "anchor_source": str}  # what RECIPE@KEY=VALUE,... may change, and each value's type
+
+
+def value_text(value) -> str:
+    """An OVERRIDES value as RECIPE@KEY=VALUE writes it, read back by `split_name` (floats short:
+    50.0 -> "50"; integers whole, so 1000000 stays an integer)."""
+    return format(value, "g") if isinstance(value, float) else str(value)
 # `pear run` / `pear fit` on a preset without --recipe use its entry here, set only where the recipe
 # study's report half confirms the recipe on that model (BENCHMARKS.md §5, round 3, rule 4: above base
 # on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower;
@@ -172,7 +178,7 @@ def candidate_name(recipe: str, fit: dict) -> str:
         return recipe
     own = recipe_settings(base).as_dict()
     warm = recipe_settings(base, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
-    changed = [f"{k}={fit[k] if isinstance(fit[k], str) else format(fit[k], 'g')}" for k in OVERRIDES
+    changed = [f"{k}={value_text(fit[k])}" for k in OVERRIDES
                if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
     return base + ("@" + ",".join(changed) if changed else "")
 
@@ -242,5 +248,5 @@ def get_recipe(name: str | None) -> Recipe:
     r = RECIPES[recipe]
     if not overrides:
         return r
-    said = ", ".join(f"{k} = {v if isinstance(v, str) else format(v, 'g')}" for k, v in overrides.items())
+    said = ", ".join(f"{k} = {value_text(v)}" for k, v in overrides.items())
     return Recipe(f"{r.description}; with {said}", k=r.k, fit={**r.fit, **overrides})
