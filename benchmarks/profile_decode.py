@@ -1,8 +1,13 @@
 """Profile the evaluation harness's greedy decoding (torch profiler): where does a step go?
 
     python3 benchmarks/profile_decode.py --model smollm2-135m --device cuda --batch 512 --task closedbook
+    python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
+        --batch 512 --new-tokens 1      # the prompts alone (prefill)
 
-Prints wall seconds per decoding step and the top operators by self CPU and CUDA time.
+Prints wall seconds per decoding step, the top operators by self CPU and CUDA time, and the GPU
+time by kind of kernel (matrix products, attention, the rest: normalisation, activations,
+rotations, copies), which says whether a faster prefill needs fused elementwise kernels
+(torch.compile) or a faster attention kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--task", default="closedbook")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=30)
+    ap.add_argument("--new-tokens", type=int, default=30, help="1: the prompts alone (prefill)")
+    ap.add_argument("--max-batch-tokens", type=int, default=10**9,
+                    help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     args = ap.parse_args()
@@ -38,10 +45,10 @@ def main() -> int:
     ids = ids[: args.batch]
     tok = loaded.tokenizer
     kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
-              batch_size=args.batch, max_batch_tokens=10**9, compact=False)
+              batch_size=args.batch, max_batch_tokens=args.max_batch_tokens, compact=False)
     with get_variant(args.variant).wrap(loaded) as lm:
         greedy_generate(lm, ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up
-        for n in (1, args.new_tokens):
+        for n in sorted({1, args.new_tokens}):
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
             t = time.perf_counter()
             greedy_generate(lm, ids, **{**kw, "max_new_tokens": n})
@@ -54,7 +61,31 @@ def main() -> int:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.device.startswith("cuda"):
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
+        kinds = gpu_time_by_kind(prof)
+        total = sum(kinds.values()) or 1.0
+        print("GPU time by kind of kernel: " + ", ".join(f"{k} {v / 1e3:.1f} ms ({v / total:.0%})"
+                                                          for k, v in kinds.items()))
     return 0
+
+
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+         ("matrix products", ("gemm", "cutlass", "sm90", "xmma", "cublas", "matmul", "nvjet")),
+         ("copies", ("copy", "memcpy", "memset", "cat", "index")))
+
+
+def gpu_time_by_kind(prof) -> dict[str, float]:
+    """Self device time (us) of the profiled kernels, summed by kind (names matched in KINDS' order:
+    an attention kernel built on a matrix-product template counts as attention)."""
+    out = {k: 0.0 for k, _ in KINDS} | {"the rest (elementwise, normalisation, reductions)": 0.0}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)),
+                    "the rest (elementwise, normalisation, reductions)")
+        out[kind] += us
+    return out
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def estimate_run(model, tokenizer, fit_settings, discovery_settings, *, method: 
         with torch.no_grad():
             forward = _timed(lambda: model(batch.input_ids.to(model.device), use_cache=False))
 
-        def step():
-            with HeadScaling(model, [(L - 1, 0)]):
+        def step():  # the backward runs down to the first scaled head; the heads are not chosen yet,
+            with HeadScaling(model, [(0, 0)]):  # so a head of layer 0 times the deepest one (an upper bound)
                 _nll(scored_logits(model, batch), batch).mean().backward()
 
         step_s = _timed(step) * chunks

@@ -216,3 +216,24 @@ def test_cpu_fit_uses_eager_attention_and_restores_sdpa():
         assert model.config._attn_implementation == "sdpa"
     from pear.objectives import get_objective
     assert get_objective("copy").short and not get_objective("retrieval", {"source": "kv"}).short
+
+
+def test_run_estimate_times_the_backward_down_to_layer_0(tiny, monkeypatch):
+    """The fit's backward runs down to its first scaled head, which discovery has not chosen when
+    `pear run` estimates: the measured step scales a head of layer 0 (the deepest backward), not of
+    the last layer (which under-estimated SmolLM2's fit by 40 %)."""
+    import pear.folding
+    from pear.estimate import estimate_run
+    from pear.proxy import parse_settings
+
+    seen, real = [], pear.folding.HeadScaling
+
+    def recording(model, heads, *a, **kw):
+        seen.append(list(heads))
+        return real(model, heads, *a, **kw)
+
+    monkeypatch.setattr(pear.folding, "HeadScaling", recording)
+    est = estimate_run(tiny, None, FitSettings(steps=3, batch=4, length=16, eval_batch=4), parse_settings("4x16"),
+                       method="fast", top_m=2)
+    assert seen == [[(0, 0)]]
+    assert est.step_s > 0 and est.fit_s >= 3 * est.step_s and est.discover_s > 0
