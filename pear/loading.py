@@ -127,7 +127,8 @@ def resolve_spec(spec: str | os.PathLike | None) -> ModelSpec:
         if not p.is_file():
             raise PearError(f"GGUF file not found: {p}")
         _check_gguf_magic(p)
-        return ModelSpec(spec, "gguf", str(p.resolve().parent), p.name)
+        p = Path(os.path.abspath(p))  # a symbolic link stays one: its folder and its name, not its target's
+        return ModelSpec(spec, "gguf", str(p.parent), p.name)
     if p.exists():
         raise PearError(f"{p} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):

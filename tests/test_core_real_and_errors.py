@@ -88,9 +88,14 @@ def test_inspect_default_model(capsys):
 
 
 @pytest.mark.real
-def test_gguf_file_spec_loads_same_weights_as_preset(smollm2):
+@pytest.mark.parametrize("how", ["file", "symlink"])
+def test_gguf_file_spec_loads_same_weights_as_preset(smollm2, how, tmp_path):
     spec = resolve_spec("smollm2-135m")
-    loaded = pear.load_model(str(Path(spec.path) / spec.gguf_file), dtype="fp32", device="cpu")
+    path = Path(spec.path) / spec.gguf_file
+    if how == "symlink":  # a link under another name, in another folder, loads its target
+        (tmp_path / "smollm2-135m.gguf").symlink_to(path)
+        path = tmp_path / "smollm2-135m.gguf"
+    loaded = pear.load_model(str(path), dtype="fp32", device="cpu")
     assert loaded.spec.kind == "gguf"
     w = loaded.model.model.layers[0].self_attn.o_proj.weight
     assert torch.equal(w, smollm2.model.model.layers[0].self_attn.o_proj.weight)
