@@ -141,7 +141,8 @@ def _train_step(model, tokenizer, settings: FitSettings, objective, step: int, h
     """Forward + backward on the fresh batch of `step`; leaves the gradient in `hs.alpha.grad`.
     The loss is the objective's mean over the batch, plus ``penalty * mean((alpha - 1)^2)``, plus
     ``anchor`` x the knowledge anchor's KL on `batch` fresh plain-text paragraphs (`objectives.anchor`)."""
-    batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh for this step
+    with hs.disabled():  # made by the base model where an objective asks it (a teacher's own answers)
+        batch = objective.batch(model, tokenizer, settings.batch, train_seed(settings.seed, step))  # fresh each step
     total = 0.0
     for b in _passes(model, settings, batch, objective.split):
         loss = objective.loss(model, b, hs) * (len(b) / settings.batch)

@@ -56,6 +56,15 @@ RECIPES: dict[str, Recipe] = {
                                       fit=dict(objective="position-distill",
                                                objective_options={**_SQUAD20, **_ORACLE},
                                                scales="channels", **_SHORT)),
+    "oracle-self-distill": Recipe("as oracle-distill, the answer the model's own greedy answer with the gold passage "
+                                  "alone (where it is right) instead of SQuAD's span",
+                                  fit=dict(objective="position-distill",
+                                           objective_options={**_SQUAD20, **_ORACLE, "target": "teacher"},
+                                           scales="all-heads", **_SHORT)),
+    "oracle-self-distill-channels": Recipe("as oracle-self-distill, one scale per channel of every head",
+                                           fit=dict(objective="position-distill",
+                                                    objective_options={**_SQUAD20, **_ORACLE, "target": "teacher"},
+                                                    scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
 # A recipe with some of its settings changed is named RECIPE@KEY=VALUE,... (the study's candidates,

@@ -125,6 +125,72 @@ def test_position_distill_oracle_teacher_and_uniform_student(smollm2, data_dir):
 
 @pytest.mark.real
 @pytest.mark.data
+def test_position_distill_target_teacher_is_the_models_own_right_answer(smollm2, data_dir):
+    """target=teacher: the answer tokens are the model's greedy answer to the oracle prompt (a
+    plain one-sequence greedy loop gives the same tokens), up to and with the token that ends its
+    first line or turn, and only answers that contain a gold answer are kept."""
+    from pear.evaluate.generate import eos_token_ids
+    from pear.evaluate.metrics import qa_score
+    from pear.objectives.position_distill import ANSWER_TOKENS
+
+    m, tok = smollm2.model, smollm2.tokenizer
+    opts = {"documents": 4, "words": 30, "teacher": "oracle", "student": "uniform", "target": "teacher"}
+    o = get_objective("position-distill", opts, data_dir)
+    batch = o.batch(m, tok, 2, seed=7)
+    eos = eos_token_ids(m, tok)
+    assert len(batch) == 2
+    for s in batch:
+        a = s.ids[-s.n_target:]
+        assert a == s.teacher_ids[-s.n_target:]
+        ids = s.teacher_ids[:-s.n_target]
+        with torch.no_grad():
+            for t in a:  # greedy, one sequence, no cache
+                assert int(m(torch.tensor([ids])).logits[0, -1].argmax()) == t
+                ids = ids + [t]
+        assert a[-1] in eos or "\n" in tok.decode(a) or len(a) == ANSWER_TOKENS
+        assert qa_score(tok.decode(a, skip_special_tokens=True), s.meta["gold_answers"]) == 1.0
+        assert s.meta["answer"] == tok.decode(a, skip_special_tokens=True)
+        student = tok.decode(s.ids).split("Document [")[1:]
+        assert len(student) == 4 and s.meta["gold_answers"][0] in student[s.meta["gold_index"]]
+    assert [s.ids for s in o.batch(m, tok, 2, seed=7)] == [s.ids for s in batch]
+    with pytest.raises(PearError, match="target must be"):
+        get_objective("position-distill", {"target": "model"}, data_dir)
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_position_distill_target_teacher_says_when_the_model_cannot_answer(smollm2, data_dir, monkeypatch):
+    """A model that never answers right gets one clear error after a bounded number of draws."""
+    import pear.objectives.position_distill as PD
+
+    monkeypatch.setattr(PD, "qa_score", lambda output, answers: 0.0)
+    monkeypatch.setattr(PD, "teacher_answers", lambda model, tok, prompts: [[tok.eos_token_id]] * len(prompts))
+    o = get_objective("position-distill", {"documents": 3, "words": 30, "teacher": "oracle", "target": "teacher"},
+                      data_dir)
+    with pytest.raises(PearError, match="answered only 0 of 40 .* use target=gold"):
+        o.batch(smollm2.model, smollm2.tokenizer, 2, seed=0)
+
+
+def test_the_fit_makes_its_batches_with_the_scales_off(monkeypatch):
+    """Batches are made by the base model (a teacher's own answers must not come from the scaled
+    model): no scaling hook is on the output projections while an objective makes its batch."""
+    from pear.families import resolve
+    from pear.objectives.proxy_copy import Copy
+
+    m = tiny_model("llama")
+    projs, hooked, orig = resolve(m).out_projs, [], Copy.batch
+
+    def spy(self, model, tokenizer, n, seed):
+        hooked.append(sum(len(p._forward_pre_hooks) for p in projs))
+        return orig(self, model, tokenizer, n, seed)
+
+    monkeypatch.setattr(Copy, "batch", spy)
+    fit(m, None, [(0, 1), (1, 2)], FitSettings(steps=2, batch=2, length=8, eval_batch=2, lr=0.1), progress=False)
+    assert hooked == [0, 0]
+
+
+@pytest.mark.real
+@pytest.mark.data
 def test_objectives_read_no_evaluation_file(smollm2, data_dir, monkeypatch):
     read = []
     real = data.data_file

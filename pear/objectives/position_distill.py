@@ -11,25 +11,39 @@ shrinking every head cannot make the two agree trivially) and p_student the scal
 After Pos2Distill (arXiv 2508.15709), which distils all weights; here only the scales learn.
 ``teacher=oracle`` asks the scales for what the model does when retrieval is trivial (the
 closed "oracle" setting of the lost-in-the-middle study), wherever the passage sits.
+
+``target=teacher``: the answer tokens are the base model's own greedy answer to the teacher's
+prompt (its first line, with the token that ends it), kept only where it contains a gold answer
+(the evaluation's metric), instead of SQuAD's gold span. Why: with the gold span (a two-to-four
+word SQuAD span, off the model's own style) as the answer, the scales learn the answer's format
+as much as the reading: `retrieval` cut SmolLM2's and Qwen's answers to SQuAD's length and
+lost on the first line, `oracle-distill-channels` doubled SmolLM2's (BENCHMARKS.md §5, the length
+check). The model's own answer keeps its format, so what is left to learn is where to read.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 
 from ..errors import PearError
+from ..evaluate.metrics import qa_score
 from . import Objective, Sequence, answer_logprobs, pad_id_of, register, squad
 from .retrieval import encode, squad_docs
 
 TEACHERS = ("first", "oracle")
 STUDENTS = ("middle", "uniform")
+TARGETS = ("gold", "teacher")
+ANSWER_TOKENS = 48  # target=teacher: the longest answer kept (SmolLM2's median is 16 tokens on mdqa-20)
+DRAWS = 20  # target=teacher: questions drawn per sequence kept, at most, before giving up (SmolLM2-135M
+# answers ~15 % of SQuAD 2.0 questions right with the gold passage alone)
 
 
 @register("position-distill")
 class PositionDistill(Objective):
-    OPTIONS = {"documents": 20, "words": 100, "teacher": "first", "student": "middle"}
+    OPTIONS = {"documents": 20, "words": 100, "teacher": "first", "student": "middle", "target": "gold"}
     needs_data = True
 
     def check(self):
@@ -40,25 +54,55 @@ class PositionDistill(Objective):
             raise PearError(f"position-distill: teacher must be one of {', '.join(TEACHERS)}, got '{o['teacher']}'")
         if o["student"] not in STUDENTS:
             raise PearError(f"position-distill: student must be one of {', '.join(STUDENTS)}, got '{o['student']}'")
+        if o["target"] not in TARGETS:
+            raise PearError(f"position-distill: target must be one of {', '.join(TARGETS)}, got '{o['target']}'")
 
     def batch(self, model, tokenizer, n: int, seed: int) -> list[Sequence]:
+        """`n` (student, teacher) pairs. With target=teacher the model answers the teacher's
+        prompts (the fit makes batches with the scales off: the base model answers)."""
+        rng = random.Random(seed)
+        if self.options["target"] == "gold":
+            return [self._sequence(tokenizer, *self._draw(rng), None) for _ in range(n)]
+        out, drawn = [], 0
+        while len(out) < n:
+            if drawn >= DRAWS * n:
+                raise PearError(f"position-distill target=teacher: the model answered only {len(out)} of {drawn} "
+                                f"SQuAD 2.0 questions correctly with the {self.options['teacher']} passage; "
+                                "use target=gold")
+            missing = n - len(out)  # draw for what is missing at the rate seen so far (a round is one generation)
+            want = 2 * missing if not drawn else math.ceil(1.2 * missing * drawn / max(len(out), 1))
+            draws = [self._draw(rng) for _ in range(min(want, DRAWS * n - drawn))]
+            drawn += len(draws)
+            answers = teacher_answers(model, tokenizer, [self._prompts(*d)[1] for d in draws])
+            out += [self._sequence(tokenizer, *d, a) for d, a in zip(draws, answers)
+                    if qa_score(tokenizer.decode(a, skip_special_tokens=True), list(d[0].answers))]
+        return out[:n]
+
+    def _draw(self, rng: random.Random):
+        """A question, its distractors and the student's gold index."""
+        o = self.options
+        item, distractors = squad.sample(self.data_dir, o["words"], o["documents"], rng)
+        gold = rng.randrange(1, o["documents"] - 1) if o["student"] == "middle" else rng.randrange(o["documents"])
+        return item, distractors, gold
+
+    def _prompts(self, item, distractors, gold) -> tuple[str, str]:
+        """The student's prompt (gold passage at `gold`) and the teacher's (first, or alone)."""
         from ..evaluate.prompts import qa_prompt
 
-        rng = random.Random(seed)
-        o = self.options
-        D = o["documents"]
-        out = []
-        for _ in range(n):
-            item, distractors = squad.sample(self.data_dir, o["words"], D, rng)
-            gold = rng.randrange(1, D - 1) if o["student"] == "middle" else rng.randrange(D)
-            answer = item.answers[0]
-            p_student, a = encode(tokenizer, qa_prompt(item.question, squad_docs(item, distractors, gold)), answer)
-            teacher_docs = squad_docs(item, [] if o["teacher"] == "oracle" else distractors, 0)
-            p_teacher, _ = encode(tokenizer, qa_prompt(item.question, teacher_docs), answer)
-            out.append(Sequence(p_student + a, len(a), teacher_ids=p_teacher + a,
-                                meta={"gold_index": gold, "teacher_gold_index": 0,
-                                      "teacher_documents": len(teacher_docs), "answer": answer}))
-        return out
+        teacher_docs = squad_docs(item, [] if self.options["teacher"] == "oracle" else distractors, 0)
+        return qa_prompt(item.question, squad_docs(item, distractors, gold)), qa_prompt(item.question, teacher_docs)
+
+    def _sequence(self, tokenizer, item, distractors, gold, answer_ids: list[int] | None) -> Sequence:
+        """The pair with SQuAD's gold span as the answer, or the teacher's own answer tokens."""
+        student, teacher = self._prompts(item, distractors, gold)
+        answer = item.answers[0] if answer_ids is None else tokenizer.decode(answer_ids, skip_special_tokens=True)
+        p_student, a = encode(tokenizer, student, item.answers[0] if answer_ids is None else "")
+        p_teacher, _ = encode(tokenizer, teacher, "")
+        a = a if answer_ids is None else list(answer_ids)
+        docs = 1 if self.options["teacher"] == "oracle" else self.options["documents"]
+        return Sequence(p_student + a, len(a), teacher_ids=p_teacher + a,
+                        meta={"gold_index": gold, "teacher_gold_index": 0, "teacher_documents": docs,
+                              "answer": answer, **({"gold_answers": list(item.answers)} if answer_ids else {})})
 
     def loss(self, model, batch, scaling):
         pad = pad_id_of(None)
@@ -68,3 +112,21 @@ class PositionDistill(Objective):
         student, _, m = answer_logprobs(model, [s.ids for s in batch], n, pad)
         kl = (teacher.exp() * (teacher - student)).sum(-1) * m  # (B, A)
         return (kl.sum(1) / m.sum(1)).mean()
+
+
+def teacher_answers(model, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The model's greedy answer to each prompt, as the evaluation decodes it, up to the end of
+    its first line or of its turn, that last token included (so the student also learns where
+    the answer stops), at most ANSWER_TOKENS."""
+    from ..evaluate.generate import eos_token_ids, greedy_generate
+
+    eos = eos_token_ids(model, tokenizer)
+    ids = [encode(tokenizer, p, "")[0] for p in prompts]
+
+    def done(_i, new):  # EOS is kept: the eos set given to the loop is empty
+        return new[-1] in eos or "\n" in tokenizer.decode(new, skip_special_tokens=True)
+
+    with torch.no_grad():
+        return greedy_generate(model, ids, pad_id=pad_id_of(tokenizer), eos_ids=set(), max_new_tokens=ANSWER_TOKENS,
+                               device=model.get_input_embeddings().weight.device, batch_size=len(ids),
+                               max_batch_tokens=10**9, done=done)
