@@ -65,6 +65,12 @@ RECIPES: dict[str, Recipe] = {
                                            fit=dict(objective="position-distill",
                                                     objective_options={**_SQUAD20, **_ORACLE, "target": "teacher"},
                                                     scales="channels", **_SHORT)),
+    "first-self-distill-channels": Recipe("as oracle-self-distill-channels, the teacher reads the same 20 passages "
+                                          "with the gold one first (its own answer in a 20-passage prompt)",
+                                          fit=dict(objective="position-distill",
+                                                   objective_options={**_SQUAD20, "teacher": "first",
+                                                                      "student": "uniform", "target": "teacher"},
+                                                   scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
 # A recipe with some of its settings changed is named RECIPE@KEY=VALUE,... (the study's candidates,
