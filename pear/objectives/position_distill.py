@@ -38,7 +38,7 @@ STUDENTS = ("middle", "uniform")
 TARGETS = ("gold", "teacher")
 ANSWER_TOKENS = 48  # target=teacher: the longest answer kept (SmolLM2's median is 16 tokens on mdqa-20)
 DRAWS = 20  # target=teacher: questions drawn per sequence kept, at most, before giving up (SmolLM2-135M
-# answers ~15 % of SQuAD 2.0 questions right with the gold passage alone)
+# answered 2 of 12 SQuAD 2.0 questions right with the gold passage alone)
 
 
 @register("position-distill")
@@ -73,9 +73,11 @@ class PositionDistill(Objective):
             want = 2 * missing if not drawn else math.ceil(1.2 * missing * drawn / max(len(out), 1))
             draws = [self._draw(rng) for _ in range(min(want, DRAWS * n - drawn))]
             drawn += len(draws)
-            answers = teacher_answers(model, tokenizer, [self._prompts(*d)[1] for d in draws])
-            out += [self._sequence(tokenizer, *d, a) for d, a in zip(draws, answers)
-                    if qa_score(tokenizer.decode(a, skip_special_tokens=True), list(d[0].answers))]
+            prompts = [encode(tokenizer, self._prompts(*d)[1], "")[0] for d in draws]  # the teacher's, token ids
+            for d, p, a in zip(draws, prompts, teacher_answers(model, tokenizer, prompts)):
+                text = tokenizer.decode(a, skip_special_tokens=True)
+                if qa_score(text, list(d[0].answers)):
+                    out.append(self._sequence(tokenizer, *d, answer=(a, text), p_teacher=p))
         return out[:n]
 
     def _draw(self, rng: random.Random):
@@ -92,17 +94,22 @@ class PositionDistill(Objective):
         teacher_docs = squad_docs(item, [] if self.options["teacher"] == "oracle" else distractors, 0)
         return qa_prompt(item.question, squad_docs(item, distractors, gold)), qa_prompt(item.question, teacher_docs)
 
-    def _sequence(self, tokenizer, item, distractors, gold, answer_ids: list[int] | None) -> Sequence:
-        """The pair with SQuAD's gold span as the answer, or the teacher's own answer tokens."""
+    def _sequence(self, tokenizer, item, distractors, gold, answer: tuple[list[int], str] | None = None,
+                  p_teacher: list[int] | None = None) -> Sequence:
+        """The pair, its answer SQuAD's gold span or `answer` (the teacher's own tokens and text);
+        `p_teacher`: the teacher's prompt ids where they are made already."""
         student, teacher = self._prompts(item, distractors, gold)
-        answer = item.answers[0] if answer_ids is None else tokenizer.decode(answer_ids, skip_special_tokens=True)
-        p_student, a = encode(tokenizer, student, item.answers[0] if answer_ids is None else "")
-        p_teacher, _ = encode(tokenizer, teacher, "")
-        a = a if answer_ids is None else list(answer_ids)
+        if answer is None:
+            p_student, a = encode(tokenizer, student, item.answers[0])
+            text, extra = item.answers[0], {}
+        else:
+            (a, text), p_student = answer, encode(tokenizer, student, "")[0]
+            extra = {"gold_answers": list(item.answers)}
+        p_teacher = encode(tokenizer, teacher, "")[0] if p_teacher is None else p_teacher
         docs = 1 if self.options["teacher"] == "oracle" else self.options["documents"]
-        return Sequence(p_student + a, len(a), teacher_ids=p_teacher + a,
+        return Sequence(p_student + list(a), len(a), teacher_ids=p_teacher + list(a),
                         meta={"gold_index": gold, "teacher_gold_index": 0, "teacher_documents": docs,
-                              "answer": answer, **({"gold_answers": list(item.answers)} if answer_ids else {})})
+                              "answer": text, **extra})
 
     def loss(self, model, batch, scaling):
         pad = pad_id_of(None)
@@ -114,19 +121,19 @@ class PositionDistill(Objective):
         return (kl.sum(1) / m.sum(1)).mean()
 
 
-def teacher_answers(model, tokenizer, prompts: list[str]) -> list[list[int]]:
-    """The model's greedy answer to each prompt, as the evaluation decodes it, up to the end of
-    its first line or of its turn, that last token included (so the student also learns where
-    the answer stops), at most ANSWER_TOKENS."""
-    from ..evaluate.generate import eos_token_ids, greedy_generate
+def teacher_answers(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    """The model's greedy answer to each prompt (token ids), as the evaluation decodes it, in the
+    evaluation's batches (`batch_limits`), up to the end of its first line or of its turn, that
+    last token included (so the student also learns where the answer stops), at most ANSWER_TOKENS."""
+    from ..evaluate.generate import batch_limits, eos_token_ids, greedy_generate
 
     eos = eos_token_ids(model, tokenizer)
-    ids = [encode(tokenizer, p, "")[0] for p in prompts]
+    rows, tokens = batch_limits(model)
 
     def done(_i, new):  # EOS is kept: the eos set given to the loop is empty
         return new[-1] in eos or "\n" in tokenizer.decode(new, skip_special_tokens=True)
 
     with torch.no_grad():
-        return greedy_generate(model, ids, pad_id=pad_id_of(tokenizer), eos_ids=set(), max_new_tokens=ANSWER_TOKENS,
-                               device=model.get_input_embeddings().weight.device, batch_size=len(ids),
-                               max_batch_tokens=10**9, done=done)
+        return greedy_generate(model, prompts, pad_id=pad_id_of(tokenizer), eos_ids=set(), max_new_tokens=ANSWER_TOKENS,
+                               device=model.get_input_embeddings().weight.device, batch_size=rows,
+                               max_batch_tokens=tokens, done=done)
