@@ -24,6 +24,7 @@ class Recipe:
 _SHORT = dict(steps=40, batch=10, lr=1e-2, penalty=0.1)  # every head scaled: 400 long sequences in all
 _SQUAD20 = {"documents": 20, "words": 100}
 _ORACLE = {"teacher": "oracle", "student": "uniform"}
+_SELF = {"student": "uniform", "target": "teacher"}  # the model's own right answers as the target
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("the paper: copy proxy (n = 50), top-K heads (K auto), 60 steps x 20 sequences, lr 5e-3",
@@ -59,17 +60,16 @@ RECIPES: dict[str, Recipe] = {
     "oracle-self-distill": Recipe("as oracle-distill, the answer the model's own greedy answer with the gold passage "
                                   "alone (where it is right) instead of SQuAD's span",
                                   fit=dict(objective="position-distill",
-                                           objective_options={**_SQUAD20, **_ORACLE, "target": "teacher"},
+                                           objective_options={**_SQUAD20, **_ORACLE, **_SELF},
                                            scales="all-heads", **_SHORT)),
     "oracle-self-distill-channels": Recipe("as oracle-self-distill, one scale per channel of every head",
                                            fit=dict(objective="position-distill",
-                                                    objective_options={**_SQUAD20, **_ORACLE, "target": "teacher"},
+                                                    objective_options={**_SQUAD20, **_ORACLE, **_SELF},
                                                     scales="channels", **_SHORT)),
     "first-self-distill-channels": Recipe("as oracle-self-distill-channels, the teacher reads the same 20 passages "
                                           "with the gold one first (its own answer in a 20-passage prompt)",
                                           fit=dict(objective="position-distill",
-                                                   objective_options={**_SQUAD20, "teacher": "first",
-                                                                      "student": "uniform", "target": "teacher"},
+                                                   objective_options={**_SQUAD20, "teacher": "first", **_SELF},
                                                    scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
