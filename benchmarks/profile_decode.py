@@ -74,19 +74,22 @@ KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
 
 
 def gpu_time_by_kind(prof) -> dict[str, float]:
-    """Self device time (us) of the profiled kernels, summed by kind (names matched in KINDS' order:
-    an attention kernel built on a matrix-product template counts as attention)."""
+    """Device time (us) of the profiled GPU kernels, summed by kind (names matched in KINDS' order:
+    an attention kernel built on a matrix-product template counts as attention). Only the kernels
+    themselves count: an operator (aten::mm) reports its kernels' time as its own device time too,
+    so summing operators and kernels would count each kernel twice."""
+    from torch.autograd import DeviceType
+
     out = {k: 0.0 for k, _ in KINDS} | {"the rest (elementwise, normalisation, reductions)": 0.0}
     for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        if not us:
+        if e.device_type not in (DeviceType.CUDA, DeviceType.HIP):
             continue
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         name = e.key.lower()
         kind = next((k for k, words in KINDS if any(w in name for w in words)),
                     "the rest (elementwise, normalisation, reductions)")
         out[kind] += us
     return out
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -366,3 +366,25 @@ def test_answer_length_check_separates_reading_from_verbosity(tmp_path, data_dir
     part("verbose", [filler + g for g in gold], [0.0] * n)  # a recorded score the metric does not give
     with pytest.raises(RuntimeError, match="reproduce"):
         answer_length.length_check(tmp_path, ["smollm2-135m"], data_dir, half=2, questions=2)
+
+
+def test_gpu_time_by_kind_counts_each_kernel_once():
+    """The profiler lists an operator (aten::mm) with its kernel's device time as well as the kernel
+    itself: only the kernels are summed, so the kinds add up to the GPU's time."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    import profile_decode
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [E(key="aten::mm", device_type=cpu, self_device_time_total=100.0),
+              E(key="nvjet_tst_128x256", device_type=gpu, self_device_time_total=100.0),
+              E(key="aten::_flash_attention_forward", device_type=cpu, self_device_time_total=50.0),
+              E(key="flash_fwd_kernel", device_type=gpu, self_device_time_total=50.0),
+              E(key="vectorized_elementwise_kernel", device_type=gpu, self_device_time_total=30.0),
+              E(key="aten::copy_", device_type=cpu, self_device_time_total=20.0),
+              E(key="Memcpy DtoD (Device -> Device)", device_type=gpu, self_device_time_total=20.0)]
+    kinds = profile_decode.gpu_time_by_kind(E(key_averages=lambda: events))
+    assert kinds == {"attention": 50.0, "matrix products": 100.0, "copies": 20.0,
+                     "the rest (elementwise, normalisation, reductions)": 30.0}

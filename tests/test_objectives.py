@@ -5,6 +5,7 @@ every parameterisation folds exactly; a short fit with each objective lowers its
 """
 
 import json
+import random
 
 import pytest
 import torch
@@ -478,3 +479,31 @@ def test_a_preset_default_recipe_that_reads_data_says_so(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "PEAR_DATA" in err and "gets recipe" not in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_path):
+    """A one-letter answer is a substring of every passage, so no distractor can be found for it:
+    the sample draws another item instead of drawing distractors for ever."""
+    import gzip
+
+    def article(title, contexts, qas):
+        return {"title": title, "paragraphs": [{"context": c, "qas": qas if i == 0 else []}
+                                               for i, c in enumerate(contexts)]}
+
+    qa = lambda q, a, c: [{"question": q, "is_impossible": False, "answers": [{"text": a, "answer_start": c.index(a)}]}]
+    bad_ctx, good_ctx = "The letter e is in every passage here.", "Paris is the capital of France."
+    arts = [article("Letters", [bad_ctx], qa("Which letter?", "e", bad_ctx)),
+            article("France", [good_ctx], qa("Capital of France?", "Paris", good_ctx))]
+    arts += [article(f"Other {k}", [f"Some other text number {k} there."], []) for k in range(6)]
+    f = tmp_path / data.SQUAD
+    f.parent.mkdir(parents=True)
+    with gzip.open(f, "wt") as fh:
+        json.dump({"version": "v2.0", "data": arts}, fh)
+    squad.load.cache_clear()
+    try:
+        rng = random.Random(0)
+        got = [squad.sample(str(tmp_path), 100, 4, rng) for _ in range(20)]
+    finally:
+        squad.load.cache_clear()
+    assert {item.answers for item, _ in got} == {("Paris",)}
+    assert all(len(d) == 3 and all("Paris" not in x for _, x in d) for _, d in got)

@@ -68,19 +68,28 @@ def load(data_dir: str, words: int) -> tuple[list[Item], list[tuple[str, str]]]:
     return items, paragraphs
 
 
+DISTRACTOR_DRAWS = 2000  # per item, before it is passed over
+
+
 def sample(data_dir, words: int, documents: int, rng: random.Random) -> tuple[Item, list[tuple[str, str]]]:
-    """One item and documents - 1 distractors from other articles (random order)."""
+    """One item and documents - 1 distractors from other articles (random order). An item whose
+    answer is in nearly every passage (a one-letter answer is a substring of all of them) is
+    passed over after DISTRACTOR_DRAWS draws for another one, instead of drawing for ever."""
     from ..evaluate.metrics import contains_answer
 
     items, paragraphs = load(str(data_dir) if data_dir else "", words)
-    item = items[rng.randrange(len(items))]
-    out: list[tuple[str, str]] = []
-    seen = set()
-    while len(out) < documents - 1:
-        i = rng.randrange(len(paragraphs))
-        t, x = paragraphs[i]
-        if i in seen or t == item.title or contains_answer(f"{t} {x}", list(item.answers)):
-            continue
-        seen.add(i)
-        out.append((t, x))
-    return item, out
+    while True:
+        item = items[rng.randrange(len(items))]
+        out: list[tuple[str, str]] = []
+        seen = set()
+        for _ in range(DISTRACTOR_DRAWS):
+            if len(out) == documents - 1:
+                break
+            i = rng.randrange(len(paragraphs))
+            t, x = paragraphs[i]
+            if i in seen or t == item.title or contains_answer(f"{t} {x}", list(item.answers)):
+                continue
+            seen.add(i)
+            out.append((t, x))
+        if len(out) == documents - 1:
+            return item, out
