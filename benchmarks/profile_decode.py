@@ -13,12 +13,15 @@ rotations, copies), which says whether a faster prefill needs fused elementwise 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
 import time
 
 import torch
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda")
@@ -30,7 +33,9 @@ def main() -> int:
                     help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="also save the timings and the GPU time by kind here (JSON), with the "
+                                  "command, versions and hardware")
+    args = ap.parse_args(argv)
 
     from pear.baselines import get_variant
     from pear.evaluate.generate import greedy_generate
@@ -38,6 +43,7 @@ def main() -> int:
     from pear.evaluate.data import resolve_data_dir
     from pear.evaluate.runner import render_prompts
     from pear.loading import load_model
+    from pear.provenance import provenance
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     task = build_task(args.task, BuildContext(resolve_data_dir(None), limit=args.batch))
@@ -46,6 +52,8 @@ def main() -> int:
     tok = loaded.tokenizer
     kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
               batch_size=args.batch, max_batch_tokens=args.max_batch_tokens, compact=False)
+    res = {"command": "python3 benchmarks/profile_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "rows": len(ids), "prompt_tokens": sum(map(len, ids)), "seconds": {}, **provenance(args.device)}
     with get_variant(args.variant).wrap(loaded) as lm:
         greedy_generate(lm, ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up
         for n in sorted({1, args.new_tokens}):
@@ -53,7 +61,8 @@ def main() -> int:
             t = time.perf_counter()
             greedy_generate(lm, ids, **{**kw, "max_new_tokens": n})
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
-            print(f"{len(ids)} rows, {n} new tokens: {time.perf_counter() - t:.3f} s")
+            res["seconds"][f"{n} new tokens"] = time.perf_counter() - t
+            print(f"{len(ids)} rows, {n} new tokens: {res['seconds'][f'{n} new tokens']:.3f} s")
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                         if args.device.startswith("cuda") else [])
         with torch.profiler.profile(activities=acts) as prof:
@@ -65,6 +74,11 @@ def main() -> int:
         total = sum(kinds.values()) or 1.0
         print("GPU time by kind of kernel: " + ", ".join(f"{k} {v / 1e3:.1f} ms ({v / total:.0%})"
                                                           for k, v in kinds.items()))
+        res["gpu_ms_by_kind"] = {k: v / 1e3 for k, v in kinds.items()}
+    if args.out:
+        from pear.atomic import write_text
+
+        write_text(args.out, json.dumps(res, indent=2) + "\n")
     return 0
 
 
