@@ -503,6 +503,8 @@ def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_p
     try:
         rng = random.Random(0)
         got = [squad.sample(str(tmp_path), 100, 4, rng) for _ in range(20)]
+        with pytest.raises(PearError, match="too few passages"):  # 8 articles cannot give 19 others
+            squad.sample(str(tmp_path), 100, 20, rng)
     finally:
         squad.load.cache_clear()
     assert {item.answers for item, _ in got} == {("Paris",)}

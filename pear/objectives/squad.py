@@ -69,16 +69,18 @@ def load(data_dir: str, words: int) -> tuple[list[Item], list[tuple[str, str]]]:
 
 
 DISTRACTOR_DRAWS = 2000  # per item, before it is passed over
+ITEM_DRAWS = 100  # items passed over in a row before the file is judged too small
 
 
 def sample(data_dir, words: int, documents: int, rng: random.Random) -> tuple[Item, list[tuple[str, str]]]:
     """One item and documents - 1 distractors from other articles (random order). An item whose
     answer is in nearly every passage (a one-letter answer is a substring of all of them) is
-    passed over after DISTRACTOR_DRAWS draws for another one, instead of drawing for ever."""
+    passed over after DISTRACTOR_DRAWS draws for another one, instead of drawing for ever; a file
+    where ITEM_DRAWS items in a row find no distractors is too small for `documents`."""
     from ..evaluate.metrics import contains_answer
 
     items, paragraphs = load(str(data_dir) if data_dir else "", words)
-    while True:
+    for _ in range(ITEM_DRAWS):
         item = items[rng.randrange(len(items))]
         out: list[tuple[str, str]] = []
         seen = set()
@@ -93,3 +95,5 @@ def sample(data_dir, words: int, documents: int, rng: random.Random) -> tuple[It
             out.append((t, x))
         if len(out) == documents - 1:
             return item, out
+    raise PearError(f"{path(data_dir)}: too few passages without the answer in other articles for "
+                    f"{documents} documents per prompt ({ITEM_DRAWS} questions tried)")
