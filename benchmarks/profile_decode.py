@@ -105,5 +105,6 @@ def gpu_time_by_kind(prof) -> dict[str, float]:
         out[kind] += us
     return out
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
