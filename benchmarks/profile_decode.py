@@ -22,6 +22,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = loaded.tokenizer
     kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
               batch_size=args.batch, max_batch_tokens=args.max_batch_tokens, compact=False)
-    res = {"command": "python3 benchmarks/profile_decode.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    res = {"command": "python3 benchmarks/profile_decode.py " + shlex.join(argv),
            "rows": len(ids), "prompt_tokens": sum(map(len, ids)), "seconds": {}, **provenance(args.device)}
     with get_variant(args.variant).wrap(loaded) as lm:
         greedy_generate(lm, ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             greedy_generate(lm, ids, **{**kw, "max_new_tokens": n})
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
-            res["seconds"][f"{n} new tokens"] = time.perf_counter() - t
-            print(f"{len(ids)} rows, {n} new tokens: {res['seconds'][f'{n} new tokens']:.3f} s")
+            res["seconds"][f"{n} new tokens"] = dt = time.perf_counter() - t
+            print(f"{len(ids)} rows, {n} new tokens: {dt:.3f} s")
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                         if args.device.startswith("cuda") else [])
         with torch.profiler.profile(activities=acts) as prof:

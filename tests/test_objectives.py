@@ -486,15 +486,14 @@ def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_p
     the sample draws another item instead of drawing distractors for ever."""
     import gzip
 
-    def article(title, contexts, qas):
-        return {"title": title, "paragraphs": [{"context": c, "qas": qas if i == 0 else []}
-                                               for i, c in enumerate(contexts)]}
+    def article(title, context, qa=None):  # one paragraph, with one question when `qa` = (question, answer)
+        qas = [] if qa is None else [{"question": qa[0], "is_impossible": False,
+                                      "answers": [{"text": qa[1], "answer_start": context.index(qa[1])}]}]
+        return {"title": title, "paragraphs": [{"context": context, "qas": qas}]}
 
-    qa = lambda q, a, c: [{"question": q, "is_impossible": False, "answers": [{"text": a, "answer_start": c.index(a)}]}]
-    bad_ctx, good_ctx = "The letter e is in every passage here.", "Paris is the capital of France."
-    arts = [article("Letters", [bad_ctx], qa("Which letter?", "e", bad_ctx)),
-            article("France", [good_ctx], qa("Capital of France?", "Paris", good_ctx))]
-    arts += [article(f"Other {k}", [f"Some other text number {k} there."], []) for k in range(6)]
+    arts = [article("Letters", "The letter e is in every passage here.", ("Which letter?", "e")),
+            article("France", "Paris is the capital of France.", ("Capital of France?", "Paris"))]
+    arts += [article(f"Other {k}", f"Some other text number {k} there.") for k in range(6)]
     f = tmp_path / data.SQUAD
     f.parent.mkdir(parents=True)
     with gzip.open(f, "wt") as fh:

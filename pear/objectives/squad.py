@@ -82,6 +82,7 @@ def sample(data_dir, words: int, documents: int, rng: random.Random) -> tuple[It
     items, paragraphs = load(str(data_dir) if data_dir else "", words)
     for _ in range(ITEM_DRAWS):
         item = items[rng.randrange(len(items))]
+        answers = list(item.answers)
         out: list[tuple[str, str]] = []
         seen = set()
         for _ in range(DISTRACTOR_DRAWS):
@@ -89,7 +90,7 @@ def sample(data_dir, words: int, documents: int, rng: random.Random) -> tuple[It
                 break
             i = rng.randrange(len(paragraphs))
             t, x = paragraphs[i]
-            if i in seen or t == item.title or contains_answer(f"{t} {x}", list(item.answers)):
+            if i in seen or t == item.title or contains_answer(f"{t} {x}", answers):
                 continue
             seen.add(i)
             out.append((t, x))
