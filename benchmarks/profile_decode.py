@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU time by kind of kernel: " + ", ".join(f"{k} {v / 1e3:.1f} ms ({v / total:.0%})"
                                                           for k, v in kinds.items()))
         res["gpu_ms_by_kind"] = {k: v / 1e3 for k, v in kinds.items()}
+        # the longest kernels with the kind each was given, so the grouping can be checked from the file
+        res["top_kernels"] = [{"kernel": n, "ms": us / 1e3, "kind": k} for n, us, k in gpu_kernels(prof)[:args.rows]]
     if args.out:
         from pear.atomic import write_text
 
@@ -88,21 +90,31 @@ KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
          ("copies", ("copy", "memcpy", "memset", "cat", "index")))
 
 
-def gpu_time_by_kind(prof) -> dict[str, float]:
-    """Device time (us) of the profiled GPU kernels, summed by kind (names matched in KINDS' order:
-    an attention kernel built on a matrix-product template counts as attention). Only the kernels
-    themselves count: an operator (aten::mm) reports its kernels' time as its own device time too,
-    so summing operators and kernels would count each kernel twice."""
+REST = "the rest (elementwise, normalisation, reductions)"
+
+
+def gpu_kernels(prof) -> list[tuple[str, float, str]]:
+    """(kernel name, device time in us, kind) of each profiled GPU kernel, longest first; kinds are
+    matched by name in KINDS' order (an attention kernel built on a matrix-product template counts
+    as attention). Only the kernels themselves are listed: an operator (aten::mm) reports its
+    kernels' time as its own device time too, so summing operators and kernels would count each
+    kernel twice."""
     from torch.autograd import DeviceType
 
-    out = {k: 0.0 for k, _ in KINDS} | {"the rest (elementwise, normalisation, reductions)": 0.0}
+    rows = []
     for e in prof.key_averages():
         if e.device_type not in (DeviceType.CUDA, DeviceType.HIP):
             continue
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         name = e.key.lower()
-        kind = next((k for k, words in KINDS if any(w in name for w in words)),
-                    "the rest (elementwise, normalisation, reductions)")
+        rows.append((e.key, us, next((k for k, words in KINDS if any(w in name for w in words)), REST)))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def gpu_time_by_kind(prof) -> dict[str, float]:
+    """Device time (us) of the GPU kernels (`gpu_kernels`), summed by kind."""
+    out = {k: 0.0 for k, _ in KINDS} | {REST: 0.0}
+    for _, us, kind in gpu_kernels(prof):
         out[kind] += us
     return out
 

@@ -388,3 +388,7 @@ def test_gpu_time_by_kind_counts_each_kernel_once():
     kinds = profile_decode.gpu_time_by_kind(E(key_averages=lambda: events))
     assert kinds == {"attention": 50.0, "matrix products": 100.0, "copies": 20.0,
                      "the rest (elementwise, normalisation, reductions)": 30.0}
+    top = profile_decode.gpu_kernels(E(key_averages=lambda: events))
+    assert [(n, k) for n, _, k in top] == [("nvjet_tst_128x256", "matrix products"), ("flash_fwd_kernel", "attention"),
+                                           ("vectorized_elementwise_kernel", profile_decode.REST),
+                                           ("Memcpy DtoD (Device -> Device)", "copies")]
