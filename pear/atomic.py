@@ -15,6 +15,7 @@ process is gone (`remove_stale`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -101,6 +102,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with open_atomic(path, "w") as f:
         f.write(text)
     return Path(path)
+
+
+def json_text(obj, level: int = 0) -> str:
+    """`obj` as JSON indented by two spaces like ``json.dumps(obj, indent=2)``, except that a list
+    of plain values stays on one line. Why: a fit with one scale per channel lists head_dim
+    numbers per head, which ``indent=2`` spreads over 20,000 lines (Qwen2.5-0.5B: 336 heads x 64);
+    this way the file reads one head per line, at two thirds of the size."""
+    pad, end = "  " * (level + 1), "  " * level
+    if isinstance(obj, dict) and obj:
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {json_text(v, level + 1)}"
+                                   for k, v in obj.items()) + f"\n{end}}}"
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(pad + json_text(v, level + 1) for v in obj) + f"\n{end}]"
+    return json.dumps(obj)
 
 
 def savefig(fig, path: str | os.PathLike, **kw) -> Path:

@@ -30,7 +30,6 @@ are a few GB. ``micro_batch`` splits each batch with gradient accumulation (same
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Iterable, Mapping
 import torch
 
 from . import distributed  # data-parallel
-from .atomic import write_text
+from .atomic import json_text, write_text
 from .dtypes import dtype_name
 from .errors import PearError
 from .families import resolve
@@ -118,7 +117,7 @@ class FitResult:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(path, json_text(self.to_json()) + "\n")
         return path
 
 

@@ -87,6 +87,18 @@ def test_micro_batches_and_grad_checkpointing_give_the_same_fit(tiny):
     assert not tiny.training and not any(m.training for m in tiny.modules())
 
 
+def test_a_channel_fit_saves_one_line_per_head_and_reads_back_exactly(tiny, tmp_path):
+    """coefficients.json keeps a head's channel scales on one line (indent=2 would give each its own)."""
+    res = fit(tiny, None, HEADS, scales="channels", **SMALL)
+    path = res.save(tmp_path / "coefficients.json")
+    text = path.read_text()
+    assert read_coefficients(path) == res.coefficients and json.loads(text) == res.to_json()
+    lists = [line.rstrip(",") for line in text.splitlines() if line.lstrip().startswith('"coefficient": [')]
+    assert len(lists) == len(res.coefficients) > 1
+    assert all(line.endswith("]") and line.count(",") == len(res.coefficients[k]) - 1
+               for line, k in zip(lists, sorted(res.coefficients)))
+
+
 def test_interrupted_fit_resumes_to_the_same_result(tiny, tmp_path, ctrl_c_at_step):
     full = fit(tiny, None, HEADS, **SMALL)
     ckpt = tmp_path / "c.json.ckpt"

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import torch
 
+from ..atomic import json_text
 from ..folding.checkpoint import HUB_IDS, AtomicDir, check_out_dir, verification_input
 from ..errors import PearError
 from ..families import resolve
@@ -91,7 +92,7 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
                                  gguf_file.tolerance_for(stored))
         meta = _meta(loaded, "gguf", coefs, scales, {"gguf_vs_folded": check}, extra)
         meta["gguf"] = {"file": name, "base_file": base.name, "base_sha256": digest, "attn_output_types": stored}
-        (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "pear.json").write_text(json_text(meta) + "\n")
         (tmp / "README.md").write_text(model_card("gguf", base_name(loaded), meta["heads"], arch, meta,
                                                   meta["verification"], {"gguf": name}))
     return Path(out) / name, {"stored": stored, **check}
@@ -108,7 +109,7 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
         peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded))
         check = peft_adapter.verify_adapter(loaded.model, scales, tmp, verification_input(loaded.model))
         meta = _meta(loaded, "peft", coefs, scales, {"adapter_vs_hooked": check}, extra)
-        (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "pear.json").write_text(json_text(meta) + "\n")
         (tmp / "README.md").write_text(model_card("peft", base_name(loaded), meta["heads"], arch, meta,
                                                   meta["verification"]))
         if loaded.tokenizer is not None:

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, json_text
 from ..dtypes import dtype_name
 from ..errors import PearError
 from ..families import resolve
@@ -206,7 +206,7 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "pear.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "pear.json").write_text(json_text(meta) + "\n")
         base = HUB_IDS.get(loaded.spec.spec, loaded.spec.spec)
         (tmp / "README.md").write_text(model_card("hf", base, meta["heads"], arch, meta,
                                                   {"folded_vs_hooked": meta["verification"]}))
