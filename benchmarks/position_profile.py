@@ -1,0 +1,133 @@
+"""How well a model reads the gold passage at each position: log-likelihood of the gold answer.
+
+    python3 benchmarks/position_profile.py --model smollm2-135m --task mdqa-20 --half 1 --limit 30 \
+        --coefficients paper=benchmarks/results/recipe_study_round2/runs/smollm2-135m/paper/coefficients.json \
+        --out benchmarks/results/position_profile/smollm2-135m.json
+
+Accuracy per gold position is a coarse signal: 30 questions per position move it by ±8 points,
+so a recipe's effect on the position gap cannot be seen below a few hundred questions. The
+log-probability of the gold answer, teacher forced after the prompt as the evaluation renders it
+(chat template, `objectives.retrieval.encode`), is continuous and paired: the same examples under
+the base model and under each set of coefficients (applied with hooks, `HeadScaling`, which
+equals the folded model). Printed and saved per gold position: the mean log-probability per
+answer token of each model, and each recipe's paired difference to the base with a bootstrap
+95 % interval; the gap is the best position's mean minus the worst's. It says whether a recipe
+lifts the middle more than the ends (what cutting the gap needs) or every position alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="folder, .gguf file or preset")
+    ap.add_argument("--coefficients", action="append", default=[], metavar="LABEL=FILE",
+                    help="a coefficients.json to compare with the base model (repeatable)")
+    ap.add_argument("--task", default="mdqa-20")
+    ap.add_argument("--half", type=int, choices=[1, 2], default=1)
+    ap.add_argument("--limit", type=int, default=30, help="first N questions (x the task's gold positions)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    ap.add_argument("--out", required=True, metavar="FILE.json")
+    args = ap.parse_args(argv)
+
+    from pear.atomic import json_text, write_text
+    from pear.errors import PearError
+    from pear.evaluate.data import resolve_data_dir
+    from pear.evaluate.registry import BuildContext, build_task
+    from pear.folding import HeadScaling, read_coefficients
+    from pear.loading import load_model
+    from pear.provenance import provenance
+
+    variants = {}
+    for item in args.coefficients:
+        label, eq, path = item.partition("=")
+        if not eq or not label or not path or label == "base" or label in variants:
+            raise PearError(f"--coefficients expects a new LABEL=FILE (not 'base'), got '{item}'")
+        variants[label] = read_coefficients(path)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
+    if not task.positional:
+        raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
+    seqs = [answer_sequence(loaded.tokenizer, ex.prompt, ex.answers[0]) for ex in task.examples]
+    positions = [ex.condition for ex in task.examples]
+
+    scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch)}
+    for label, coefs in variants.items():
+        with HeadScaling(loaded.model, coefs, trainable=False):
+            scores[label] = answer_logprob(loaded.model, seqs, args.micro_batch)
+    res = {"command": "python3 benchmarks/position_profile.py " + shlex.join(argv), "task": args.task,
+           "half": args.half, "examples": len(seqs), "profile": profile(scores, positions),
+           "per_example": {"ids": [ex.id for ex in task.examples], "positions": positions,
+                           **{k: [round(v, 5) for v in s] for k, s in scores.items()}},
+           **provenance(str(loaded.model.device))}
+    print(table(res["profile"]))
+    write_text(args.out, json_text(res) + "\n")
+    return 0
+
+
+def answer_sequence(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """(prompt + answer token ids, answer length), the prompt rendered as the evaluation renders it."""
+    from pear.objectives.retrieval import encode
+
+    p, a = encode(tokenizer, prompt, answer)
+    return p + a, len(a)
+
+
+@torch.no_grad()
+def answer_logprob(model, seqs: list[tuple[list[int], int]], micro_batch: int) -> list[float]:
+    """Mean log-probability per answer token of each sequence (teacher forced)."""
+    from pear.objectives import answer_logprobs
+
+    out = []
+    for i in range(0, len(seqs), micro_batch):
+        chunk = seqs[i:i + micro_batch]
+        lp, tgt, m = answer_logprobs(model, [s for s, _ in chunk], [n for _, n in chunk])  # (B, A, V), (B, A)
+        tok = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m  # (B, A)
+        out += (tok.sum(1) / m.sum(1)).tolist()
+    return out
+
+
+def profile(scores: dict[str, list[float]], positions: list[str]) -> dict:
+    """Per model: mean per gold position and the gap; per recipe: the paired difference to base."""
+    from pear.evaluate.stats import paired_bootstrap
+
+    order = sorted(set(positions), key=int)
+    at = {p: np.array([i for i, q in enumerate(positions) if q == p]) for p in order}
+    out = {}
+    for label, s in scores.items():
+        s = np.asarray(s)
+        means = {p: float(s[idx].mean()) for p, idx in at.items()}
+        row = {"mean": float(s.mean()), "by_position": means, "gap": max(means.values()) - min(means.values())}
+        if label != "base":
+            b = np.asarray(scores["base"])
+            row["vs_base"] = {"all": paired_bootstrap(b, s),
+                              **{p: paired_bootstrap(b[idx], s[idx]) for p, idx in at.items()}}
+        out[label] = row
+    return out
+
+
+def table(prof: dict) -> str:
+    pos = list(next(iter(prof.values()))["by_position"])
+    lines = ["| model | mean | " + " | ".join(f"gold {p}" for p in pos) + " | gap |",
+             "|---|---:|" + "---:|" * len(pos) + "---:|"]
+    for label, r in prof.items():
+        cells = [f"{r['by_position'][p]:.3f}" + (f" ({r['vs_base'][p]['diff']:+.3f})" if "vs_base" in r else "")
+                 for p in pos]
+        lines.append(f"| {label} | {r['mean']:.3f} | " + " | ".join(cells) + f" | {r['gap']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
