@@ -392,3 +392,32 @@ def test_gpu_time_by_kind_counts_each_kernel_once():
     assert [(n, k) for n, _, k in top] == [("nvjet_tst_128x256", "matrix products"), ("flash_fwd_kernel", "attention"),
                                            ("vectorized_elementwise_kernel", profile_decode.REST),
                                            ("Memcpy DtoD (Device -> Device)", "copies")]
+
+
+def test_position_profile_scores_the_answer_tokens_and_pairs_each_recipe_with_base():
+    """answer_logprob is the mean log-probability of the answer tokens alone (checked against a plain
+    forward pass, sequences of different lengths batched); the profile's means, gap and paired
+    differences are those of the scores; coefficients applied with hooks change the scores."""
+    import position_profile as pp
+    from pear.folding import HeadScaling
+    from tiny_models import tiny_model
+
+    m = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(3, 100, (n,), generator=g).tolist(), a) for n, a in [(12, 3), (9, 1), (15, 4)]]
+    got = pp.answer_logprob(m, seqs, micro_batch=2)
+    with torch.no_grad():
+        for (ids, a), v in zip(seqs, got):
+            lp = m(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (T, V)
+            want = sum(lp[t - 1, ids[t]].item() for t in range(len(ids) - a, len(ids))) / a
+            assert v == pytest.approx(want, abs=1e-4)
+    with HeadScaling(m, {(0, 1): 0.2, (1, 2): 3.0}, trainable=False):
+        assert max(abs(x - y) for x, y in zip(pp.answer_logprob(m, seqs, 2), got)) > 1e-3
+
+    scores = {"base": [-1.0, -2.0, -1.5, -3.0], "r": [-0.5, -2.0, -1.0, -2.0]}
+    prof = pp.profile(scores, ["1", "2", "1", "2"])
+    assert prof["base"]["by_position"] == {"1": -1.25, "2": -2.5} and prof["base"]["gap"] == 1.25
+    assert prof["r"]["by_position"] == {"1": -0.75, "2": -2.0} and prof["r"]["gap"] == 1.25
+    assert prof["r"]["vs_base"]["1"]["diff"] == pytest.approx(0.5) and prof["r"]["vs_base"]["2"]["diff"] == pytest.approx(0.5)
+    assert prof["r"]["vs_base"]["all"]["diff"] == pytest.approx(0.5) and "vs_base" not in prof["base"]
+    assert "| r |" in pp.table(prof)
