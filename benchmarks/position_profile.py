@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {}
     for item in args.coefficients:
-        label, eq, path = item.partition("=")
-        if not eq or not label or not path or label == "base" or label in variants:
-            raise PearError(f"--coefficients expects a new LABEL=FILE (not 'base'), got '{item}'")
+        label, path = split_label(item)
+        if label == "base" or label in variants:
+            raise PearError(f"--coefficients: label '{label}' is taken")
         variants[label] = read_coefficients(path)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
@@ -75,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     print(table(res["profile"]))
     write_text(args.out, json_text(res) + "\n")
     return 0
+
+
+def split_label(item: str) -> tuple[str, str]:
+    """LABEL=FILE -> (LABEL, FILE), at the first '=' after which an existing file is named: the
+    study's labels hold '=' themselves ("retrieval-channels@anchor=10"), and so do its folders."""
+    from pathlib import Path
+
+    from pear.errors import PearError
+
+    for i, ch in enumerate(item):
+        if ch == "=" and i and Path(item[i + 1:]).is_file():
+            return item[:i], item[i + 1:]
+    raise PearError(f"--coefficients expects LABEL=FILE with FILE an existing coefficients.json, got '{item}'")
 
 
 def answer_sequence(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:

@@ -421,3 +421,16 @@ def test_position_profile_scores_the_answer_tokens_and_pairs_each_recipe_with_ba
     assert prof["r"]["vs_base"]["1"]["diff"] == pytest.approx(0.5) and prof["r"]["vs_base"]["2"]["diff"] == pytest.approx(0.5)
     assert prof["r"]["vs_base"]["all"]["diff"] == pytest.approx(0.5) and "vs_base" not in prof["base"]
     assert "| r |" in pp.table(prof)
+
+
+def test_position_profile_labels_may_hold_equals_signs(tmp_path):
+    """A study's label holds '=' ("retrieval-channels@anchor=10"), and so does its folder."""
+    import position_profile as pp
+    from pear.errors import PearError
+
+    f = tmp_path / "r@anchor=10" / "coefficients.json"
+    f.parent.mkdir()
+    f.write_text("{}")
+    assert pp.split_label(f"r@anchor=10={f}") == ("r@anchor=10", str(f))
+    with pytest.raises(PearError, match="LABEL=FILE"):
+        pp.split_label(f"r@anchor=10={tmp_path / 'missing.json'}")
