@@ -101,14 +101,12 @@ def answer_sequence(tokenizer, prompt: str, answer: str) -> tuple[list[int], int
 @torch.no_grad()
 def answer_logprob(model, seqs: list[tuple[list[int], int]], micro_batch: int) -> list[float]:
     """Mean log-probability per answer token of each sequence (teacher forced)."""
-    from pear.objectives import answer_logprobs
+    from pear.objectives import sequence_nll
 
     out = []
     for i in range(0, len(seqs), micro_batch):
         chunk = seqs[i:i + micro_batch]
-        lp, tgt, m = answer_logprobs(model, [s for s, _ in chunk], [n for _, n in chunk])  # (B, A, V), (B, A)
-        tok = lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m  # (B, A)
-        out += (tok.sum(1) / m.sum(1)).tolist()
+        out += (-sequence_nll(model, [s for s, _ in chunk], [n for _, n in chunk])).tolist()
     return out
 
 
@@ -118,13 +116,13 @@ def profile(scores: dict[str, list[float]], positions: list[str]) -> dict:
 
     order = sorted(set(positions), key=int)
     at = {p: np.array([i for i, q in enumerate(positions) if q == p]) for p in order}
+    b = np.asarray(scores["base"])
     out = {}
     for label, s in scores.items():
         s = np.asarray(s)
         means = {p: float(s[idx].mean()) for p, idx in at.items()}
         row = {"mean": float(s.mean()), "by_position": means, "gap": max(means.values()) - min(means.values())}
         if label != "base":
-            b = np.asarray(scores["base"])
             row["vs_base"] = {"all": paired_bootstrap(b, s),
                               **{p: paired_bootstrap(b[idx], s[idx]) for p, idx in at.items()}}
         out[label] = row

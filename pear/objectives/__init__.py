@@ -168,11 +168,16 @@ def answer_logprobs(model, seqs: list[list[int]], n_targets: list[int], pad_id: 
     return logits.float().log_softmax(-1), targets.to(logits.device), tmask.to(logits.device)
 
 
+def sequence_nll(model, seqs: list[list[int]], n_targets: list[int], pad_id: int = 0) -> torch.Tensor:
+    """Each sequence's mean cross-entropy of its last n_targets[i] tokens, (B,), in one pass."""
+    lp, tgt, m = answer_logprobs(model, seqs, n_targets, pad_id)
+    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m  # (B, A)
+    return nll.sum(1) / m.sum(1)
+
+
 def target_nll(model, batch: list[Sequence], pad_id: int = 0) -> torch.Tensor:
     """Mean over sequences of the mean cross-entropy of their target tokens (scalar)."""
-    lp, tgt, m = answer_logprobs(model, [s.ids for s in batch], [s.n_target for s in batch], pad_id)
-    nll = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * m  # (B, A)
-    return (nll.sum(1) / m.sum(1)).mean()
+    return sequence_nll(model, [s.ids for s in batch], [s.n_target for s in batch], pad_id).mean()
 
 
 def pad_id_of(tokenizer) -> int:
