@@ -71,6 +71,11 @@ RECIPES: dict[str, Recipe] = {
                                           fit=dict(objective="position-distill",
                                                    objective_options={**_SQUAD20, "teacher": "first", **_SELF},
                                                    scales="channels", **_SHORT)),
+    "last-self-distill-channels": Recipe("as first-self-distill-channels, the gold passage last in the teacher's "
+                                         "prompt (where a recency-shaped model reads best)",
+                                         fit=dict(objective="position-distill",
+                                                  objective_options={**_SQUAD20, "teacher": "last", **_SELF},
+                                                  scales="channels", **_SHORT)),
 }
 DEFAULT_RECIPE = "paper"
 # A recipe with some of its settings changed is named RECIPE@KEY=VALUE,... (the study's candidates,

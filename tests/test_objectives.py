@@ -121,7 +121,23 @@ def test_position_distill_oracle_teacher_and_uniform_student(smollm2, data_dir):
     again = o.batch(smollm2.model, tok, 24, seed=5)
     assert [s.ids for s in again] == [s.ids for s in batch]
     with pytest.raises(PearError, match="teacher must be"):
-        get_objective("position-distill", {"teacher": "last"}, data_dir)
+        get_objective("position-distill", {"teacher": "middle"}, data_dir)
+
+
+@pytest.mark.real
+@pytest.mark.data
+def test_position_distill_last_teacher_reads_the_same_passages_with_the_gold_one_last(smollm2, data_dir):
+    tok = smollm2.tokenizer
+    o = get_objective("position-distill", {"documents": 4, "words": 30, "teacher": "last", "student": "uniform"},
+                      data_dir)
+    for s in o.batch(smollm2.model, tok, 12, seed=7):
+        student = tok.decode(s.ids).split("Document [")[1:]
+        teacher = tok.decode(s.teacher_ids).split("Document [")[1:]
+        assert len(student) == len(teacher) == 4 and s.meta["teacher_gold_index"] == 3
+        assert s.meta["answer"] in teacher[3] and s.meta["answer"] in student[s.meta["gold_index"]]
+        titles = sorted(t.split("(Title: ")[1].split(")")[0] for t in teacher)
+        assert titles == sorted(t.split("(Title: ")[1].split(")")[0] for t in student)  # the same passages
+        assert s.ids[-s.n_target:] == s.teacher_ids[-s.n_target:]
 
 
 @pytest.mark.real

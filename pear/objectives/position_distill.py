@@ -1,8 +1,8 @@
 """``position-distill``: read the whole context as well as its best-read part.
 
 The same SQuAD 2.0 question and the same ``documents`` passages twice. The teacher sees the
-gold passage first (``teacher=first``, default) or alone, without distractors
-(``teacher=oracle``); the student sees it at a uniformly random interior index
+gold passage first (``teacher=first``, default), last (``teacher=last``) or alone, without
+distractors (``teacher=oracle``); the student sees it at a uniformly random interior index
 (``student=middle``, default: neither first nor last) or at any index (``student=uniform``,
 so the ends are held to the teacher too and cannot be traded for the middle).
 Loss: KL(p_teacher ‖ p_student) over the vocabulary at each token of the gold answer
@@ -11,6 +11,9 @@ shrinking every head cannot make the two agree trivially) and p_student the scal
 After Pos2Distill (arXiv 2508.15709), which distils all weights; here only the scales learn.
 ``teacher=oracle`` asks the scales for what the model does when retrieval is trivial (the
 closed "oracle" setting of the lost-in-the-middle study), wherever the passage sits.
+``teacher=last`` is the best-read place of a recency-shaped model: SmolLM2-135M answers 40 % of
+mdqa-20 with the gold passage last and 9-19 % elsewhere (BENCHMARKS.md §5, round 2's base), so the
+teacher's own answers there are both right more often and in the 20-passage prompt's form.
 
 ``target=teacher``: the answer tokens are the base model's own greedy answer to the teacher's
 prompt (its first line, with the token that ends it), kept only where it contains a gold answer
@@ -33,7 +36,7 @@ from ..evaluate.metrics import qa_score
 from . import Objective, Sequence, answer_logprobs, pad_id_of, register, squad
 from .retrieval import encode, squad_docs
 
-TEACHERS = ("first", "oracle")
+TEACHERS = ("first", "last", "oracle")  # where the teacher reads the gold passage
 STUDENTS = ("middle", "uniform")
 TARGETS = ("gold", "teacher")
 ANSWER_TOKENS = 48  # target=teacher: the longest answer kept (SmolLM2's median is 16 tokens on mdqa-20)
@@ -88,10 +91,12 @@ class PositionDistill(Objective):
         return item, distractors, gold
 
     def _prompts(self, item, distractors, gold) -> tuple[str, str]:
-        """The student's prompt (gold passage at `gold`) and the teacher's (first, or alone)."""
+        """The student's prompt (gold passage at `gold`) and the teacher's (first, last, or alone)."""
         from ..evaluate.prompts import qa_prompt
 
-        teacher_docs = squad_docs(item, [] if self.options["teacher"] == "oracle" else distractors, 0)
+        teacher = self.options["teacher"]
+        teacher_docs = squad_docs(item, [] if teacher == "oracle" else distractors,
+                                  len(distractors) if teacher == "last" else 0)
         return qa_prompt(item.question, squad_docs(item, distractors, gold)), qa_prompt(item.question, teacher_docs)
 
     def _sequence(self, tokenizer, item, distractors, gold, answer: tuple[list[int], str] | None = None,
@@ -107,8 +112,9 @@ class PositionDistill(Objective):
             extra = {"gold_answers": list(item.answers)}
         p_teacher = encode(tokenizer, teacher, "")[0] if p_teacher is None else p_teacher
         docs = 1 if self.options["teacher"] == "oracle" else self.options["documents"]
+        teacher_gold = docs - 1 if self.options["teacher"] == "last" else 0
         return Sequence(p_student + list(a), len(a), teacher_ids=p_teacher + list(a),
-                        meta={"gold_index": gold, "teacher_gold_index": 0, "teacher_documents": docs,
+                        meta={"gold_index": gold, "teacher_gold_index": teacher_gold, "teacher_documents": docs,
                               "answer": text, **extra})
 
     def loss(self, model, batch, scaling):
