@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     seqs = [answer_sequence(loaded.tokenizer, ex.prompt, ex.answers[0]) for ex in task.examples]
     positions = [ex.condition for ex in task.examples]
 
-    scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch)}
+    scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch, "base")}
     for label, coefs in variants.items():
         with HeadScaling(loaded.model, coefs, trainable=False):
-            scores[label] = answer_logprob(loaded.model, seqs, args.micro_batch)
+            scores[label] = answer_logprob(loaded.model, seqs, args.micro_batch, label)
     res = {"command": "python3 benchmarks/position_profile.py " + shlex.join(argv), "task": args.task,
            "half": args.half, "examples": len(seqs), "profile": profile(scores, positions),
            "per_example": {"ids": [ex.id for ex in task.examples], "positions": positions,
@@ -99,12 +99,15 @@ def answer_sequence(tokenizer, prompt: str, answer: str) -> tuple[list[int], int
 
 
 @torch.no_grad()
-def answer_logprob(model, seqs: list[tuple[list[int], int]], micro_batch: int) -> list[float]:
-    """Mean log-probability per answer token of each sequence (teacher forced)."""
+def answer_logprob(model, seqs: list[tuple[list[int], int]], micro_batch: int, label: str = "") -> list[float]:
+    """Mean log-probability per answer token of each sequence (teacher forced); a progress bar
+    named `label` on stderr (a CPU run takes minutes per variant)."""
+    from tqdm.auto import tqdm
+
     from pear.objectives import sequence_nll
 
     out = []
-    for i in range(0, len(seqs), micro_batch):
+    for i in tqdm(range(0, len(seqs), micro_batch), desc=label or "scoring", unit="batch", leave=False):
         chunk = seqs[i:i + micro_batch]
         out += (-sequence_nll(model, [s for s, _ in chunk], [n for _, n in chunk])).tolist()
     return out
