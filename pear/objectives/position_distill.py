@@ -94,10 +94,14 @@ class PositionDistill(Objective):
         """The student's prompt (gold passage at `gold`) and the teacher's (first, last, or alone)."""
         from ..evaluate.prompts import qa_prompt
 
-        teacher = self.options["teacher"]
-        teacher_docs = squad_docs(item, [] if teacher == "oracle" else distractors,
-                                  len(distractors) if teacher == "last" else 0)
-        return qa_prompt(item.question, squad_docs(item, distractors, gold)), qa_prompt(item.question, teacher_docs)
+        return (qa_prompt(item.question, squad_docs(item, distractors, gold)),
+                qa_prompt(item.question, self._teacher_docs(item, distractors)[0]))
+
+    def _teacher_docs(self, item, distractors) -> tuple[list[tuple[str, str]], int]:
+        """The teacher's passages and the gold one's index among them: first, last, or alone."""
+        others = [] if self.options["teacher"] == "oracle" else distractors
+        gold = len(others) if self.options["teacher"] == "last" else 0
+        return squad_docs(item, others, gold), gold
 
     def _sequence(self, tokenizer, item, distractors, gold, answer: tuple[list[int], str] | None = None,
                   p_teacher: list[int] | None = None) -> Sequence:
@@ -111,10 +115,9 @@ class PositionDistill(Objective):
             (a, text), p_student = answer, encode(tokenizer, student, "")[0]
             extra = {"gold_answers": list(item.answers)}
         p_teacher = encode(tokenizer, teacher, "")[0] if p_teacher is None else p_teacher
-        docs = 1 if self.options["teacher"] == "oracle" else self.options["documents"]
-        teacher_gold = docs - 1 if self.options["teacher"] == "last" else 0
+        docs, teacher_gold = self._teacher_docs(item, distractors)
         return Sequence(p_student + list(a), len(a), teacher_ids=p_teacher + list(a),
-                        meta={"gold_index": gold, "teacher_gold_index": teacher_gold, "teacher_documents": docs,
+                        meta={"gold_index": gold, "teacher_gold_index": teacher_gold, "teacher_documents": len(docs),
                               "answer": text, **extra})
 
     def loss(self, model, batch, scaling):
