@@ -13,6 +13,12 @@ equals the folded model). Printed and saved per gold position: the mean log-prob
 answer token of each model, and each recipe's paired difference to the base with a bootstrap
 95 % interval; the gap is the best position's mean minus the worst's. It says whether a recipe
 lifts the middle more than the ends (what cutting the gap needs) or every position alike.
+
+The bare gold span right after the prompt is not what a chat model answers ("The first Nobel
+Prize in Physics was awarded to ..."), so a recipe that keeps the model's own form may lose on it
+where it reads as well as before. `--targets PARTS` (a `pear eval` part of the base model on the
+same examples) scores instead the base model's own first line where it was right, and only those
+examples: whether a recipe keeps the answers the base read correctly, in their own words.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    ap.add_argument("--targets", default=None, metavar="PARTS.json.gz",
+                    help="score the base model's own right answers (its first lines) from this `pear eval` part, "
+                         "instead of the gold span")
     ap.add_argument("--out", required=True, metavar="FILE.json")
     args = ap.parse_args(argv)
 
@@ -60,19 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
     if not task.positional:
         raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
-    seqs = [answer_sequence(loaded.tokenizer, ex.prompt, ex.answers[0]) for ex in task.examples]
-    positions = [ex.condition for ex in task.examples]
+    examples = [(ex, ex.answers[0]) for ex in task.examples]
+    if args.targets:
+        examples = own_answers(examples, args.targets)
+    seqs = [answer_sequence(loaded.tokenizer, ex.prompt, answer) for ex, answer in examples]
+    positions = [ex.condition for ex, _ in examples]
 
     scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch, "base")}
     for label, coefs in variants.items():
         with HeadScaling(loaded.model, coefs, trainable=False):
             scores[label] = answer_logprob(loaded.model, seqs, args.micro_batch, label)
     res = {"command": "python3 benchmarks/position_profile.py " + shlex.join(argv), "task": args.task,
-           "half": args.half, "examples": len(seqs), "profile": profile(scores, positions),
-           "per_example": {"ids": [ex.id for ex in task.examples], "positions": positions,
+           "half": args.half, "examples": len(seqs), "target": "own answers" if args.targets else "gold span",
+           "n_by_position": {p: positions.count(p) for p in sorted(set(positions), key=int)},
+           "profile": profile(scores, positions),
+           "per_example": {"ids": [ex.id for ex, _ in examples], "positions": positions,
                            **{k: [round(v, 5) for v in s] for k, s in scores.items()}},
            **provenance(str(loaded.model.device))}
     print(table(res["profile"]))
+    print("examples per gold position:", res["n_by_position"])
     write_text(args.out, json_text(res) + "\n")
     return 0
 
@@ -88,6 +103,34 @@ def split_label(item: str) -> tuple[str, str]:
         if ch == "=" and i and Path(item[i + 1:]).is_file():
             return item[:i], item[i + 1:]
     raise PearError(f"--coefficients expects LABEL=FILE with FILE an existing coefficients.json, got '{item}'")
+
+
+def own_answers(examples: list, parts_file: str) -> list:
+    """(example, the base model's first line) for each example the part scored right; the part must
+    hold every example (same task, half and limit), matched on id and gold position."""
+    import gzip
+    import json
+
+    from pear.errors import PearError
+    from pear.evaluate.metrics import first_line
+
+    try:
+        with gzip.open(parts_file, "rt") as f:
+            records = {(r["id"], str(r["condition"])): r for r in json.load(f)["records"]}
+    except (OSError, ValueError, KeyError) as e:
+        raise PearError(f"--targets: cannot read a `pear eval` part from {parts_file} ({e})") from None
+    missing = [ex.id for ex, _ in examples if (ex.id, str(ex.condition)) not in records]
+    if missing:
+        raise PearError(f"--targets: {parts_file} lacks {len(missing)} of the examples (first: {missing[0]}); "
+                        "use a part of the same task, half and limit")
+    out = []
+    for ex, _ in examples:
+        r = records[(ex.id, str(ex.condition))]
+        if r["score"] > 0 and first_line(r["output"]):
+            out.append((ex, first_line(r["output"])))
+    if not out:
+        raise PearError(f"--targets: no example of {parts_file} was answered right")
+    return out
 
 
 def answer_sequence(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:

@@ -423,6 +423,33 @@ def test_position_profile_scores_the_answer_tokens_and_pairs_each_recipe_with_ba
     assert "| r |" in pp.table(prof)
 
 
+def test_position_profile_targets_are_the_base_models_right_first_lines(tmp_path):
+    """--targets keeps the examples the base part scored right, each with its own first line as the
+    target, matched on id and gold position; a part that lacks an example is refused."""
+    import gzip
+    import json
+    from types import SimpleNamespace as NS
+
+    import position_profile as pp
+    from pear.errors import PearError
+
+    exs = [(NS(id="q0", condition="1"), "Paris"), (NS(id="q0", condition="20"), "Paris"),
+           (NS(id="q1", condition="1"), "1901")]
+    recs = [{"id": "q0", "condition": "20", "score": 1.0, "output": "It is Paris.\nMore text"},
+            {"id": "q0", "condition": "1", "score": 0.0, "output": "Lyon"},
+            {"id": "q1", "condition": "1", "score": 1.0, "output": "In 1901, the first prize."}]
+    part = tmp_path / "base__mdqa-20__k.json.gz"
+    with gzip.open(part, "wt") as f:
+        json.dump({"label": "base", "records": recs}, f)
+    got = pp.own_answers(exs, str(part))
+    assert [(ex.id, ex.condition, a) for ex, a in got] == [("q0", "20", "It is Paris."),
+                                                          ("q1", "1", "In 1901, the first prize.")]
+    with pytest.raises(PearError, match="lacks 1 of the examples"):
+        pp.own_answers(exs + [(NS(id="q2", condition="1"), "x")], str(part))
+    with pytest.raises(PearError, match="cannot read"):
+        pp.own_answers(exs, str(tmp_path / "missing.json.gz"))
+
+
 def test_position_profile_labels_may_hold_equals_signs(tmp_path):
     """A study's label holds '=' ("retrieval-channels@anchor=10"), and so does its folder."""
     import position_profile as pp
