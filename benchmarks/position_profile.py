@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if label == "base" or label in variants:
             raise PearError(f"--coefficients: label '{label}' is taken")
         variants[label] = read_coefficients(path)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
     if not task.positional:
         raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
     examples = [(ex, ex.answers[0]) for ex in task.examples]
     if args.targets:
         examples = own_answers(examples, args.targets)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     seqs = [answer_sequence(loaded.tokenizer, ex.prompt, answer) for ex, answer in examples]
     positions = [ex.condition for ex, _ in examples]
 
@@ -187,4 +187,10 @@ def table(prof: dict) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pear.errors import PearError
+
+    try:
+        raise SystemExit(main())
+    except PearError as e:  # bad input (model, data folder, task, coefficients, targets): one line, nothing written
+        print(f"position_profile: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
