@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
     if not task.positional:
         raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
-    examples = [(ex, ex.answers[0]) for ex in task.examples]
-    if args.targets:
-        examples = own_answers(examples, args.targets)
+    examples = (own_answers(task.examples, args.targets) if args.targets
+                else [(ex, ex.answers[0]) for ex in task.examples])
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     seqs = [answer_sequence(loaded.tokenizer, ex.prompt, answer) for ex, answer in examples]
     positions = [ex.condition for ex, _ in examples]
@@ -108,26 +107,21 @@ def split_label(item: str) -> tuple[str, str]:
 def own_answers(examples: list, parts_file: str) -> list:
     """(example, the base model's first line) for each example the part scored right; the part must
     hold every example (same task, half and limit), matched on id and gold position."""
-    import gzip
-    import json
-
     from pear.errors import PearError
+    from pear.evaluate.cache import read_part
     from pear.evaluate.metrics import first_line
 
     try:
-        with gzip.open(parts_file, "rt") as f:
-            records = {(r["id"], str(r["condition"])): r for r in json.load(f)["records"]}
+        records = {(r["id"], str(r["condition"])): r for r in read_part(parts_file)["records"]}
     except (OSError, ValueError, KeyError) as e:
         raise PearError(f"--targets: cannot read a `pear eval` part from {parts_file} ({e})") from None
-    missing = [ex.id for ex, _ in examples if (ex.id, str(ex.condition)) not in records]
+    missing = [ex.id for ex in examples if (ex.id, str(ex.condition)) not in records]
     if missing:
         raise PearError(f"--targets: {parts_file} lacks {len(missing)} of the examples (first: {missing[0]}); "
                         "use a part of the same task, half and limit")
-    out = []
-    for ex, _ in examples:
-        r = records[(ex.id, str(ex.condition))]
-        if r["score"] > 0 and first_line(r["output"]):
-            out.append((ex, first_line(r["output"])))
+    answers = [(ex, records[(ex.id, str(ex.condition))]) for ex in examples]
+    out = [(ex, first_line(r["output"])) for ex, r in answers if r["score"] > 0]
+    out = [(ex, line) for ex, line in out if line]
     if not out:
         raise PearError(f"--targets: no example of {parts_file} was answered right")
     return out

@@ -23,7 +23,6 @@ command at a time; finished outputs are kept and skipped when the study is run a
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shlex
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.errors import PearError  # noqa: E402
+from pear.evaluate.cache import read_part  # noqa: E402
 from pear.recipes import OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -340,7 +340,7 @@ def _records(work: Path, task: str, models: list[str], size_ok, examples: set | 
     other half, evaluated at the same size) is not read."""
     chunks: dict[tuple, dict[int, list]] = {}
     for f in sorted((work / "parts").glob(f"*__{task}__*.json.gz")):
-        d = json.loads(gzip.open(f).read())
+        d = read_part(f)
         m = _model_of(d["spec"], models)
         if examples is not None and any((r["id"], r["condition"]) not in examples for r in d["records"]):
             continue

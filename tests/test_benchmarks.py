@@ -433,8 +433,7 @@ def test_position_profile_targets_are_the_base_models_right_first_lines(tmp_path
     import position_profile as pp
     from pear.errors import PearError
 
-    exs = [(NS(id="q0", condition="1"), "Paris"), (NS(id="q0", condition="20"), "Paris"),
-           (NS(id="q1", condition="1"), "1901")]
+    exs = [NS(id="q0", condition="1"), NS(id="q0", condition="20"), NS(id="q1", condition="1")]
     recs = [{"id": "q0", "condition": "20", "score": 1.0, "output": "It is Paris.\nMore text"},
             {"id": "q0", "condition": "1", "score": 0.0, "output": "Lyon"},
             {"id": "q1", "condition": "1", "score": 1.0, "output": "In 1901, the first prize."}]
@@ -445,7 +444,7 @@ def test_position_profile_targets_are_the_base_models_right_first_lines(tmp_path
     assert [(ex.id, ex.condition, a) for ex, a in got] == [("q0", "20", "It is Paris."),
                                                           ("q1", "1", "In 1901, the first prize.")]
     with pytest.raises(PearError, match="lacks 1 of the examples"):
-        pp.own_answers(exs + [(NS(id="q2", condition="1"), "x")], str(part))
+        pp.own_answers(exs + [NS(id="q2", condition="1")], str(part))
     with pytest.raises(PearError, match="cannot read"):
         pp.own_answers(exs, str(tmp_path / "missing.json.gz"))
 

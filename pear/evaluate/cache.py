@@ -139,6 +139,12 @@ def part_key(model: str, variant: str, options: dict, task, texts: list[str], id
 
 
 # ------------------------------------------------------------------ parts on disk
+def read_part(path: str | os.PathLike) -> dict:
+    """One part as `ResultsCache.save` wrote it: label, task, spec, start, of and per-example records."""
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
 class ResultsCache:
     """A folder of parts; `None` folder: nothing is kept (every lookup misses)."""
 
@@ -151,8 +157,7 @@ class ResultsCache:
         if self.folder is None:
             return None
         for part in sorted(self.folder.glob(f"*__{task}__{key}.json.gz")):
-            with gzip.open(part, "rt") as f:
-                stored = json.load(f)
+            stored = read_part(part)
             log.info("reusing %s", part)
             return stored
         return None

@@ -76,7 +76,7 @@ class PositionDistill(Objective):
             want = 2 * missing if not drawn else math.ceil(1.2 * missing * drawn / max(len(out), 1))
             draws = [self._draw(rng) for _ in range(min(want, DRAWS * n - drawn))]
             drawn += len(draws)
-            prompts = [encode(tokenizer, self._prompts(*d)[1], "")[0] for d in draws]  # the teacher's, token ids
+            prompts = [encode(tokenizer, self._teacher(*d[:2])[0], "")[0] for d in draws]  # the teacher's, token ids
             for d, p, a in zip(draws, prompts, teacher_answers(model, tokenizer, prompts)):
                 text = tokenizer.decode(a, skip_special_tokens=True)
                 if qa_score(text, list(d[0].answers)):
@@ -90,24 +90,23 @@ class PositionDistill(Objective):
         gold = rng.randrange(1, o["documents"] - 1) if o["student"] == "middle" else rng.randrange(o["documents"])
         return item, distractors, gold
 
-    def _prompts(self, item, distractors, gold) -> tuple[str, str]:
-        """The student's prompt (gold passage at `gold`) and the teacher's (first, last, or alone)."""
+    def _teacher(self, item, distractors) -> tuple[str, int, int]:
+        """The teacher's prompt, its gold passage's index and its number of passages: the gold
+        passage first, last, or alone."""
         from ..evaluate.prompts import qa_prompt
 
-        return (qa_prompt(item.question, squad_docs(item, distractors, gold)),
-                qa_prompt(item.question, self._teacher_docs(item, distractors)[0]))
-
-    def _teacher_docs(self, item, distractors) -> tuple[list[tuple[str, str]], int]:
-        """The teacher's passages and the gold one's index among them: first, last, or alone."""
         others = [] if self.options["teacher"] == "oracle" else distractors
         gold = len(others) if self.options["teacher"] == "last" else 0
-        return squad_docs(item, others, gold), gold
+        return qa_prompt(item.question, squad_docs(item, others, gold)), gold, len(others) + 1
 
     def _sequence(self, tokenizer, item, distractors, gold, answer: tuple[list[int], str] | None = None,
                   p_teacher: list[int] | None = None) -> Sequence:
         """The pair, its answer SQuAD's gold span or `answer` (the teacher's own tokens and text);
         `p_teacher`: the teacher's prompt ids where they are made already."""
-        student, teacher = self._prompts(item, distractors, gold)
+        from ..evaluate.prompts import qa_prompt
+
+        student = qa_prompt(item.question, squad_docs(item, distractors, gold))
+        teacher, teacher_gold, teacher_docs = self._teacher(item, distractors)
         if answer is None:
             p_student, a = encode(tokenizer, student, item.answers[0])
             text, extra = item.answers[0], {}
@@ -115,9 +114,8 @@ class PositionDistill(Objective):
             (a, text), p_student = answer, encode(tokenizer, student, "")[0]
             extra = {"gold_answers": list(item.answers)}
         p_teacher = encode(tokenizer, teacher, "")[0] if p_teacher is None else p_teacher
-        docs, teacher_gold = self._teacher_docs(item, distractors)
         return Sequence(p_student + list(a), len(a), teacher_ids=p_teacher + list(a),
-                        meta={"gold_index": gold, "teacher_gold_index": teacher_gold, "teacher_documents": len(docs),
+                        meta={"gold_index": gold, "teacher_gold_index": teacher_gold, "teacher_documents": teacher_docs,
                               "answer": text, **extra})
 
     def loss(self, model, batch, scaling):
