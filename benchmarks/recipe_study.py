@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.errors import PearError  # noqa: E402
 from pear.evaluate.cache import read_part  # noqa: E402
-from pear.recipes import OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
+from pear.recipes import OPTION_OVERRIDES, OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
@@ -60,15 +60,20 @@ FINAL_TASKS = [("mdqa-20", 300), ("kv", 100), ("closedbook", None), ("mmlu", Non
 
 def candidate(name: str) -> tuple[str, list[str]]:
     """A candidate's recipe and its `pear run` options: "paper" -> ("paper", []);
-    "paper@lr=0.02,steps=80" -> ("paper", ["--lr", "0.02", "--steps", "80"])."""
+    "paper@lr=0.02,steps=80" -> ("paper", ["--lr", "0.02", "--steps", "80"]); a change of the
+    objective's options stays in the recipe's name, which `--recipe` reads ("--objective-option"
+    would replace all of the recipe's): "R@hold=0.5,steps=10" -> ("R@hold=0.5", ["--steps", "10"])."""
     try:
         recipe, overrides = split_name(name)
     except PearError as e:
         raise ValueError(f"candidate {name!r}: {e}") from None
-    args = []
+    args, options = [], []
     for key, value in overrides.items():
-        args += [f"--{key.replace('_', '-')}", value_text(value)]
-    return recipe, args
+        if key in OPTION_OVERRIDES:
+            options.append(f"{key}={value_text(value)}")
+        else:
+            args += [f"--{key.replace('_', '-')}", value_text(value)]
+    return recipe + ("@" + ",".join(options) if options else ""), args
 
 
 def split_candidates(text: str) -> list[str]:
@@ -443,7 +448,8 @@ def main() -> int:
     p.add_argument("--rule", default="goal", choices=list(RULES), help="selection rule (round 1: mean)")
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES),
-                   help="candidates: recipes of pear.recipes, or RECIPE@KEY=VALUE,... with KEY among " + ", ".join(OVERRIDES))
+                   help="candidates: recipes of pear.recipes, or RECIPE@KEY=VALUE,... with KEY among "
+                   + ", ".join([*OVERRIDES, *OPTION_OVERRIDES]))
     p.add_argument("--length-words", type=int, default=None, metavar="N", choices=[10, 20],
                    help="the per-model rule also needs the Δ to reach +3 with answers cut to their first N words "
                         "(so that longer answers alone cannot win; benchmarks/answer_length.py)")

@@ -82,6 +82,7 @@ DEFAULT_RECIPE = "paper"
 # e.g. "retrieval-channels@anchor=50,anchor_source=questions"); `--recipe` takes such names too.
 OVERRIDES = {"lr": float, "steps": int, "batch": int, "penalty": float, "warmup": int, "anchor": float,
              "anchor_source": str}  # what RECIPE@KEY=VALUE,... may change, and each value's type
+OPTION_OVERRIDES = {"hold": float}  # ... and which of the recipe's objective options (`objective_options`)
 
 
 def value_text(value) -> str:
@@ -200,7 +201,18 @@ def candidate_name(recipe: str, fit: dict) -> str:
     warm = recipe_settings(base, **{k: fit[k] for k in ("steps",) if k in fit}).warmup_steps  # warm-up follows steps
     changed = [f"{k}={value_text(fit[k])}" for k in OVERRIDES
                if k in fit and fit[k] != (warm if k == "warmup" else own[k])]
+    if fit.get("objective", own["objective"]) == own["objective"]:  # options of another objective are not changes
+        options, default = fit.get("objective_options") or {}, _options(own["objective"])
+        changed += [f"{k}={value_text(options[k])}" for k in OPTION_OVERRIDES
+                    if k in options and options[k] != own["objective_options"].get(k, default.get(k))]
     return base + ("@" + ",".join(changed) if changed else "")
+
+
+def _options(objective: str) -> dict:
+    """The objective's options and their defaults."""
+    from .objectives import OBJECTIVES
+
+    return OBJECTIVES[objective].OPTIONS
 
 
 def measured_text(name: str, model: str, named: str | None = None) -> str:
@@ -249,15 +261,16 @@ def split_name(name: str) -> tuple[str, dict]:
     recipe, _, changes = name.partition("@")
     if recipe not in RECIPES:
         raise PearError(f"unknown recipe '{recipe}'; use one of {', '.join(RECIPES)}, or RECIPE@KEY=VALUE,...")
+    types = {**OVERRIDES, **OPTION_OVERRIDES}
     overrides = {}
     for item in changes.split(",") if changes else []:
         key, eq, value = item.partition("=")
         try:
-            if not eq or key not in OVERRIDES or not value:
+            if not eq or key not in types or not value:
                 raise ValueError
-            overrides[key] = OVERRIDES[key](value)
+            overrides[key] = types[key](value)
         except ValueError:
-            raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(OVERRIDES)} "
+            raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(types)} "
                             "and a value of its type") from None
     return recipe, overrides
 
@@ -269,4 +282,8 @@ def get_recipe(name: str | None) -> Recipe:
     if not overrides:
         return r
     said = ", ".join(f"{k} = {value_text(v)}" for k, v in overrides.items())
-    return Recipe(f"{r.description}; with {said}", k=r.k, fit={**r.fit, **overrides})
+    fit = {**r.fit, **{k: v for k, v in overrides.items() if k in OVERRIDES}}
+    options = {k: v for k, v in overrides.items() if k in OPTION_OVERRIDES}
+    if options:
+        fit["objective_options"] = {**r.fit.get("objective_options", {}), **options}
+    return Recipe(f"{r.description}; with {said}", k=r.k, fit=fit)

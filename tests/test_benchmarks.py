@@ -268,6 +268,8 @@ def test_recipe_study_candidates_with_options_and_a_guard(tmp_path, monkeypatch,
     assert recipe_study.candidate("retrieval-channels@anchor=10") == ("retrieval-channels", ["--anchor", "10"])
     assert recipe_study.candidate("retrieval-channels@anchor=100,anchor_source=questions") == (
         "retrieval-channels", ["--anchor", "100", "--anchor-source", "questions"])
+    assert recipe_study.candidate("last-self-distill-channels@hold=0.5,steps=10") == (
+        "last-self-distill-channels@hold=0.5", ["--steps", "10"])  # `--recipe` reads the objective's option
     for bad in ("nosuch@lr=1", "paper@lr", "paper@dtype=fp32"):
         with pytest.raises(ValueError):
             recipe_study.candidate(bad)

@@ -142,6 +142,33 @@ def test_position_distill_last_teacher_reads_the_same_passages_with_the_gold_one
 
 @pytest.mark.real
 @pytest.mark.data
+def test_position_distill_hold_gives_the_student_the_teachers_prompt_in_that_share(smollm2, data_dir):
+    """hold=h: in about a share h of the sequences the student reads the gold passage where the
+    teacher does (its prompt is the teacher's, so the KL there is zero at scales 1); hold 0 draws
+    nothing for it, so the batches of the recipes without it are unchanged."""
+    tok = smollm2.tokenizer
+    opts = {"documents": 4, "words": 30, "teacher": "last", "student": "uniform"}
+    batch = get_objective("position-distill", {**opts, "hold": 0.6}, data_dir).batch(smollm2.model, tok, 30, seed=7)
+    held = [s for s in batch if s.ids == s.teacher_ids]
+    assert 10 <= len(held) <= 27 and all(s.meta["gold_index"] == 3 for s in held)
+    assert {s.meta["gold_index"] for s in batch if s not in held} <= {0, 1, 2, 3}
+    plain = get_objective("position-distill", opts, data_dir)
+    assert [s.ids for s in plain.batch(smollm2.model, tok, 6, seed=7)] == \
+        [s.ids for s in get_objective("position-distill", {**opts, "hold": 0.0}, data_dir).batch(smollm2.model, tok, 6,
+                                                                                                  seed=7)]
+    first = get_objective("position-distill", {"documents": 4, "words": 30, "hold": 0.99}, data_dir)
+    assert all(s.meta["gold_index"] == 0 and s.ids == s.teacher_ids for s in first.batch(smollm2.model, tok, 4, seed=1))
+    m = smollm2.model
+    with torch.no_grad(), HeadScaling(m, all_heads(m), trainable=False) as hs:  # scales 1: held sequences cost nothing
+        assert float(plain.loss(m, held[:2], hs)) == pytest.approx(0.0, abs=1e-6)
+    for bad, match in [({"hold": 1.0}, "hold must be"), ({"hold": -0.1}, "hold must be"),
+                       ({"hold": 0.5, "teacher": "oracle"}, "hold needs teacher")]:
+        with pytest.raises(PearError, match=match):
+            get_objective("position-distill", bad, data_dir)
+
+
+@pytest.mark.real
+@pytest.mark.data
 def test_position_distill_target_teacher_is_the_models_own_right_answer(smollm2, data_dir):
     """target=teacher: the answer tokens are the model's greedy answer to the oracle prompt (a
     plain one-sequence greedy loop gives the same tokens), up to and with the token that ends its

@@ -205,7 +205,13 @@ def test_recipe_names_change_a_recipe():
     assert candidate_name(name, recipe_settings(name, lr=0.02).as_dict()) == \
         "retrieval-channels@lr=0.02,anchor=50,anchor_source=questions"
     assert split_name("paper@steps=80,lr=0.02") == ("paper", {"steps": 80, "lr": 0.02})
-    for bad in ("nosuch", "paper@steps=8.5", "paper@dtype=fp32", "paper@lr", "paper@lr="):
+    held = "last-self-distill-channels@hold=0.5"  # an objective's option changes the recipe's, keeping the others
+    fs = recipe_settings(held, steps=10)
+    assert fs.objective_options == {**get_recipe("last-self-distill-channels").fit["objective_options"], "hold": 0.5}
+    assert candidate_name(held, fs.as_dict()) == "last-self-distill-channels@steps=10,hold=0.5"
+    assert candidate_name("last-self-distill-channels@hold=0", recipe_settings("last-self-distill-channels@hold=0")
+                          .as_dict()) == "last-self-distill-channels"
+    for bad in ("nosuch", "paper@steps=8.5", "paper@dtype=fp32", "paper@lr", "paper@lr=", "paper@hold=half"):
         with pytest.raises(PearError):
             split_name(bad)
     with pytest.raises(SystemExit) as e:

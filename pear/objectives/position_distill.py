@@ -9,6 +9,12 @@ Loss: KL(p_teacher ‖ p_student) over the vocabulary at each token of the gold 
 (teacher forced), where p_teacher is the *base* model (scales off: a fixed teacher, so
 shrinking every head cannot make the two agree trivially) and p_student the scaled model.
 After Pos2Distill (arXiv 2508.15709), which distils all weights; here only the scales learn.
+``hold=h`` (teacher first or last): in a fraction h of the sequences the student reads the gold
+passage where the teacher does, so its prompt is the teacher's and the KL there is zero until the
+scales move. Why: one set of scales serves every position, and with the uniform student a
+twentieth of the sequences did not keep the place the model reads best (the last-of-20 teacher
+lifted SmolLM2-135M's gold 1 by 13 points and cost gold 20 12; BENCHMARKS.md §5, rounds 8-10);
+h weighs keeping that place against lifting the others.
 ``teacher=oracle`` asks the scales for what the model does when retrieval is trivial (the
 closed "oracle" setting of the lost-in-the-middle study), wherever the passage sits.
 ``teacher=last`` is the best-read place of a recency-shaped model: SmolLM2-135M answers 40 % of
@@ -46,7 +52,7 @@ DRAWS = 20  # target=teacher: questions drawn per sequence kept, at most, before
 
 @register("position-distill")
 class PositionDistill(Objective):
-    OPTIONS = {"documents": 20, "words": 100, "teacher": "first", "student": "middle", "target": "gold"}
+    OPTIONS = {"documents": 20, "words": 100, "teacher": "first", "student": "middle", "target": "gold", "hold": 0.0}
     needs_data = True
 
     def check(self):
@@ -59,6 +65,10 @@ class PositionDistill(Objective):
             raise PearError(f"position-distill: student must be one of {', '.join(STUDENTS)}, got '{o['student']}'")
         if o["target"] not in TARGETS:
             raise PearError(f"position-distill: target must be one of {', '.join(TARGETS)}, got '{o['target']}'")
+        if not 0 <= o["hold"] < 1:
+            raise PearError(f"position-distill: hold must be in [0, 1), got {o['hold']}")
+        if o["hold"] and o["teacher"] == "oracle":
+            raise PearError("position-distill: hold needs teacher=first or last (the oracle teacher reads one passage)")
 
     def batch(self, model, tokenizer, n: int, seed: int) -> list[Sequence]:
         """`n` (student, teacher) pairs. With target=teacher the model answers the teacher's
@@ -84,9 +94,12 @@ class PositionDistill(Objective):
         return out[:n]
 
     def _draw(self, rng: random.Random):
-        """A question, its distractors and the student's gold index."""
+        """A question, its distractors and the student's gold index (the teacher's with probability
+        `hold`; no draw for it at hold 0, so the other recipes' batches stay as they were)."""
         o = self.options
         item, distractors = squad.sample(self.data_dir, o["words"], o["documents"], rng)
+        if o["hold"] and rng.random() < o["hold"]:
+            return item, distractors, len(distractors) if o["teacher"] == "last" else 0
         gold = rng.randrange(1, o["documents"] - 1) if o["student"] == "middle" else rng.randrange(o["documents"])
         return item, distractors, gold
 
