@@ -114,8 +114,9 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
 
     results = Path(__file__).resolve().parent.parent / "benchmarks/results"
     studies = [results / "recipe_study_round4", results / "recipe_study_round7"]  # 4: round 3's parts; 7: Gemma's 3-7
+    screens = studies + [results / "recipe_study_round10" / m for m in ("smollm2-135m", "gemma3-270m")]  # rounds 8-10
     seen = set()
-    for study in studies:
+    for study in screens:
         for key, v in json.loads((study / "screen_paired.json").read_text()).items():
             m, r = key.split("/")
             seen.add(key)
