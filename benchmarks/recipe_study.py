@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pear.errors import PearError  # noqa: E402
 from pear.evaluate.cache import read_part  # noqa: E402
-from pear.recipes import OPTION_OVERRIDES, OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
+from pear.recipes import NAME_KEYS, OPTION_OVERRIDES, RECIPES, split_name, value_text  # noqa: E402
 
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 SCREEN_MODELS = MODELS[:3]  # the largest model enters on the report half only
@@ -449,7 +449,7 @@ def main() -> int:
     p.add_argument("--model-file", default=None, help="model spec pattern, e.g. /data/{model}.gguf (default: presets)")
     p.add_argument("--recipes", default=",".join(RECIPES),
                    help="candidates: recipes of pear.recipes, or RECIPE@KEY=VALUE,... with KEY among "
-                   + ", ".join([*OVERRIDES, *OPTION_OVERRIDES]))
+                   + ", ".join(NAME_KEYS))
     p.add_argument("--length-words", type=int, default=None, metavar="N", choices=[10, 20],
                    help="the per-model rule also needs the Δ to reach +3 with answers cut to their first N words "
                         "(so that longer answers alone cannot win; benchmarks/answer_length.py)")

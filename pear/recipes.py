@@ -83,6 +83,7 @@ DEFAULT_RECIPE = "paper"
 OVERRIDES = {"lr": float, "steps": int, "batch": int, "penalty": float, "warmup": int, "anchor": float,
              "anchor_source": str}  # what RECIPE@KEY=VALUE,... may change, and each value's type
 OPTION_OVERRIDES = {"hold": float}  # ... and which of the recipe's objective options (`objective_options`)
+NAME_KEYS = {**OVERRIDES, **OPTION_OVERRIDES}  # every KEY a recipe name may set, with its type
 
 
 def value_text(value) -> str:
@@ -267,16 +268,15 @@ def split_name(name: str) -> tuple[str, dict]:
     recipe, _, changes = name.partition("@")
     if recipe not in RECIPES:
         raise PearError(f"unknown recipe '{recipe}'; use one of {', '.join(RECIPES)}, or RECIPE@KEY=VALUE,...")
-    types = {**OVERRIDES, **OPTION_OVERRIDES}
     overrides = {}
     for item in changes.split(",") if changes else []:
         key, eq, value = item.partition("=")
         try:
-            if not eq or key not in types or not value:
+            if not eq or key not in NAME_KEYS or not value:
                 raise ValueError
-            overrides[key] = types[key](value)
+            overrides[key] = NAME_KEYS[key](value)
         except ValueError:
-            raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(types)} "
+            raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(NAME_KEYS)} "
                             "and a value of its type") from None
     return recipe, overrides
 

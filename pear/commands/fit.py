@@ -17,13 +17,13 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     value (`pear.recipes`), then FitSettings' default."""
     from ..fit import BOUNDS, SCALES, FitSettings
     from . import add_k_arg
-    from ..recipes import DEFAULT_RECIPE, OPTION_OVERRIDES, OVERRIDES, RECIPES
+    from ..recipes import DEFAULT_RECIPE, NAME_KEYS, RECIPES
 
     d = FitSettings()
     p.add_argument("--recipe", default=None, type=recipe_name, metavar="NAME",
                    help=f"named fit settings (default: the preset's confirmed recipe, else {DEFAULT_RECIPE}): "
                    + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items())
-                   + f"; NAME@KEY=VALUE,... changes the recipe's {', '.join([*OVERRIDES, *OPTION_OVERRIDES])} "
+                   + f"; NAME@KEY=VALUE,... changes the recipe's {', '.join(NAME_KEYS)} "
                    "(e.g. retrieval-channels@anchor=50,anchor_source=questions)")
     add_k_arg(p, "the recipe's (auto)")
     p.add_argument("--bounds", default=None, choices=list(BOUNDS),
