@@ -122,7 +122,7 @@ def default_recipe(model: str | None) -> str:
 # to 10; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-10: 1 × H100); "
+               "(rounds 8-11: 1 × H100); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -150,12 +150,20 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "retrieval-channels@anchor=100,anchor_source=questions": {"gemma3-270m": (11.2, 1.2e-09)},
     "retrieval-channels@anchor=30,anchor_source=questions": {"gemma3-270m": (17.4, 8.4e-15)},
     "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": (14.2, 2.2e-11),
+                                                             "qwen2.5-coder-0.5b": (-6.8, 0.0014),
                                                              "smollm2-135m": (-8.8, 2.2e-06)},
-    "retrieval-channels@anchor=300,anchor_source=questions": {"gemma3-270m": (3.4, 0.012), "smollm2-135m": (0.0, 1)},
-    "oracle-self-distill": {"gemma3-270m": (0.4, 0.85), "smollm2-135m": (1.6, 0.37)},
-    "oracle-self-distill-channels": {"gemma3-270m": (1.6, 0.32), "smollm2-135m": (2.2, 0.27)},
-    "first-self-distill-channels": {"gemma3-270m": (1.2, 0.29), "smollm2-135m": (0.8, 0.71)},
+    "retrieval-channels@anchor=300,anchor_source=questions": {"gemma3-270m": (3.4, 0.012),
+                                                              "qwen2.5-coder-0.5b": (-9.0, 1.6e-05),
+                                                              "smollm2-135m": (0.0, 1)},
+    "oracle-self-distill": {"gemma3-270m": (0.4, 0.85), "qwen2.5-coder-0.5b": (-1.6, 0.3), "smollm2-135m": (1.6, 0.37)},
+    "oracle-self-distill-channels": {"gemma3-270m": (1.6, 0.32), "qwen2.5-coder-0.5b": (-2.6, 0.13),
+                                     "smollm2-135m": (2.2, 0.27)},
+    "first-self-distill-channels": {"gemma3-270m": (1.2, 0.29), "qwen2.5-coder-0.5b": (0.4, 0.89),
+                                    "smollm2-135m": (0.8, 0.71)},
     "last-self-distill-channels": {"gemma3-270m": (1.2, 0.36), "smollm2-135m": (2.0, 0.3)},
+    "last-self-distill-channels@hold=0.25": {"smollm2-135m": (0.4, 0.9)},
+    "last-self-distill-channels@hold=0.5": {"smollm2-135m": (1.4, 0.47)},
+    "first-self-distill-channels@hold=0.5": {"qwen2.5-coder-0.5b": (-0.2, 1)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
