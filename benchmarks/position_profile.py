@@ -9,7 +9,8 @@ so a recipe's effect on the position gap cannot be seen below a few hundred ques
 log-probability of the gold answer, teacher forced after the prompt as the evaluation renders it
 (chat template, `objectives.retrieval.encode`), is continuous and paired: the same examples under
 the base model and under each set of coefficients (applied with hooks, `HeadScaling`, which
-equals the folded model). Printed and saved per gold position: the mean log-probability per
+equals the folded model) or each inference-time variant (`--variant LABEL=NAME` with its
+`--variant-option`s, as `pear eval` takes them). Printed and saved per gold position: the mean log-probability per
 answer token of each model, and each recipe's paired difference to the base with a bootstrap
 95 % interval; the gap is the best position's mean minus the worst's. It says whether a recipe
 lifts the middle more than the ends (what cutting the gap needs) or every position alike.
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="folder, .gguf file or preset")
     ap.add_argument("--coefficients", action="append", default=[], metavar="LABEL=FILE",
                     help="a coefficients.json to compare with the base model (repeatable)")
+    ap.add_argument("--variant", dest="variants", action=_VariantAction, default=[], metavar="LABEL=NAME",
+                    help="an inference-time variant (pear eval --variant) to compare with the base model (repeatable)")
+    ap.add_argument("--variant-option", action=_VariantOptionAction, metavar="KEY=VALUE",
+                    help="an option of the preceding --variant (as pear eval's)")
     ap.add_argument("--task", default="mdqa-20")
     ap.add_argument("--half", type=int, choices=[1, 2], default=1)
     ap.add_argument("--limit", type=int, default=30, help="first N questions (x the task's gold positions)")
@@ -59,12 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     from pear.loading import load_model
     from pear.provenance import provenance
 
-    variants = {}
+    from pear.baselines import get_variant
+
+    variants = {}  # label: a context manager factory, loaded -> the model to score
     for item in args.coefficients:
         label, path = split_label(item)
         if label == "base" or label in variants:
             raise PearError(f"--coefficients: label '{label}' is taken")
-        variants[label] = read_coefficients(path)
+        coefs = read_coefficients(path)
+        variants[label] = lambda lm, c=coefs: HeadScaling(lm.model, c, trainable=False)
+    for v in args.variants:
+        if v["label"] == "base" or v["label"] in variants:
+            raise PearError(f"--variant: label '{v['label']}' is taken")
+        variant = get_variant(v["name"])
+        variant.check_options(v["options"])
+        variants[v["label"]] = lambda lm, var=variant, o=v["options"]: var.wrap(lm, **o)
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
     if not task.positional:
         raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
@@ -75,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     positions = [ex.condition for ex, _ in examples]
 
     scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch, "base")}
-    for label, coefs in variants.items():
-        with HeadScaling(loaded.model, coefs, trainable=False):
-            scores[label] = answer_logprob(loaded.model, seqs, args.micro_batch, label)
+    for label, applied in variants.items():
+        with applied(loaded) as m:
+            scores[label] = answer_logprob(m if isinstance(m, torch.nn.Module) else loaded.model, seqs,
+                                           args.micro_batch, label)
     res = {"command": "python3 benchmarks/position_profile.py " + shlex.join(argv), "task": args.task,
            "half": args.half, "examples": len(seqs), "target": "own answers" if args.targets else "gold span",
            "n_by_position": {p: positions.count(p) for p in sorted(set(positions), key=int)},
@@ -89,6 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     print("examples per gold position:", res["n_by_position"])
     write_text(args.out, json_text(res) + "\n")
     return 0
+
+
+class _VariantAction(argparse.Action):
+    """--variant LABEL=NAME: a variant to score, to which the following --variant-option apply."""
+
+    def __call__(self, parser, ns, value, option_string=None):
+        label, sep, name = value.rpartition("=")
+        if not sep or not label or not name:
+            parser.error(f"--variant expects LABEL=NAME, got '{value}'")
+        ns.variants = [*getattr(ns, "variants", []), {"label": label, "name": name, "options": {}}]
+
+
+class _VariantOptionAction(argparse.Action):
+    def __call__(self, parser, ns, value, option_string=None):
+        from pear.commands.eval import parse_option
+
+        if not getattr(ns, "variants", None):
+            parser.error("--variant-option must follow the --variant it applies to")
+        key, val = parse_option(value)
+        ns.variants[-1]["options"][key] = val
 
 
 def split_label(item: str) -> tuple[str, str]:

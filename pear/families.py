@@ -36,6 +36,11 @@ class Family:
     qk_proj:   dotted paths inside one block to the separate query and key projections (nn.Linear),
                or None where one fused projection computes them (the positional-hidden variant
                edits their input columns).
+    q_norm:    dotted path inside one block to a norm applied to the queries after their projection
+               (one weight shared by the heads), or None; `norm_offset` is added to its weight when it
+               is applied (Gemma's norms multiply by 1 + weight). The rope-bands variant edits it there.
+    rope_pairs: how a head's channels pair up in the rotation: "half" (i, i + d/2; rotate_half) or
+               "interleaved" (2i, 2i + 1; GPT-J).
     """
 
     blocks: str
@@ -45,6 +50,9 @@ class Family:
     rotary: str | None = None
     final: tuple[str, ...] = ("model.norm",)
     qk_proj: tuple[str, str] | None = ("self_attn.q_proj", "self_attn.k_proj")
+    q_norm: str | None = None
+    norm_offset: float = 0.0
+    rope_pairs: str = "half"
 
 
 _LLAMA_LIKE = Family(blocks="model.layers", out_proj="self_attn.o_proj", rotary="model.rotary_emb")
@@ -53,10 +61,10 @@ FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
+    "qwen3": replace(_LLAMA_LIKE, q_norm="self_attn.q_norm"),
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma3_text": replace(_LLAMA_LIKE, q_norm="self_attn.q_norm", norm_offset=1.0),
     "phi3": replace(_LLAMA_LIKE, qk_proj=None),  # one fused qkv_proj
     "phi": Family(blocks="model.layers", out_proj="self_attn.dense", rotary="model.rotary_emb",
                   final=("model.final_layernorm",)),
@@ -73,7 +81,7 @@ FAMILIES: dict[str, Family] = {
     "falcon": Family(blocks="transformer.h", out_proj="self_attention.dense", rotary="transformer.rotary_emb",
                      final=("transformer.ln_f",), qk_proj=None),
     "gptj": Family(blocks="transformer.h", out_proj="attn.out_proj", final=("transformer.ln_f",),
-                   qk_proj=("attn.q_proj", "attn.k_proj")),
+                   qk_proj=("attn.q_proj", "attn.k_proj"), rope_pairs="interleaved"),
 }
 
 

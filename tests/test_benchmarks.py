@@ -451,6 +451,37 @@ def test_position_profile_targets_are_the_base_models_right_first_lines(tmp_path
         pp.own_answers(exs, str(tmp_path / "missing.json.gz"))
 
 
+def test_position_profile_scores_variants_from_the_command_line(tmp_path, monkeypatch):
+    """--variant LABEL=NAME with its --variant-option scores the model under that variant (here a
+    weight edit, undone afterwards), beside the base; a taken label or an unknown option is refused."""
+    import json
+    from types import SimpleNamespace as NS
+
+    import position_profile as pp
+    from pear.errors import PearError
+    from pear.loading import LoadedModel, ModelSpec
+    from tiny_models import tiny_model
+
+    m = tiny_model("llama")
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    exs = [NS(id=f"q{i}", condition=c, prompt="p", answers=["a"]) for i in range(2) for c in ("1", "20")]
+    monkeypatch.setattr("pear.evaluate.registry.build_task", lambda *a, **k: NS(positional=True, examples=exs))
+    monkeypatch.setattr("pear.loading.load_model", lambda *a, **k: LoadedModel(m, None, ModelSpec("t", "folder", "t")))
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(pp, "answer_sequence", lambda tok, p, a: (torch.randint(3, 100, (10,), generator=g).tolist(), 2))
+    out = tmp_path / "p.json"
+    args = ["--data-dir", str(tmp_path), "--device", "cpu", "--out", str(out), "--variant", "slow=rope-bands",
+            "--variant-option", "bands=slow", "--variant-option", "factor=3"]
+    assert pp.main(args) == 0
+    res = json.loads(out.read_text())
+    assert set(res["profile"]) == {"base", "slow"} and res["per_example"]["slow"] != res["per_example"]["base"]
+    assert all(torch.equal(p, before[n]) for n, p in m.state_dict().items())
+    with pytest.raises(PearError, match="label 'slow' is taken"):
+        pp.main(args + ["--variant", "slow=rope-bands"])
+    with pytest.raises(PearError, match="has no option colour"):
+        pp.main(args[:-4] + ["--variant", "x=rope-bands", "--variant-option", "colour=red"])
+
+
 def test_position_profile_labels_may_hold_equals_signs(tmp_path):
     """A study's label holds '=' ("retrieval-channels@anchor=10"), and so does its folder."""
     import position_profile as pp

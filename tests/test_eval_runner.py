@@ -249,6 +249,14 @@ def test_cli_end_to_end(tiny, data_dir, tmp_path, capsys):
     assert res["models"][1]["variant_options"] == {"dims": [5, 9], "layers": "0-1", "factor": -2}
     assert res["models"][1]["variant_info"] == {"dims": [5, 9], "layers": [0, 1], "factor": -2.0, "search": None}
     assert "variant_info" not in res["models"][0]
+    # the rope-bands variant likewise: the queries' slow pairs scaled, the folder untouched
+    rc = main(["eval", "--model", str(folder), "--variant", "rope-bands", "--variant-option", "bands=slow",
+               "--variant-option", "layers=0-1", "--variant-option", "factor=2", "--label", "rb", "--task", "kv-4",
+               "--limit", "2", "--data-dir", str(data_dir), "--device", "cpu", "--out", str(out), "--no-progress",
+               "--bootstrap", "100", "--max-new-tokens", "4", "--force"])
+    assert rc == 0 and (folder / "model.safetensors").read_bytes() == before
+    info = json.loads(out.read_text())["models"][0]["variant_info"]
+    assert info == {"bands": [6, 7], "layers": [0, 1], "factor": 2.0}
     with pytest.raises(SystemExit):
         main(["eval", "--variant", "none", "--model", str(folder), "--task", "kv", "--out", str(out)])
     with pytest.raises(PearError, match="not found in"):

@@ -4,7 +4,7 @@ A variant changes how a loaded model computes, without changing its weights for 
 (per-head position rescaling in RoPE), Attention Buckets (parallel runs with different RoPE
 bases), MoICE (per-head mixture of RoPE bases, routers trained by `pear baseline train moice`),
 positional hidden states (one residual channel scaled in the query and key inputs: a weight edit
-undone on leaving).
+undone on leaving), RoPE bands (the queries' fast or slow rotary pairs scaled: a weight edit too).
 PEAR itself needs no variant: its output is an ordinary checkpoint.
 
 Contract used by the evaluation harness and the overhead benchmark:
@@ -74,6 +74,20 @@ class WrappedModel:
         return getattr(self.model, attr)
 
 
+def int_list(value, error: str) -> list[int]:
+    """A variant option naming integers (layers, channels): 5, [5, 9], "5,9" (read as a list) or
+    the range "2-4"; anything else raises `error`."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str) and "-" in value:
+        a, _, b = value.partition("-")
+        if a.strip().isdigit() and b.strip().isdigit():
+            return list(range(int(a), int(b) + 1))
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise PearError(f"{error}, got {value!r}")
+
+
 VARIANTS: dict[str, Variant] = {}
 
 
@@ -101,7 +115,7 @@ def _load_builtin() -> None:
     """Import the modules that register the built-in variants (kept lazy: they import torch)."""
     import importlib
 
-    for mod in ("ms_poe", "attention_buckets", "moice", "positional_hidden"):
+    for mod in ("ms_poe", "attention_buckets", "moice", "positional_hidden", "rope_bands"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import PearError
 from ..families import resolve
-from . import Variant, register
+from . import Variant, int_list, register
 from .rope import unwrap
 
 LAYER_SPAN = (10 / 32, 26 / 32)  # reference: layers 10..25 of 32
@@ -173,15 +173,7 @@ def choose_dim(model: nn.Module, tokenizer, candidates: list[int], layers: list[
 
 
 def _int_list(value, what: str) -> list[int]:
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, str) and "-" in value:
-        a, _, b = value.partition("-")
-        if a.strip().isdigit() and b.strip().isdigit():
-            return list(range(int(a), int(b) + 1))
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
-        return list(value)
-    raise PearError(f"positional-hidden: {what} must be 'auto', an integer, a list or a range A-B, got {value!r}")
+    return int_list(value, f"positional-hidden: {what} must be 'auto', an integer, a list or a range A-B")
 
 
 @contextlib.contextmanager
