@@ -16,8 +16,9 @@ Which heads, and how many (K): `pear.heads`, the one rule `pear discover`, `pear
 Reproducibility and resume: the training batch of step s is a pure function of
 ``(seed, s)`` and the held-out batch of ``seed`` (a different stream), so a checkpoint
 needs only the step, α, the optimiser and scheduler states and the losses so far. With a
-checkpoint path, fit writes one atomically every ``checkpoint_every`` steps, on Ctrl-C and
-at the end; running the same fit again resumes from it and gives the same α as an
+checkpoint path, fit writes one atomically every ``checkpoint_every`` steps or
+``checkpoint_seconds`` (whichever comes first: a killed CPU fit loses minutes, not ten steps),
+on Ctrl-C and at the end; running the same fit again resumes from it and gives the same α as an
 uninterrupted run. A checkpoint from a different fit (other heads, lr, seed, ...) is an
 error unless ``restart=True`` (``--restart``). The checkpoint files, the frozen model, eager
 attention on CPU and gradient checkpointing live in `pear.training`.
@@ -243,7 +244,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     "scheduler": sched.state_dict(), "losses": list(losses), "before": before,
                     "seconds": seconds_before + time.perf_counter() - t0}
 
-        good = snapshot()
+        good, saved_at = snapshot(), time.perf_counter()
         stop_at = settings.steps if max_steps_this_run is None else min(settings.steps, step + max_steps_this_run)
         from tqdm.auto import tqdm
 
@@ -273,8 +274,10 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                     bar.set_postfix(loss=f"{loss:.3f}", alpha=f"[{float(alpha.detach().min()):.2f}, "
                                     f"{float(alpha.detach().max()):.2f}]")
                     if ckpt_path and distributed.is_main() and (  # data-parallel: rank 0 saves
-                            step % settings.checkpoint_every == 0 or step == stop_at):
+                            step % settings.checkpoint_every == 0 or step == stop_at
+                            or time.perf_counter() - saved_at >= settings.checkpoint_seconds):
                         save_resume(ckpt_path, good)
+                        saved_at = time.perf_counter()
         except KeyboardInterrupt:
             if ckpt_path:
                 save_resume(ckpt_path, good)

@@ -79,7 +79,8 @@ class FitSettings:
     # below: do not change the result (beyond rounding), may differ between resumed runs
     micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
-    checkpoint_every: int = 10
+    checkpoint_every: int = 10  # steps between checkpoints, and
+    checkpoint_seconds: float = 300.0  # at most this long between them (a CPU step can take minutes)
 
     RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
                      "objective", "objective_options", "scales", "penalty", "anchor", "anchor_source")
@@ -90,6 +91,8 @@ class FitSettings:
         for name in ("steps", "batch", "eval_batch", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise PearError(f"fit setting {name} must be >= 1, got {getattr(self, name)}")
+        if not self.checkpoint_seconds >= 0:
+            raise PearError(f"fit setting checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
         if self.length < 2:
             raise PearError(f"proxy length must be >= 2, got {self.length}")
         if not (math.isfinite(self.lr) and self.lr > 0):

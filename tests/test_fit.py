@@ -120,6 +120,22 @@ def test_interrupted_fit_resumes_to_the_same_result(tiny, tmp_path, ctrl_c_at_st
     assert done.before == full.before
 
 
+def test_checkpoints_come_every_n_steps_or_every_t_seconds(tiny, tmp_path, monkeypatch):
+    """A checkpoint after every `checkpoint_every` steps and at the end, and also once
+    `checkpoint_seconds` have passed since the last (0: after every step); neither changes the fit."""
+    import pear.fit as pf
+
+    saved = []
+    monkeypatch.setattr(pf, "save_resume", lambda path, state: saved.append(state["step"]))
+    a = fit(tiny, None, HEADS, checkpoint=tmp_path / "a.ckpt", checkpoint_every=4, **SMALL)
+    assert saved == [4, 6]
+    saved.clear()
+    b = fit(tiny, None, HEADS, checkpoint=tmp_path / "b.ckpt", checkpoint_every=100, checkpoint_seconds=0, **SMALL)
+    assert saved == [1, 2, 3, 4, 5, 6] and b.coefficients == a.coefficients
+    with pytest.raises(PearError, match="checkpoint_seconds must be >= 0"):
+        fit(tiny, None, HEADS, checkpoint_seconds=-1, **SMALL)
+
+
 def test_checkpoint_from_another_fit_is_refused(tiny, tmp_path):
     ckpt = tmp_path / "c.ckpt"
     fit(tiny, None, HEADS, checkpoint=ckpt, max_steps_this_run=1, **SMALL)

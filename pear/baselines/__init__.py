@@ -88,6 +88,14 @@ def int_list(value, error: str) -> list[int]:
     raise PearError(f"{error}, got {value!r}")
 
 
+def number(value, error: str) -> float:
+    """A variant option that is a number (a factor, a ratio); anything else raises `error`."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PearError(f"{error}, got {value!r}") from None
+
+
 VARIANTS: dict[str, Variant] = {}
 
 

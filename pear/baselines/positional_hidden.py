@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import PearError
 from ..families import resolve
-from . import Variant, int_list, register
+from . import Variant, int_list, number, register
 from .rope import unwrap
 
 LAYER_SPAN = (10 / 32, 26 / 32)  # reference: layers 10..25 of 32
@@ -183,10 +183,7 @@ def wrap(loaded, *, dims="auto", layers="auto", factor: float = 0.0, candidates:
     search and the validation choice when ``dims="auto"``); leaving restores the weights."""
     model = unwrap(loaded)
     pairs = qk_projections(model)
-    try:
-        factor = float(factor)
-    except (TypeError, ValueError):
-        raise PearError(f"positional-hidden: factor must be a number, got {factor!r}") from None
+    factor = number(factor, "positional-hidden: factor must be a number")
     if not (isinstance(candidates, int) and candidates >= 1):
         raise PearError(f"positional-hidden: candidates must be a positive integer, got {candidates!r}")
     layers = default_layers(len(pairs)) if layers == "auto" else _int_list(layers, "layers")

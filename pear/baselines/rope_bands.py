@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import PearError
 from ..families import resolve
-from . import Variant, int_list, register
+from . import Variant, int_list, number, register
 from .rope import unwrap
 
 NAMED_BANDS = {"fast": (0.0, 0.25), "slow": (0.75, 1.0)}  # shares of the pairs, fastest first
@@ -120,10 +120,7 @@ def wrap(loaded, *, bands="fast", layers="all", factor: float = 0.5):
     rotary bands halved in every layer; leaving restores the weights."""
     model = unwrap(loaded)
     arch = resolve(model)
-    try:
-        factor = float(factor)
-    except (TypeError, ValueError):
-        raise PearError(f"rope-bands: factor must be a number, got {factor!r}") from None
+    factor = number(factor, "rope-bands: factor must be a number")
     if not factor >= 0:
         raise PearError(f"rope-bands: factor must be >= 0, got {factor}")
     layers = list(range(arch.n_layers)) if layers == "all" else \
