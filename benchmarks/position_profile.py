@@ -25,6 +25,7 @@ examples: whether a recipe keeps the answers the base read correctly, in their o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pear.errors import PearError
     from pear.evaluate.data import resolve_data_dir
     from pear.evaluate.registry import BuildContext, build_task
-    from pear.folding import HeadScaling, read_coefficients
+    from pear.folding import read_coefficients
     from pear.loading import load_model
     from pear.provenance import provenance
 
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         label, path = split_label(item)
         if label == "base" or label in variants:
             raise PearError(f"--coefficients: label '{label}' is taken")
-        coefs = read_coefficients(path)
-        variants[label] = lambda lm, c=coefs: HeadScaling(lm.model, c, trainable=False)
+        variants[label] = lambda lm, c=read_coefficients(path): _scaled(lm.model, c)
     for v in args.variants:
         if v["label"] == "base" or v["label"] in variants:
             raise PearError(f"--variant: label '{v['label']}' is taken")
@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     scores = {"base": answer_logprob(loaded.model, seqs, args.micro_batch, "base")}
     for label, applied in variants.items():
-        with applied(loaded) as m:
-            scores[label] = answer_logprob(m if isinstance(m, torch.nn.Module) else loaded.model, seqs,
-                                           args.micro_batch, label)
+        with applied(loaded) as m:  # the model, or a variant's callable that passes through to it
+            scores[label] = answer_logprob(m, seqs, args.micro_batch, label)
     res = {"command": "python3 benchmarks/position_profile.py " + shlex.join(argv), "task": args.task,
            "half": args.half, "examples": len(seqs), "target": "own answers" if args.targets else "gold span",
            "n_by_position": {p: positions.count(p) for p in sorted(set(positions), key=int)},
@@ -104,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     print("examples per gold position:", res["n_by_position"])
     write_text(args.out, json_text(res) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def _scaled(model, coefficients):
+    from pear.folding import HeadScaling
+
+    with HeadScaling(model, coefficients, trainable=False):
+        yield model
 
 
 class _VariantAction(argparse.Action):

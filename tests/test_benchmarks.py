@@ -469,17 +469,19 @@ def test_position_profile_scores_variants_from_the_command_line(tmp_path, monkey
     monkeypatch.setattr("pear.loading.load_model", lambda *a, **k: LoadedModel(m, None, ModelSpec("t", "folder", "t")))
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(pp, "answer_sequence", lambda tok, p, a: (torch.randint(3, 100, (10,), generator=g).tolist(), 2))
-    out = tmp_path / "p.json"
+    out, coefs = tmp_path / "p.json", tmp_path / "coefficients.json"
+    coefs.write_text(json.dumps({"granularity": "head", "heads": [{"layer": 0, "head": 1, "coefficient": 0.2}]}))
     args = ["--data-dir", str(tmp_path), "--device", "cpu", "--out", str(out), "--variant", "slow=rope-bands",
-            "--variant-option", "bands=slow", "--variant-option", "factor=3"]
+            "--variant-option", "bands=slow", "--variant-option", "factor=3", "--coefficients", f"c={coefs}"]
     assert pp.main(args) == 0
     res = json.loads(out.read_text())
-    assert set(res["profile"]) == {"base", "slow"} and res["per_example"]["slow"] != res["per_example"]["base"]
+    assert set(res["profile"]) == {"base", "c", "slow"}
+    assert res["per_example"]["slow"] != res["per_example"]["base"] != res["per_example"]["c"]
     assert all(torch.equal(p, before[n]) for n, p in m.state_dict().items())
     with pytest.raises(PearError, match="label 'slow' is taken"):
         pp.main(args + ["--variant", "slow=rope-bands"])
     with pytest.raises(PearError, match="has no option colour"):
-        pp.main(args[:-4] + ["--variant", "x=rope-bands", "--variant-option", "colour=red"])
+        pp.main(args[:-6] + ["--variant", "x=rope-bands", "--variant-option", "colour=red"])
 
 
 def test_position_profile_labels_may_hold_equals_signs(tmp_path):
