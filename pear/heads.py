@@ -20,6 +20,7 @@ import torch
 
 from .errors import PearError
 from .families import resolve
+from .settings import parse_layers
 
 HeadKey = tuple[int, int]  # (layer, head)
 K_AUTO_RANGE = (4, 32)  # choose_k's clamp; the largest K auto can pick
@@ -123,10 +124,14 @@ def select_heads(source, k: int | str = "auto") -> tuple[list[HeadKey], dict[Hea
     return [h for h, _ in chosen], dict(chosen), evidence
 
 
-def all_heads(model) -> list[HeadKey]:
-    """Every (layer, head) of the model: the heads of the all-heads and channels parameterisations."""
+def all_heads(model, layers: str = "") -> list[HeadKey]:
+    """Every (layer, head) of the model, or of `layers` ("0-4+15-19"): the heads of the all-heads and
+    channels parameterisations."""
     arch = resolve(model)
-    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
+    chosen = parse_layers(layers) if layers else range(arch.n_layers)
+    if any(l >= arch.n_layers for l in chosen):
+        raise PearError(f"layers {layers}: this {arch.model_type} model has layers 0..{arch.n_layers - 1}")
+    return [(l, h) for l in chosen for h in range(arch.n_heads)]
 
 
 def parse_k(text: str) -> int | str:

@@ -186,7 +186,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
 
     disc = None
     if fs.all_heads:
-        heads, scores, evidence = all_heads(loaded.model), {}, {"method": f"every head ({fs.scales})"}
+        heads, scores, evidence = all_heads(loaded.model, fs.layers), {}, {"method": f"every head ({fs.scales})"}
     else:
         with stages("discover", f"({method})"):
             disc, heads, scores, evidence = find_heads(
@@ -285,7 +285,7 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
         parts.append(f"--top-m {top_m}")
     for name, flag in [("bounds", "--bounds"), ("steps", "--steps"), ("batch", "--batch"), ("length", "--length"),
                        ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed"), ("objective", "--objective"),
-                       ("scales", "--scales"), ("penalty", "--penalty"),
+                       ("scales", "--scales"), ("layers", "--layers"), ("penalty", "--penalty"),
                        ("anchor", "--anchor"), ("anchor_source", "--anchor-source")]:
         if getattr(fs, name) != getattr(d, name):
             parts.append(f"{flag} {getattr(fs, name)}")

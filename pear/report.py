@@ -196,7 +196,7 @@ KV retrieval, HotpotQA, MMLU), not here.
 ## Fit
 
 Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
-`{fs['scales']}`{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
+`{fs['scales']}`{f" on layers {fs['layers']}" if fs.get('layers') else ''}{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
 f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on {SOURCES[fs.get('anchor_source', 'paragraphs')].text}" if fs.get('anchor') else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;
 {fs['steps']} steps of {fs['batch']} fresh sequences, seed {fs['seed']};

@@ -56,6 +56,18 @@ SCALES = {
 }
 
 
+def parse_layers(text: str) -> list[int]:
+    """"0-4+15-19" -> [0, 1, 2, 3, 4, 15, ..., 19]; "7" -> [7]: the layers that get scales. '+' joins
+    ranges (a recipe name separates its settings with ',')."""
+    out = []
+    for part in text.split("+"):
+        a, dash, b = part.partition("-")
+        if not (a.strip().isdigit() and (not dash or b.strip().isdigit())) or (dash and int(b) < int(a)):
+            raise PearError(f"layers must be ranges A-B or layers N joined by '+' (e.g. 0-4+15-19), got '{text}'")
+        out += range(int(a), int(b) + 1) if dash else [int(a)]
+    return sorted(set(out))
+
+
 # ---------------------------------------------------------------------------- settings
 @dataclass
 class FitSettings:
@@ -73,6 +85,7 @@ class FitSettings:
     objective: str = "copy"  # what the scales learn (`pear.objectives`)
     objective_options: dict = field(default_factory=dict)  # KEY=VALUE options of the objective
     scales: str = "heads"  # parameterisation (SCALES)
+    layers: str = ""  # with every-head scales: the layers that get them, e.g. "0-4+15-19" ("": all)
     penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
     anchor: float = 0.0  # weight of the knowledge anchor, KL(base || scaled) on plain text (`objectives.anchor`)
     anchor_source: str = "paragraphs"  # what the anchor reads: paragraphs, or questions (`objectives.anchor`)
@@ -83,7 +96,7 @@ class FitSettings:
     checkpoint_seconds: float = 300.0  # at most this long between them (a CPU step can take minutes)
 
     RESULT_FIELDS = ("steps", "batch", "length", "lr", "warmup", "weight_decay", "bounds", "seed", "eval_batch",
-                     "objective", "objective_options", "scales", "penalty", "anchor", "anchor_source")
+                     "objective", "objective_options", "scales", "layers", "penalty", "anchor", "anchor_source")
 
     def __post_init__(self):
         if self.bounds not in BOUNDS:
@@ -103,6 +116,11 @@ class FitSettings:
             raise PearError(f"warm-up steps must be in 0..{self.steps}, got {self.warmup}")
         if self.scales not in SCALES:
             raise PearError(f"unknown scales '{self.scales}'; use one of {', '.join(SCALES)}")
+        if self.layers:
+            parse_layers(self.layers)
+            if not self.all_heads:
+                raise PearError(f"layers {self.layers} needs every-head scales (--scales all-heads or channels); "
+                                "with --scales heads discovery chooses the heads")
         if not (math.isfinite(self.penalty) and self.penalty >= 0):
             raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
         if not (math.isfinite(self.anchor) and self.anchor >= 0):
@@ -148,6 +166,8 @@ class FitSettings:
             del key["anchor"]
         if self.anchor_source == "paragraphs":
             del key["anchor_source"]
+        if not self.layers:
+            del key["layers"]
         return key
 
 

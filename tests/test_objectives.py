@@ -328,6 +328,32 @@ def test_cli_fit_channels_then_fold(tmp_path, capsys):
     assert (tmp_path / "f" / "pear.json").is_file()
 
 
+def test_cli_fit_scales_on_some_layers_only(tmp_path, capsys):
+    """--layers with every-head scales fits the heads of those layers alone ('+' joins ranges; a recipe
+    name may set it); a layer the model lacks, a malformed value or --scales heads is one clear error."""
+    from pear.recipes import get_recipe
+    from pear.settings import parse_layers
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    c = tmp_path / "c.json"
+    base = ["fit", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+            "--objective-option", "span=8", "--scales", "channels", "--steps", "1", "--batch", "2",
+            "--eval-batch", "2", "--out", str(c), "--dtype", "fp32"]
+    assert main(base + ["--layers", "1"]) == 0
+    assert sorted({r["layer"] for r in json.loads(c.read_text())["heads"]}) == [1]
+    assert len(read_coefficients(c)) == 4 and json.loads(c.read_text())["fit"]["settings"]["layers"] == "1"
+    assert main(base + ["--layers", "0-5", "--force"]) == 2
+    assert "has layers 0..1" in capsys.readouterr().err
+    assert main(base + ["--layers", "1-0", "--force"]) == 2
+    assert "ranges A-B" in capsys.readouterr().err
+    assert parse_layers("0-4+15-19") == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19] and parse_layers("7") == [7]
+    with pytest.raises(PearError, match="needs every-head scales"):
+        FitSettings(layers="0-3")
+    assert get_recipe("last-self-distill-channels@layers=0-4+15-19").fit["layers"] == "0-4+15-19"
+    assert FitSettings(scales="channels", layers="").result_key() == FitSettings(scales="channels").result_key()
+
+
 def test_paper_recipe_is_the_papers_setting():
     fs = FitSettings(**RECIPES["paper"].fit)
     assert (fs.objective, fs.scales, fs.steps, fs.batch, fs.length, fs.lr, fs.penalty) == \

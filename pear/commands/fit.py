@@ -47,6 +47,8 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", help="an option of the objective, e.g. documents=20 (repeatable)")
     p.add_argument("--scales", default=None, choices=list(SCALES),
                    help="parameterisation: " + "; ".join(f"{k}: {v}" for k, v in SCALES.items()))
+    p.add_argument("--layers", default=None, metavar="A-B[+C-D]",
+                   help="with --scales all-heads or channels: scale the heads of these layers only, e.g. 0-4+15-19")
     p.add_argument("--penalty", type=float, default=None,
                    help="weight of mean((alpha - 1)^2) in the loss (default 0)")
     p.add_argument("--anchor", type=float, default=None,
@@ -74,7 +76,7 @@ def _objective_names():
 
 
 FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
-            "grad_checkpointing", "objective", "scales", "penalty", "anchor", "anchor_source")
+            "grad_checkpointing", "objective", "scales", "layers", "penalty", "anchor", "anchor_source")
 
 
 def recipe_name(text: str) -> str:
@@ -162,7 +164,7 @@ def _cli_fit(args: argparse.Namespace) -> int:
         check_heads(args.model, heads)
     choice = announce(args.device, args.dtype)
     loaded = load_model(args.model, dtype=choice.dtype, device=args.device, device_map=args.device_map)
-    heads = heads or all_heads(loaded.model)
+    heads = heads or all_heads(loaded.model, settings.layers)
     ckpt = checkpoint_path_for(args.out)
     res = fit(loaded.model, loaded.tokenizer, heads, settings, checkpoint=ckpt, restart=args.restart,
               max_steps_this_run=args.max_steps_this_run, model_spec=loaded.spec.spec, scores=scores,
