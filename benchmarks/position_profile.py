@@ -68,17 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     from pear.baselines import get_variant
 
     variants = {}  # label: a context manager factory, loaded -> the model to score
+
+    def add(flag: str, label: str, applied) -> None:
+        if label == "base" or label in variants:
+            raise PearError(f"{flag}: label '{label}' is taken")
+        variants[label] = applied
+
     for item in args.coefficients:
         label, path = split_label(item)
-        if label == "base" or label in variants:
-            raise PearError(f"--coefficients: label '{label}' is taken")
-        variants[label] = lambda lm, c=read_coefficients(path): _scaled(lm.model, c)
+        add("--coefficients", label, lambda lm, c=read_coefficients(path): _scaled(lm.model, c))
     for v in args.variants:
-        if v["label"] == "base" or v["label"] in variants:
-            raise PearError(f"--variant: label '{v['label']}' is taken")
         variant = get_variant(v["name"])
         variant.check_options(v["options"])
-        variants[v["label"]] = lambda lm, var=variant, o=v["options"]: var.wrap(lm, **o)
+        add("--variant", v["label"], lambda lm, var=variant, o=v["options"]: var.wrap(lm, **o))
     task = build_task(args.task, BuildContext(resolve_data_dir(args.data_dir), limit=args.limit, half=args.half))
     if not task.positional:
         raise PearError(f"{args.task} has no gold positions; use a multi-document task (mdqa-10, mdqa-20)")
