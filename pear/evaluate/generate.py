@@ -153,7 +153,7 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
                     device, batch_size: int = 8, max_batch_tokens: int = 32768,
                     done: Callable[[int, list[int]], bool] | None = None,
                     on_batch: Callable[[int], None] | None = None, compact: bool = True,
-                    batches: list[list[int]] | None = None) -> list[list[int]]:
+                    batches: list[list[int]] | None = None, prefill: Callable | None = None) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids, EOS not included).
 
     `batches` (lists of prompt indices) replaces the batching by length: a process of a
@@ -165,8 +165,17 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
     `compact`, finished rows are dropped from the batch (inputs and cache) once a quarter of
     the rows still running have finished: answers are short (median ~20 tokens on MDQA) but
     a few run to the limit, and each decoding step costs in proportion to the rows it carries.
+
+    `prefill(lm, rows, pad_id, device)` -> (last logits (B, V), cache, mask (B, T), positions
+    (B, T)) replaces the left-padded prefill (`packed.packed_prefill`: the prompts in one row).
     """
     fwd = Forward(lm)
+    if prefill is None:
+        def prefill(lm, rows, pad_id, device):
+            ids, mask, pos = left_pad(rows, pad_id, device)
+            logits, past = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None,
+                               use_cache=True)
+            return logits, past, mask, pos
     out: list[list[int]] = [[] for _ in prompts]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
 
@@ -174,8 +183,7 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
         for i in batch:
             out[i] = []
         rows = list(batch)  # example index of each row still in the tensors
-        ids, mask, pos = left_pad([prompts[i] for i in batch], pad_id, device)
-        logits, past = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True)
+        logits, past, mask, pos = prefill(lm, [prompts[i] for i in batch], pad_id, device)
         fin = [False] * len(rows)
         can_compact = compact
         for step in range(max_new_tokens):
