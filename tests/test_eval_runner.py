@@ -603,7 +603,7 @@ def test_grouped_attention_equals_repeated_heads():
     torch.testing.assert_close(attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
 
 
-@pytest.mark.parametrize("decode", ["static", "continuous"])
+@pytest.mark.parametrize("decode", ["static", "continuous", "packed"])
 def test_cli_decode(tiny, data_dir, tmp_path, decode):
     from pear.cli import main
 
@@ -613,9 +613,15 @@ def test_cli_decode(tiny, data_dir, tmp_path, decode):
     out = tmp_path / "eval.json"
     args = ["eval", "--model", str(folder), "--task", "closedbook", "--limit", "2", "--data-dir", str(data_dir),
             "--device", "cpu", "--out", str(out), "--no-progress", "--bootstrap", "10", "--max-new-tokens", "4",
-            "--parts-dir", str(tmp_path / "parts")]
+            "--parts-dir", str(tmp_path / "parts"), "--log-samples"]
+
+    def outputs():
+        with gzip.open(out.with_name("eval.samples.jsonl.gz"), "rt") as f:
+            return [json.loads(line)["output"] for line in f]
+
     assert main(args + ["--decode", decode]) == 0
-    res = json.loads(out.read_text())
+    res, got = json.loads(out.read_text()), outputs()
     assert res["models"][0]["decode"] == decode and f"--decode {decode}" in res["settings"]["command"]
     assert main(args + ["--force"]) == 0  # eager: parts of its own, keyed on the decoding
     assert len(list((tmp_path / "parts").iterdir())) == 2
+    assert len(got) == 2 and got == outputs()  # the eager loop's outputs (fp32)

@@ -116,12 +116,14 @@ def add_cli(sub) -> None:
                    help="max rows x (longest prompt + new tokens) per batch, or auto (default: 32768 on CPU; "
                         "on a GPU from its free memory and the variant's memory per token, at most 1.5M); a batch that runs "
                         "out of memory is split")
-    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous"],
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous", "packed"],
                    help="greedy decoding: eager (default); static: a preallocated KV cache and the decoding "
                         "step compiled into CUDA graphs (faster on a GPU; the first batch compiles it); "
                         "continuous: rows that finish make room for waiting prompts (fewer steps with few "
-                        "rows); static takes plain models, continuous plain models and moice, another --variant decodes "
-                        "eagerly")
+                        "rows); packed: the prompts of a batch packed into one row without padding, "
+                        "variable-length attention (FlashAttention's varlen kernel on CUDA), then the eager "
+                        "loop; static takes plain models, continuous plain models and moice, packed plain "
+                        "transformers models with full attention; another --variant decodes eagerly")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

@@ -38,6 +38,7 @@ from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
 from .continuous import ContinuousDecoder, supports_continuous
+from .packed import PackedDecoder, supports_packed
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
 from .registry import BuildContext, Task, build_task, parse_positions
@@ -129,7 +130,7 @@ class Job:
     chat: str
     progress: bool
     prompts: Prompts  # shared by the jobs of one loaded model
-    decoder: Any = None  # StaticDecoder / ContinuousDecoder (--decode static / continuous), else None: eager
+    decoder: Any = None  # StaticDecoder / ContinuousDecoder / PackedDecoder (--decode static / continuous / packed), else None: eager
 
 
 def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[list[str], list[dict] | None, float]:
@@ -165,23 +166,26 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 
 # ------------------------------------------------------------------ evaluate
-DECODES = ("eager", "static", "continuous")
+DECODES = ("eager", "static", "continuous", "packed")
+NEEDS = {"static": "plain transformers models of families that compile with a static cache (not a variant)",
+         "continuous": "models whose layers keep their whole cache (no sliding window), plain or under moice",
+         "packed": "plain transformers models (not a variant) with full attention in every layer, no softcapping, "
+                   "attention through transformers' attention interface"}
 
 
-def _decoder(lm, label: str, decode: str) -> StaticDecoder | ContinuousDecoder | None:
-    """The decoder of `lm` for decode "static" or "continuous", where it applies; else None
-    (the eager loop), said once on stderr."""
+def _decoder(lm, label: str, decode: str) -> StaticDecoder | ContinuousDecoder | PackedDecoder | None:
+    """The decoder of `lm` for decode "static", "continuous" or "packed", where it applies; else
+    None (the eager loop), said once on stderr."""
     if decode == "eager":
         return None
     if decode == "static" and supports_static(lm):
         return StaticDecoder(lm)
     if decode == "continuous" and supports_continuous(lm):
         return ContinuousDecoder()
+    if decode == "packed" and supports_packed(lm):
+        return PackedDecoder()
     if distributed.is_main():
-        needs = ("plain transformers models of families that compile with a static cache (not a variant)"
-                 if decode == "static" else "models whose layers keep their whole cache (no sliding window), "
-                 "plain or under moice")
-        print(f"pear: {label} decodes eagerly: --decode {decode} takes {needs}", file=sys.stderr)
+        print(f"pear: {label} decodes eagerly: --decode {decode} takes {NEEDS[decode]}", file=sys.stderr)
     return None
 
 
@@ -228,8 +232,9 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     parts (with `parts_dir`): "reuse" (compute what is missing) or "only" (compute nothing;
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
     decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
-    cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
-    make room for waiting prompts: `continuous`); where a model cannot take the path asked for
+    cache and a decoding step compiled on CUDA: `static_decode`), "continuous" (finished rows
+    make room for waiting prompts: `continuous`) or "packed" (the eager loop after a prefill of
+    the prompts packed into one row: `packed`); where a model cannot take the path asked for
     (a variant, a sliding-window layer; MoICE does take continuous), it decodes eagerly, as
     models_info's "decode" records.
     """

@@ -75,7 +75,7 @@ def _estimating(bar, n_total: int, desc: str, progress: bool):
 def score_generate(lm, loaded: LoadedModel, task: Task, examples, prompts, batches, decoder=None,
                    **kw) -> dict[int, dict]:
     """Greedy answers, scored by the task; stops early once `task.done` says the score is settled.
-    decoder: a StaticDecoder of `lm` or a ContinuousDecoder (`--decode static / continuous`: its
+    decoder: a StaticDecoder of `lm`, a ContinuousDecoder or a PackedDecoder (`--decode static / continuous / packed`: its
     `generate`), else the eager loop."""
     tok = loaded.tokenizer
 
@@ -118,7 +118,7 @@ def run_task(lm, loaded: LoadedModel, task: Task, *, chat: str = "auto", batch_s
              rendered: tuple[list[str], list[list[int]]] | None = None, decoder=None) -> list[dict]:
     """Records, one per example, in example order: id, condition, score (None = skipped),
     output, n_prompt_tokens, and for choice tasks the choice log-probabilities.
-    decoder: a decoder's `generate` replaces the eager loop (`--decode static / continuous`)."""
+    decoder: a decoder's `generate` replaces the eager loop (`--decode static / continuous / packed`)."""
     from tqdm.auto import tqdm
 
     model, tok = loaded.model, loaded.tokenizer

@@ -1,0 +1,187 @@
+"""A packed prefill for the eager decoding loop (`pear eval --decode packed`).
+
+Why: the eager loop (`generate.greedy_generate`) left-pads a batch's prompts and passes a padding
+mask, and SDPA takes no FlashAttention kernel with a mask: profiled on an H100 (Qwen2.5-Coder-0.5B,
+512 prompts of mdqa-10, bf16), prefill attention was 35 % of the GPU time, all of it in the
+memory-efficient fallback, padded tokens included. Here the prompts of a batch go in as ONE row
+without padding, position ids restarting at 0 for each prompt, and attention is variable-length
+causal: FlashAttention's varlen kernel (`torch.nn.attention.varlen.varlen_attn`) on CUDA in 16 bits,
+a loop of causal SDPA over the prompts elsewhere. No padded token is computed.
+
+What comes out is what the padded prefill gives (up to rounding): each prompt's last logits and a
+DynamicCache whose layers hold the keys and values left-padded to (B, KVH, T, D) (padding columns
+zero: the mask hides them), with left_pad's mask and positions, so the eager loop goes on unchanged.
+
+The attention function reaches the model through transformers' attention interface: registered as
+"pear_packed" and switched on for the prefill call only. The prompts' boundaries reach it through a
+context variable, not through the forward's keyword arguments, which not every model passes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PearError
+from .generate import greedy_generate, left_pad
+
+NAME = "pear_packed"
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The prompts of the packed row: cu (B+1,) int32 offsets on the device, the same as Python
+    ints (for the loop over prompts), and the longest prompt."""
+
+    cu: torch.Tensor
+    starts: tuple[int, ...]
+    longest: int
+
+
+_SEGMENTS: ContextVar[Segments | None] = ContextVar("pear_packed_segments", default=None)
+
+
+def supports_packed(lm) -> bool:
+    """A plain transformers model (not a variant's wrapper) on one device, every layer full
+    attention, no logit softcapping, its attention dispatched through transformers' interface."""
+    from transformers import PreTrainedModel
+
+    from .continuous import supports_continuous
+
+    if not isinstance(lm, PreTrainedModel) or not supports_continuous(lm):
+        return False
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if getattr(cfg, "attn_logit_softcapping", None) or not getattr(cfg, "is_causal", True):
+        return False
+    can_set = getattr(type(lm), "_can_set_attn_implementation", None)  # transformers' own test of the dispatch
+    return bool(can_set is not None and can_set())
+
+
+def _kernel(query: torch.Tensor):
+    """The varlen FlashAttention function for this query (CUDA, 16 bits: FlashAttention takes no
+    fp32), or None: then a loop over the prompts."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@cache
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _varlen(fn, q, k, v, seg: Segments, scale):
+    """fn = varlen_attn on q (N, H, D), k and v (N, KVH, D), causal within each prompt; its
+    arguments differ across torch versions: window_size=(-1, 0) (>= 2.11) or is_causal=True
+    (2.10) for causal, enable_gqa (>= 2.12) or else key/value heads repeated for grouped
+    queries, scale (>= 2.11) or else the query scaled so that the kernel's 1/sqrt(D) makes it."""
+    params, kw = _parameters(fn), {}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale is not None:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return fn(q, k, v, seg.cu, seg.cu, seg.longest, seg.longest, **kw)  # (N, H, D)
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function contract: query (1, H, N, D), key/value (1, KVH, N, D) in,
+    (output (1, N, H, D), None) out; causal within each prompt of the packed row."""
+    seg = _SEGMENTS.get()
+    if seg is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise RuntimeError("pear_packed attention runs only inside packed_prefill")
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise RuntimeError("pear_packed attention takes full attention without softcapping")
+    fn = _kernel(query)
+    if fn is not None:
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (N, H or KVH, D)
+        return _varlen(fn, q, k, v, seg, scaling)[None], None  # (1, N, H, D)
+    gqa = key.shape[1] != query.shape[1]
+    out = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                          scale=scaling, enable_gqa=gqa)  # (1, H, L, D)
+           for a, b in zip(seg.starts[:-1], seg.starts[1:])]
+    return torch.cat(out, dim=2).transpose(1, 2), None  # (1, N, H, D)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_attention)
+    AttentionMaskInterface.register(NAME, lambda *a, **kw: None)  # no mask: the segments say it all
+
+
+def _attn_implementations(lm) -> list[tuple[object, str | None]]:
+    """(config, attention implementation) of the model and its submodels: put back as they were
+    after the prefill (set_attn_implementation back to the old name would check it again, and
+    look a hub kernel up again)."""
+    from transformers import PreTrainedModel
+
+    configs = {id(m.config): m.config for m in lm.modules() if isinstance(m, PreTrainedModel)}
+    return [(c, c._attn_implementation_internal) for c in configs.values()]
+
+
+@torch.no_grad()
+def packed_prefill(lm, rows: list[list[int]], pad_id: int, device):
+    """The prompts `rows` packed into one row: (last logits (B, V), DynamicCache of left-padded
+    (B, KVH, T, D) layers, mask (B, T), positions (B, T)), as the padded prefill returns them."""
+    _register()
+    n = torch.tensor([len(r) for r in rows])  # (B,) prompt lengths
+    B, T = len(rows), int(n.max())
+    cu = torch.cat([n.new_zeros(1), n.cumsum(0)])  # (B+1,) where each prompt starts in the row
+    row = torch.repeat_interleave(torch.arange(B), n)  # (N,) each packed token's prompt
+    pos = torch.arange(int(cu[-1])) - cu[row]  # (N,) from 0 in each prompt
+    ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)  # (N,)
+    seg = Segments(cu.to(device, torch.int32), tuple(cu.tolist()), T)
+    saved = _attn_implementations(lm)
+    token = _SEGMENTS.set(seg)
+    try:
+        lm.set_attn_implementation(NAME)
+        if lm.config._attn_implementation != NAME:
+            raise PearError(f"{type(lm).__name__} cannot switch its attention to the packed prefill's")
+        out = lm(input_ids=ids[None].to(device), position_ids=pos[None].to(device), attention_mask=None,
+                 use_cache=True, logits_to_keep=(cu[1:] - 1).to(device))  # logits (1, B, V): each last token
+    finally:
+        _SEGMENTS.reset(token)
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
+    row, col = row.to(device), (pos + (T - n)[row]).to(device)  # (N,) each: its place, left-padded
+    past = out.past_key_values
+    for layer in past.layers:
+        for name in ("keys", "values"):
+            packed = getattr(layer, name)  # (1, KVH, N, D)
+            padded = packed.new_zeros(B, packed.shape[1], T, packed.shape[3])  # (B, KVH, T, D)
+            padded[row, :, col] = packed[0].transpose(0, 1)  # (N, KVH, D) into their places
+            setattr(layer, name, padded)
+    _, mask, positions = left_pad(rows, pad_id, device)
+    return out.logits[0], past, mask, positions  # logits (B, V)
+
+
+class PackedDecoder:
+    """`--decode packed` for the harness: `generate` has `greedy_generate`'s contract."""
+
+    name = "packed"
+
+    @staticmethod
+    def generate(lm, prompts, **kw) -> list[list[int]]:
+        if not supports_packed(lm):
+            raise PearError(f"--decode packed takes plain transformers models with full attention in every layer; "
+                            f"{type(lm).__name__} is not one (use --decode eager)")
+        return greedy_generate(lm, prompts, prefill=packed_prefill, **kw)

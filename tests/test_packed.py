@@ -1,0 +1,230 @@
+"""`--decode packed`: the prompts of a batch prefilled as one row without padding (variable-length
+attention), then the eager loop; on tiny random models in fp32, where every token must equal the
+padded prefill's."""
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import CONFIGS, VOCAB, tiny_llama, tiny_model
+
+from pear.errors import PearError
+from pear.evaluate import ModelEntry, evaluate
+from pear.evaluate import packed as pk
+from pear.evaluate.generate import Forward, greedy_generate, left_pad
+from pear.loading import LoadedModel, ModelSpec
+
+pytestmark = pytest.mark.data
+
+# not packed: softcapping and sliding windows (gemma2, gemma3), attention outside the interface (the rest)
+NOT_PACKED = {"gemma2", "gemma3_text", "bloom", "mpt", "falcon", "gptj"}
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_bf16):
+    """A 2-layer random llama (4 query heads, 2 key/value heads) with SmolLM2's tokenizer."""
+    tok = smollm2_bf16.tokenizer
+    return LoadedModel(tiny_llama(tok), tok, ModelSpec("tiny", "folder", "/nonexistent/tiny"))
+
+
+def _prompts(tok):
+    words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
+    return [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]  # 11 prompts, 3-19 words
+
+
+def _random_prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, VOCAB, (3 + (5 * k) % 17,), generator=g).tolist() for k in range(11)]
+
+
+def _assert_prefill_equals_padded(model, rows, pad_id):
+    ids, mask, pos = left_pad(rows, pad_id, "cpu")
+    with torch.no_grad():
+        logits, past = Forward(model)(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None,
+                                      use_cache=True)
+    logits2, past2, mask2, pos2 = pk.packed_prefill(model, rows, pad_id, "cpu")
+    assert logits2.shape == logits.shape == (len(rows), model.config.get_text_config().vocab_size)
+    torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask2, mask) and torch.equal(pos2, pos)
+    real = mask.bool()[:, None, :, None]  # (B, 1, T, 1)
+    assert len(past2.layers) == len(past.layers)
+    for a, b in zip(past.layers, past2.layers):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(b, name)  # (B, KVH, T, D)
+            assert y.shape == x.shape
+            torch.testing.assert_close(torch.where(real, y, 0), torch.where(real, x, 0), atol=1e-5, rtol=1e-5)
+            assert not torch.where(real, 0, y).any()  # padding columns: zeros
+
+
+def test_packed_prefill_equals_padded_prefill(tiny):
+    """Logits of each prompt's last token, the cache in its real columns, mask and positions: those
+    of the left-padded prefill, for prompts of 3 to 19 words (grouped-query attention)."""
+    rows = _prompts(tiny.tokenizer)
+    assert len({len(r) for r in rows}) > 5 and tiny.model.config.num_key_value_heads < tiny.model.config.num_attention_heads
+    _assert_prefill_equals_padded(tiny.model, rows, tiny.tokenizer.pad_token_id)
+    _assert_prefill_equals_padded(tiny.model, rows[:1], tiny.tokenizer.pad_token_id)  # one prompt alone
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_packed_prefill_in_every_family(family):
+    """Every family of tiny_models that takes the packed prefill gives the padded prefill's
+    results (one key/value head, head_dim apart from hidden/heads, partial rotary, learned
+    positions); the others are refused."""
+    model = tiny_model(family)
+    assert pk.supports_packed(model) == (family not in NOT_PACKED)
+    if family not in NOT_PACKED:
+        _assert_prefill_equals_padded(model, _random_prompts(), 0)
+
+
+def test_packed_decoding_equals_eager(tiny):
+    """The eager loop after the packed prefill: every prompt's tokens equal the eager loop's,
+    with rows stopping at different steps (rows dropped from the cache), batches of four, and a
+    process's share of the batches."""
+    tok = tiny.tokenizer
+    ids = _prompts(tok)
+    stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
+    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, **kw)
+    counts = []
+    got = pk.PackedDecoder.generate(tiny.model, ids, on_batch=counts.append, **kw)
+    assert got == eager and [len(o) for o in got] == stop_after and counts == [4, 4, 3]
+    assert pk.PackedDecoder.generate(tiny.model, ids, **dict(kw, compact=False)) == eager
+    mine = pk.PackedDecoder.generate(tiny.model, ids, batches=[[1, 4], [7]], **kw)
+    assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
+    no_stop = dict(kw, done=None)
+    assert pk.PackedDecoder.generate(tiny.model, ids, **no_stop) == greedy_generate(tiny.model, ids, **no_stop)
+
+
+def test_attention_implementation_restored(tiny, monkeypatch):
+    """The packed attention is switched on for the prefill only: the model's implementation
+    (sdpa, or eager) comes back after it, also when the forward raises or the switch fails;
+    outside a prefill the packed attention function refuses to run."""
+    model, rows = tiny.model, _prompts(tiny.tokenizer)[:3]
+    assert model.config._attn_implementation == "sdpa"
+    seen, real = [], pk.packed_attention
+
+    def spy(module, *a, **kw):
+        seen.append(module.config._attn_implementation)
+        return real(module, *a, **kw)
+
+    monkeypatch.setattr(pk, "packed_attention", spy)
+    pk.packed_prefill(model, rows, 0, "cpu")
+    assert seen == [pk.NAME] * model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa" and pk._SEGMENTS.get() is None
+    with pytest.raises(IndexError):  # a token outside the vocabulary: the forward raises
+        pk.packed_prefill(model, [[5, 6], [10**6]], 0, "cpu")
+    assert model.config._attn_implementation == "sdpa" and pk._SEGMENTS.get() is None
+    model.set_attn_implementation("eager")
+    try:
+        pk.packed_prefill(model, rows, 0, "cpu")
+        assert model.config._attn_implementation == "eager" and model.model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)  # a model that cannot switch
+    with pytest.raises(PearError, match="cannot switch its attention"):
+        pk.packed_prefill(model, rows, 0, "cpu")
+    assert model.config._attn_implementation == "sdpa" and pk._SEGMENTS.get() is None
+    q = torch.zeros(1, 4, 3, 16)
+    with pytest.raises(RuntimeError, match="only inside packed_prefill"):
+        real(None, q, q, q, None)
+
+
+def test_packed_only_for_plain_full_attention_models(tiny, data_dir, capsys):
+    """A variant's wrapper, sliding-window layers and softcapping keep the eager loop (said once
+    on stderr), with the same outputs; --decode packed on the plain model gives eager's outputs."""
+    from pear.baselines import get_variant
+
+    assert pk.supports_packed(tiny.model)
+    with get_variant("ms-poe").wrap(tiny) as lm:
+        assert not pk.supports_packed(lm)
+        with pytest.raises(PearError, match="--decode packed takes"):
+            pk.PackedDecoder.generate(lm, [[5, 6]], pad_id=0, eos_ids={2}, max_new_tokens=2, device="cpu")
+    sliding = tiny_llama(tiny.tokenizer)
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert not pk.supports_packed(sliding)
+    capped = tiny_llama(tiny.tokenizer)
+    capped.config.attn_logit_softcapping = 50.0
+    assert not pk.supports_packed(capped)
+    kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=50, max_new_tokens=6, log_samples=True)
+    eager = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], **kw)
+    capsys.readouterr()
+    packed = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], decode="packed", **kw)
+    err = capsys.readouterr().err
+    assert [m["decode"] for m in packed["models"]] == ["packed", "eager"] and packed["settings"]["decode"] == "packed"
+    assert err.count("decodes eagerly: --decode packed takes plain transformers models") == 1
+    assert packed["tasks"]["closedbook"]["models"] == eager["tasks"]["closedbook"]["models"]
+    assert [s["output"] for s in packed["samples"]] == [s["output"] for s in eager["samples"]]
+
+
+def _fake_varlen(version, calls):
+    """A stand-in for torch's varlen_attn with the signature of a torch version, recording its
+    arguments and computing causal SDPA prompt by prompt: (N, H, D) in and out."""
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, gqa):
+        out = []
+        for a, b in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
+            o = F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
+                                               scale=scale, enable_gqa=gqa)  # (1, H, L, D)
+            out.append(o[0].transpose(0, 1))
+        return torch.cat(out)
+
+    def record(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append(dict(kw, q_heads=q.shape[1], k_heads=k.shape[1], cu=cu_q, same_cu=cu_k is cu_q,
+                          max_q=max_q, max_k=max_k))
+        return reference(q, k, v, cu_q, cu_k, max_q, max_k, kw.get("scale"), kw.get("enable_gqa", False))
+
+    if version == "2.13":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+            assert window_size == (-1, 0)
+            return record(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                          enable_gqa=enable_gqa)
+    elif version == "2.11":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            assert window_size == (-1, 0) and key.shape[1] == query.shape[1]
+            return record(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            assert is_causal and key.shape[1] == query.shape[1]
+            return record(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("version", ["2.13", "2.11", "2.10"])
+def test_varlen_arguments_follow_the_torch_version(monkeypatch, version):
+    """The CUDA path, run on CPU through a stand-in of varlen_attn: causal as window_size=(-1, 0)
+    or is_causal=True, grouped key/value heads as enable_gqa or repeated to every query head, the
+    module's scale as scale= or folded into the query (2.10 has no scale), the prompts' int32
+    offsets and longest length; the same results as the loop over prompts."""
+    model, rows = tiny_model("qwen2"), _random_prompts()
+    for layer in model.model.layers:
+        layer.self_attn.scaling = 0.1  # not the kernel's default 1/sqrt(D)
+    assert pk._kernel(torch.zeros(1, 4, 3, 16)) is None  # CPU: the loop over prompts
+    ref = pk.packed_prefill(model, rows, 0, "cpu")
+    calls = []
+    fake = _fake_varlen(version, calls)
+    monkeypatch.setattr(pk, "_kernel", lambda query: fake)
+    got = pk.packed_prefill(model, rows, 0, "cpu")
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref[1].layers, got[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+    cfg = model.config
+    assert len(calls) == cfg.num_hidden_layers
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + len(r))
+    for c in calls:
+        assert c["cu"].dtype == torch.int32 and c["cu"].tolist() == offsets and c["same_cu"]
+        assert c["max_q"] == c["max_k"] == max(map(len, rows)) and c["q_heads"] == cfg.num_attention_heads
+        if version == "2.13":
+            assert c["enable_gqa"] and c["window_size"] == (-1, 0) and c["k_heads"] == cfg.num_key_value_heads
+            assert c["scale"] == 0.1
+        elif version == "2.11":
+            assert "enable_gqa" not in inspect.signature(fake).parameters and c["k_heads"] == cfg.num_attention_heads
+            assert c["window_size"] == (-1, 0) and c["scale"] == 0.1
+        else:
+            assert c["is_causal"] and c["k_heads"] == cfg.num_attention_heads and "scale" not in c
