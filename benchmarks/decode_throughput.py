@@ -1,4 +1,4 @@
-"""Evaluation throughput: eager greedy decoding vs `--decode static` and `--decode continuous`.
+"""Evaluation throughput: eager greedy decoding vs `--decode static`, `continuous` and `packed`.
 
     python3 benchmarks/decode_throughput.py --model smollm2-135m --device cuda --dtype bf16 \\
         --task mdqa-10 --limit 100 --out benchmarks/results/decode_throughput_h200.json
@@ -6,12 +6,14 @@
 Both paths score the same examples through the harness (`pear.evaluate.scoring.run_task`, as
 `pear eval` does: same batches, same early stop at the answer's first line). Eager runs once
 after a small warm-up; each other path (`--decoders`: static, a static KV cache with the step
-compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts) runs twice:
+compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts; packed, the
+prompts of a batch prefilled as one row without padding, then the eager loop) runs twice:
 static's first run includes compiling the step and recording its CUDA graphs, the second is
 the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
 should), accuracy under each, peak GPU memory, the time of the prompts alone (one new token:
-the floor of any decoding loop), and the command, versions and hardware
+the floor of any decoding loop; under packed too, as packed's "prompts_only": what packing
+saves of the prefill), and the command, versions and hardware
 (`pear.provenance`). If a path fails (compiling, say), the error is printed and saved under its
 name and the exit status is 1; the other numbers are still written.
 """
@@ -41,7 +43,8 @@ def parse(argv):
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--max-batch-tokens", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
-    ap.add_argument("--decoders", default="static,continuous", help="the paths compared with eager")
+    ap.add_argument("--decoders", default="static,continuous",
+                    help="the paths compared with eager: static, continuous, packed")
     ap.add_argument("--variant", default="none", help="evaluate the model under this variant (pear eval --variant)")
     ap.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the variant, as pear eval takes it (repeatable)")
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     from pear.evaluate.scoring import render_prompts, run_task
     from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
+    from pear.evaluate.packed import PackedDecoder
     from pear.evaluate.static_decode import StaticDecoder
     from pear.commands.eval import parse_option
     from pear.hardware import announce
@@ -142,8 +146,10 @@ def main(argv=None) -> int:
                                     dynamic=True if args.compile_dynamic else None)
             elif name == "continuous":
                 dec = ContinuousDecoder()
+            elif name == "packed":
+                dec = PackedDecoder()
             else:
-                raise ValueError(f"unknown decoder {name!r} (static, continuous)")
+                raise ValueError(f"unknown decoder {name!r} (static, continuous, packed)")
             first, dt1, _ = timed(lambda: run(dec), device)
             again, dt2, peak2 = timed(lambda: run(dec), device)
             differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)
@@ -162,6 +168,11 @@ def main(argv=None) -> int:
                 res["speedup"] = res[name]["speedup"]
             print(f"{name}: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run: {dt1:.1f} s); "
                   f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
+            if name == "packed":  # the prompts alone, packed: against the padded prompts_only above
+                _, dt3, _ = timed(lambda: run_task(lm, loaded, one, decoder=dec, **kw), device)
+                res[name]["prompts_only"] = {"seconds": round(dt3, 3), "examples_per_s": round(n / dt3, 3)}
+                print(f"packed prompts only (1 new token): {dt3:.1f} s = {n / dt3:.2f} examples/s "
+                      f"(padded: {dt0:.1f} s)", flush=True)
         except Exception as e:  # compiling or running a path failed: say so, keep the other numbers
             res[name] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "traceback": traceback.format_exc()[-4000:]}
             print(f"{name}: FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
