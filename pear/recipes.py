@@ -122,7 +122,7 @@ def default_recipe(model: str | None) -> str:
 # to 10; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-11: 1 × H100); "
+               "(rounds 8-11: 1 × H100; round 12: 1 × H200); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -163,6 +163,8 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "last-self-distill-channels": {"gemma3-270m": (1.2, 0.36), "smollm2-135m": (2.0, 0.3)},
     "last-self-distill-channels@hold=0.25": {"smollm2-135m": (0.4, 0.9)},
     "last-self-distill-channels@hold=0.5": {"smollm2-135m": (1.4, 0.47)},
+    "last-self-distill-channels@layers=0-4+15-19": {"smollm2-135m": (-0.6, 0.81)},
+    "last-self-distill-channels@layers=15-19": {"smollm2-135m": (1.4, 0.44)},
     "first-self-distill-channels@hold=0.5": {"qwen2.5-coder-0.5b": (-0.2, 1)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "

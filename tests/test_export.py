@@ -151,6 +151,33 @@ def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_fold
         assert merged[k].dtype == want[k].dtype and torch.equal(merged[k], want[k]), k
 
 
+def test_fold_on_some_layers_only(tmp_path, tiny_folder, capsys):
+    """`pear fold --layers 1` folds layer 1's coefficients alone: the same weights as folding a file
+    of those coefficients only, layer 0 left as the base has it; a layer set with no coefficient is
+    refused in one line, nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_folder()
+    full = _coef_file(tmp_path)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(full), "--layers", "1",
+                 "--out", str(tmp_path / "l1")]) == 0
+    assert main(["fold", "--model", str(base_dir), "--coefficients",
+                 str(_coef_file(sub, {k: a for k, a in COEFS.items() if k[0] == 1})), "--out", str(tmp_path / "ref")]) == 0
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "l1").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "ref").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    o0, o1 = "model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(got[o0], base[o0]) and not torch.equal(got[o1], base[o1])
+    capsys.readouterr()
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(full), "--layers", "5-6",
+                 "--out", str(tmp_path / "none")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no coefficient on layers 5-6" in err[0] and not (tmp_path / "none").exists()
+
+
 def test_peft_adapter_card_names_the_hub_base(tmp_path, monkeypatch, tiny_folder):
     from pear.folding import checkpoint
 

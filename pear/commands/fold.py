@@ -14,6 +14,8 @@ def add_cli(sub) -> None:
     add_model_args(p, auto="checkpoint")
     p.add_argument("--coefficients", required=True, metavar="FILE.json",
                    help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
+    p.add_argument("--layers", default=None, metavar="A-B[+C-D]",
+                   help="fold only the coefficients of these layers (e.g. 0-4+15-19); the other heads stay as they are")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     add_format_arg(p)
@@ -30,9 +32,12 @@ def add_format_arg(p) -> None:
 
 def _cli_fold(args: argparse.Namespace) -> int:
     from ..folding import fold_and_save, read_coefficients
+    from ..folding.coefficients import on_layers
     from ..preflight import check_heads, check_out_folder
 
     coefs = read_coefficients(args.coefficients)
+    if args.layers:
+        coefs = on_layers(coefs, args.layers)
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":

@@ -87,3 +87,18 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, Coefficient]:
 def coefficients_json(coefs: Mapping[HeadKey, Coefficient], **extra) -> dict:
     return {"granularity": granularity(coefs),
             "heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in sorted(coefs.items())], **extra}
+
+
+def on_layers(coefs: dict[HeadKey, Coefficient], layers: str) -> dict[HeadKey, Coefficient]:
+    """The coefficients of the heads in `layers` ("0-4+15-19", `pear.settings.parse_layers`); the
+    others are left out, i.e. stay 1. Why: fitted scales act together across layers, and a subset
+    of them can read differently from the whole fit (BENCHMARKS.md §5, layer groups)."""
+    from ..settings import parse_layers
+
+    keep = set(parse_layers(layers))
+    out = {k: a for k, a in coefs.items() if k[0] in keep}
+    if not out:
+        raise PearError(f"no coefficient on layers {layers} (the file's layers: "
+                        f"{', '.join(map(str, sorted({k[0] for k in coefs})))})")
+    return out
+
