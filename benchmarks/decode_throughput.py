@@ -1,4 +1,4 @@
-"""Evaluation throughput: eager greedy decoding vs `--decode static`, `continuous` and `packed`.
+"""Evaluation throughput: eager greedy decoding vs `--decode static` and `continuous`, `--prefill packed`.
 
     python3 benchmarks/decode_throughput.py --model smollm2-135m --device cuda --dtype bf16 \\
         --task mdqa-10 --limit 100 --out benchmarks/results/decode_throughput_h200.json
@@ -7,7 +7,8 @@ Both paths score the same examples through the harness (`pear.evaluate.scoring.r
 `pear eval` does: same batches, same early stop at the answer's first line). Eager runs once
 after a small warm-up; each other path (`--decoders`: static, a static KV cache with the step
 compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts; packed, the
-prompts of a batch prefilled as one row without padding, then the eager loop) runs twice:
+prompts of a batch prefilled as one row without padding, then the eager loop; continuous+packed,
+both: the joining prompts prefilled packed) runs twice:
 static's first run includes compiling the step and recording its CUDA graphs, the second is
 the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
@@ -44,7 +45,7 @@ def parse(argv):
     ap.add_argument("--max-batch-tokens", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
     ap.add_argument("--decoders", default="static,continuous",
-                    help="the paths compared with eager: static, continuous, packed")
+                    help="the paths compared with eager: static, continuous, packed, continuous+packed")
     ap.add_argument("--variant", default="none", help="evaluate the model under this variant (pear eval --variant)")
     ap.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the variant, as pear eval takes it (repeatable)")
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     from pear.evaluate.scoring import render_prompts, run_task
     from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
-    from pear.evaluate.packed import PackedDecoder
+    from pear.evaluate.packed import PackedDecoder, packed_prefill
     from pear.evaluate.static_decode import StaticDecoder
     from pear.commands.eval import parse_option
     from pear.hardware import announce
@@ -148,8 +149,10 @@ def main(argv=None) -> int:
                 dec = ContinuousDecoder()
             elif name == "packed":
                 dec = PackedDecoder()
+            elif name == "continuous+packed":
+                dec = ContinuousDecoder(prefill=packed_prefill)
             else:
-                raise ValueError(f"unknown decoder {name!r} (static, continuous, packed)")
+                raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed)")
             first, dt1, _ = timed(lambda: run(dec), device)
             again, dt2, peak2 = timed(lambda: run(dec), device)
             differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)

@@ -4,7 +4,7 @@
     python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
         --batch 512 --new-tokens 1      # the prompts alone (prefill)
     python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
-        --batch 512 --new-tokens 1 --prefill packed   # the same, packed into one row (--decode packed)
+        --batch 512 --new-tokens 1 --prefill packed   # the same, packed into one row (pear eval --prefill packed)
 
 Prints wall seconds per decoding step, the top operators by self CPU and CUDA time, and the GPU
 time by kind of kernel (matrix products, attention, the rest: normalisation, activations,
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
     ap.add_argument("--prefill", default="padded", choices=["padded", "packed"],
-                    help="packed: the prompts in one row, variable-length attention (pear eval --decode packed)")
+                    help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed)")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     ap.add_argument("--out", help="also save the timings and the GPU time by kind here (JSON), with the "
                                   "command, versions and hardware")

@@ -603,8 +603,9 @@ def test_grouped_attention_equals_repeated_heads():
     torch.testing.assert_close(attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
 
 
-@pytest.mark.parametrize("decode", ["static", "continuous", "packed"])
-def test_cli_decode(tiny, data_dir, tmp_path, decode):
+@pytest.mark.parametrize("decode,prefill", [("static", "padded"), ("continuous", "padded"), ("eager", "packed"),
+                                            ("continuous", "packed")])
+def test_cli_decode(tiny, data_dir, tmp_path, decode, prefill):
     from pear.cli import main
 
     folder = tmp_path / "tiny"
@@ -619,9 +620,12 @@ def test_cli_decode(tiny, data_dir, tmp_path, decode):
         with gzip.open(out.with_name("eval.samples.jsonl.gz"), "rt") as f:
             return [json.loads(line)["output"] for line in f]
 
-    assert main(args + ["--decode", decode]) == 0
+    asked = ["--decode", decode] + (["--prefill", prefill] if prefill != "padded" else [])
+    assert main(args + asked) == 0
     res, got = json.loads(out.read_text()), outputs()
-    assert res["models"][0]["decode"] == decode and f"--decode {decode}" in res["settings"]["command"]
+    assert (res["models"][0]["decode"], res["models"][0]["prefill"]) == (decode, prefill)
+    said = [f"--decode {decode}"] * (decode != "eager") + [f"--prefill {prefill}"] * (prefill != "padded")
+    assert said and all(x in res["settings"]["command"] for x in said)
     assert main(args + ["--force"]) == 0  # eager: parts of its own, keyed on the decoding
     assert len(list((tmp_path / "parts").iterdir())) == 2
     assert len(got) == 2 and got == outputs()  # the eager loop's outputs (fp32)

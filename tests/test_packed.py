@@ -1,6 +1,6 @@
-"""`--decode packed`: the prompts of a batch prefilled as one row without padding (variable-length
-attention), then the eager loop; on tiny random models in fp32, where every token must equal the
-padded prefill's."""
+"""`--prefill packed`: the prompts of a batch prefilled as one row without padding (variable-length
+attention), then the eager or the continuous loop; on tiny random models in fp32, where every token
+must equal the padded prefill's."""
 
 import inspect
 
@@ -132,14 +132,14 @@ def test_attention_implementation_restored(tiny, monkeypatch):
 
 
 def test_packed_only_for_plain_full_attention_models(tiny, data_dir, capsys):
-    """A variant's wrapper, sliding-window layers and softcapping keep the eager loop (said once
-    on stderr), with the same outputs; --decode packed on the plain model gives eager's outputs."""
+    """A variant's wrapper, sliding-window layers and softcapping keep the padded prefill (said once
+    on stderr), with the same outputs; --prefill packed on the plain model gives eager's outputs."""
     from pear.baselines import get_variant
 
     assert pk.supports_packed(tiny.model)
     with get_variant("ms-poe").wrap(tiny) as lm:
         assert not pk.supports_packed(lm)
-        with pytest.raises(PearError, match="--decode packed takes"):
+        with pytest.raises(PearError, match="--prefill packed takes"):
             pk.PackedDecoder.generate(lm, [[5, 6]], pad_id=0, eos_ids={2}, max_new_tokens=2, device="cpu")
     sliding = tiny_llama(tiny.tokenizer)
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
@@ -150,10 +150,10 @@ def test_packed_only_for_plain_full_attention_models(tiny, data_dir, capsys):
     kw = dict(data_dir=data_dir, limit=3, progress=False, n_resamples=50, max_new_tokens=6, log_samples=True)
     eager = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], **kw)
     capsys.readouterr()
-    packed = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], decode="packed", **kw)
+    packed = evaluate([tiny, ModelEntry(tiny, "ms-poe")], ["closedbook"], prefill="packed", **kw)
     err = capsys.readouterr().err
-    assert [m["decode"] for m in packed["models"]] == ["packed", "eager"] and packed["settings"]["decode"] == "packed"
-    assert err.count("decodes eagerly: --decode packed takes plain transformers models") == 1
+    assert [m["prefill"] for m in packed["models"]] == ["packed", "padded"] and packed["settings"]["prefill"] == "packed"
+    assert err.count("prefills padded: --prefill packed takes plain transformers models") == 1
     assert packed["tasks"]["closedbook"]["models"] == eager["tasks"]["closedbook"]["models"]
     assert [s["output"] for s in packed["samples"]] == [s["output"] for s in eager["samples"]]
 
@@ -228,3 +228,24 @@ def test_varlen_arguments_follow_the_torch_version(monkeypatch, version):
             assert c["window_size"] == (-1, 0) and c["scale"] == 0.1
         else:
             assert c["is_causal"] and c["k_heads"] == cfg.num_attention_heads and "scale" not in c
+
+
+def test_continuous_batching_with_a_packed_prefill_equals_eager(tiny, monkeypatch):
+    """Continuous batching whose joining prompts are prefilled packed: the tokens of the eager loop
+    (fp32), through joins, drops and cuts, and every prefill of the run went through the packed one."""
+    from pear.evaluate import continuous as cont
+
+    tok = tiny.tokenizer
+    words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
+    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]
+    stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
+    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, **kw)
+    calls = []
+    monkeypatch.setattr(pk, "packed_prefill", lambda *a, _r=pk.packed_prefill: calls.append(len(a[1])) or _r(*a))
+    dec = cont.ContinuousDecoder(prefill=pk.packed_prefill)
+    assert (dec.name, dec.decode, dec.prefill) == ("continuous+packed", "continuous", "packed")
+    assert dec.generate(tiny.model, ids, **kw) == eager
+    assert len(calls) > 1 and sum(calls) == len(ids)  # the first batch and the joins, all packed
+

@@ -116,14 +116,17 @@ def add_cli(sub) -> None:
                    help="max rows x (longest prompt + new tokens) per batch, or auto (default: 32768 on CPU; "
                         "on a GPU from its free memory and the variant's memory per token, at most 1.5M); a batch that runs "
                         "out of memory is split")
-    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous", "packed"],
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous"],
                    help="greedy decoding: eager (default); static: a preallocated KV cache and the decoding "
                         "step compiled into CUDA graphs (faster on a GPU; the first batch compiles it); "
                         "continuous: rows that finish make room for waiting prompts (fewer steps with few "
-                        "rows); packed: the prompts of a batch packed into one row without padding, "
-                        "variable-length attention (FlashAttention's varlen kernel on CUDA), then the eager "
-                        "loop; static takes plain models, continuous plain models and moice, packed plain "
-                        "transformers models with full attention; another --variant decodes eagerly")
+                        "rows); static takes plain models, continuous plain models and moice, another --variant decodes "
+                        "eagerly")
+    p.add_argument("--prefill", default="padded", choices=["padded", "packed"],
+                   help="how the prompts of a batch are read: padded (default: left-padded, with a padding mask); "
+                        "packed: in one row without padding, variable-length attention (FlashAttention's varlen "
+                        "kernel on CUDA); with --decode eager or continuous, for plain transformers models with "
+                        "full attention in every layer")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
@@ -153,10 +156,10 @@ def _command(args: argparse.Namespace, models: list[dict], tasks: list[str]) -> 
             + (["--label", m["label"]] if m["label"] else [])
     parts += ["--task", ",".join(tasks)]
     for opt in ("limit", "half", "positions", "data_dir", "seed", "dtype", "device", "device_map", "batch_size",
-                "max_batch_tokens", "max_new_tokens", "decode", "chat", "distractor_pool", "bootstrap", "parts_dir",
+                "max_batch_tokens", "max_new_tokens", "decode", "prefill", "chat", "distractor_pool", "bootstrap", "parts_dir",
                 "parts", "out"):
         v = getattr(args, opt)
-        if v is not None and (opt, v) not in (("parts", "reuse"), ("decode", "eager")):
+        if v is not None and (opt, v) not in (("parts", "reuse"), ("decode", "eager"), ("prefill", "padded")):
             parts += ["--" + opt.replace("_", "-"), str(v)]
     parts += [f for f, on in (("--log-samples", args.log_samples), ("--resume", args.resume)) if on]
     return " ".join(shlex.quote(x) for x in parts)
@@ -230,7 +233,8 @@ def _cli_eval(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens, chat=args.chat, distractor_pool=args.distractor_pool,
         n_resamples=args.bootstrap, log_samples=args.log_samples, progress=not args.no_progress,
         parts_dir=args.parts_dir or (out.with_name(out.stem + ".parts") if args.resume else None), parts=args.parts,
-        max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks), decode=args.decode)
+        max_new_tokens=args.max_new_tokens, command=_command(args, models, tasks), decode=args.decode,
+        prefill=args.prefill)
     if not distributed.is_main():  # data-parallel: every process has the results, rank 0 writes them
         return 0
     left = ", ".join(f"{m['label']}/{m['task']}" for m in results.get("missing", []))

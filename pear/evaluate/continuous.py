@@ -11,6 +11,9 @@ common length. A plain transformers cache holds keys already rotated, each row a
 position ids, so padding on the left changes nothing a row attends to; columns that no row
 attends to any longer are cut from the left.
 
+The joining prompts are prefilled left-padded, or packed into one row (`--prefill packed`,
+`packed.packed_prefill`), which hands back the same left-padded cache.
+
 The same stopping rules as the eager loop (EOS, the token budget, `done`); what differs is which
 rows share a forward pass, so 16-bit outputs can differ as they do under any other batching (in
 fp32 the tokens are the eager loop's: tests). Only models whose layers keep their whole cache
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from ..backends import attention_backends
 from ..errors import PearError
-from .generate import Forward, decode_step, left_pad, select_cache_rows, take_tokens
+from .generate import Forward, decode_step, prefiller, select_cache_rows, take_tokens
 
 JOIN_WHEN_FREE = 4  # prompts join once 1/4 of the rows are free (each join copies the cache once)
 
@@ -53,13 +56,18 @@ def supports_continuous(lm) -> bool:
 
 
 class ContinuousDecoder:
-    """`--decode continuous` for the harness: `generate` has `greedy_generate`'s contract."""
+    """`--decode continuous` for the harness: `generate` has `greedy_generate`'s contract.
+    prefill: as `greedy_generate`'s (None: left-padded; `packed.packed_prefill`: in one row)."""
 
-    name = "continuous"
+    decode = "continuous"
 
-    @staticmethod
-    def generate(lm, prompts, **kw) -> list[list[int]]:
-        return continuous_generate(lm, prompts, **kw)
+    def __init__(self, prefill: Callable | None = None):
+        self.prefill_fn = prefill
+        self.prefill = "padded" if prefill is None else "packed"
+        self.name = "continuous" if prefill is None else "continuous+packed"  # in the results' part keys
+
+    def generate(self, lm, prompts, **kw) -> list[list[int]]:
+        return continuous_generate(lm, prompts, prefill=self.prefill_fn, **kw)
 
 
 def _layers(past) -> list:
@@ -111,7 +119,7 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
                         device, batch_size: int = 8, max_batch_tokens: int = 32768,
                         done: Callable[[int, list[int]], bool] | None = None,
                         on_batch: Callable[[int], None] | None = None,
-                        batches: list[list[int]] | None = None) -> list[list[int]]:
+                        batches: list[list[int]] | None = None, prefill: Callable | None = None) -> list[list[int]]:
     """`generate.greedy_generate`'s contract and stopping rules, with continuous batching.
     `batches`: the prompts this process decodes, taken in that order (default: all, longest
     first); on_batch(n) is called as n of them finish. Prompts that run out of GPU memory while
@@ -120,6 +128,7 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
         raise PearError(f"--decode continuous takes plain transformers models whose layers keep their whole "
                         f"cache; {type(lm).__name__} does not (use --decode eager)")
     fwd = Forward(lm)
+    start = prefiller(lm, fwd, prefill, pad_id, device)
     out: list[list[int]] = [[] for _ in prompts]
     queue = deque([i for b in batches for i in b] if batches is not None
                   else sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)))
@@ -134,14 +143,11 @@ def continuous_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: s
                 new = _next_prompts(queue, prompts, len(rows), 0 if mask is None else mask.shape[1], batch_size,
                                     max_batch_tokens, max_new_tokens)
             if new:
-                ids, m2, p2 = left_pad([prompts[i] for i in new], pad_id, device)  # (N, T) each
                 try:
-                    lg2, past2 = fwd(input_ids=ids, attention_mask=m2, position_ids=p2, past_key_values=None,
-                                     use_cache=True)
+                    lg2, past2, m2, p2 = start([prompts[i] for i in new])  # mask, positions (N, T)
                 except torch.cuda.OutOfMemoryError:  # fewer rows from now on; one prompt alone cannot shrink
                     if not rows and len(new) == 1:
                         raise
-                    del ids, m2, p2
                     queue.extendleft(reversed(new))
                     torch.cuda.empty_cache()
                     batch_size = max(1, len(rows) + len(new) // 2)

@@ -132,6 +132,20 @@ def _split_on_oom(run, batch: list[int]) -> None:
     _split_on_oom(run, batch[half:])
 
 
+def prefiller(lm, fwd: Forward, prefill: Callable | None, pad_id: int, device) -> Callable:
+    """rows (prompts' token ids) -> (last logits (B, V), cache, mask (B, T), positions (B, T)):
+    `prefill(lm, rows, pad_id, device)` (`packed.packed_prefill`), or by default the prompts
+    left-padded in one batch."""
+    if prefill is not None:
+        return lambda rows: prefill(lm, rows, pad_id, device)
+
+    def padded(rows: list[list[int]]):
+        ids, mask, pos = left_pad(rows, pad_id, device)
+        logits, past = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None, use_cache=True)
+        return logits, past, mask, pos
+    return padded
+
+
 def select_cache_rows(lm, past, keep: torch.Tensor, rows: int) -> bool:
     """Cut the cache `past` (of a batch of `rows` sequences) down to the rows `keep`, in place.
 
@@ -170,12 +184,7 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
     (B, T)) replaces the left-padded prefill (`packed.packed_prefill`: the prompts in one row).
     """
     fwd = Forward(lm)
-    if prefill is None:
-        def prefill(lm, rows, pad_id, device):
-            ids, mask, pos = left_pad(rows, pad_id, device)
-            logits, past = fwd(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None,
-                               use_cache=True)
-            return logits, past, mask, pos
+    start = prefiller(lm, fwd, prefill, pad_id, device)
     out: list[list[int]] = [[] for _ in prompts]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
 
@@ -183,7 +192,7 @@ def greedy_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[i
         for i in batch:
             out[i] = []
         rows = list(batch)  # example index of each row still in the tensors
-        logits, past, mask, pos = prefill(lm, [prompts[i] for i in batch], pad_id, device)
+        logits, past, mask, pos = start([prompts[i] for i in batch])
         fin = [False] * len(rows)
         can_compact = compact
         for step in range(max_new_tokens):

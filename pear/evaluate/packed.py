@@ -1,4 +1,4 @@
-"""A packed prefill for the eager decoding loop (`pear eval --decode packed`).
+"""A packed prefill for the decoding loops (`pear eval --prefill packed`).
 
 Why: the eager loop (`generate.greedy_generate`) left-pads a batch's prompts and passes a padding
 mask, and SDPA takes no FlashAttention kernel with a mask: profiled on an H100 (Qwen2.5-Coder-0.5B,
@@ -175,13 +175,15 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device):
 
 
 class PackedDecoder:
-    """`--decode packed` for the harness: `generate` has `greedy_generate`'s contract."""
+    """`--prefill packed` with the eager loop, for the harness: `generate` has `greedy_generate`'s
+    contract."""
 
-    name = "packed"
+    name = "packed"  # in the results' part keys
+    decode, prefill = "eager", "packed"
 
     @staticmethod
     def generate(lm, prompts, **kw) -> list[list[int]]:
         if not supports_packed(lm):
-            raise PearError(f"--decode packed takes plain transformers models with full attention in every layer; "
-                            f"{type(lm).__name__} is not one (use --decode eager)")
+            raise PearError(f"--prefill packed takes plain transformers models with full attention in every layer; "
+                            f"{type(lm).__name__} is not one (use --prefill padded)")
         return greedy_generate(lm, prompts, prefill=packed_prefill, **kw)

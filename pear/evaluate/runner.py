@@ -38,7 +38,7 @@ from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
 from .continuous import ContinuousDecoder, supports_continuous
-from .packed import PackedDecoder, supports_packed
+from .packed import PackedDecoder, packed_prefill, supports_packed
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
 from .registry import BuildContext, Task, build_task, parse_positions
@@ -166,32 +166,44 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 
 # ------------------------------------------------------------------ evaluate
-DECODES = ("eager", "static", "continuous", "packed")
+DECODES = ("eager", "static", "continuous")
+PREFILLS = ("padded", "packed")
 NEEDS = {"static": "plain transformers models of families that compile with a static cache (not a variant)",
          "continuous": "models whose layers keep their whole cache (no sliding window), plain or under moice",
          "packed": "plain transformers models (not a variant) with full attention in every layer, no softcapping, "
                    "attention through transformers' attention interface"}
 
 
-def _decoder(lm, label: str, decode: str) -> StaticDecoder | ContinuousDecoder | PackedDecoder | None:
-    """The decoder of `lm` for decode "static", "continuous" or "packed", where it applies; else
-    None (the eager loop), said once on stderr."""
+def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
+    """The decoder of `lm` for `decode` and `prefill`, where they apply (None: the eager loop after a
+    padded prefill); what does not apply is said once on stderr. The packed prefill serves the eager
+    loop (`PackedDecoder`) and continuous batching's joins; the static path prefills its own way."""
+    packed = prefill == "packed" and decode != "static" and supports_packed(lm)
+    said = []
+    if prefill == "packed" and not packed:
+        said.append("prefills padded: --prefill packed takes " + (NEEDS["packed"] if decode != "static" else
+                                                                   "the eager or continuous loop, not --decode static"))
+    decoder = None
     if decode == "eager":
-        return None
-    if decode == "static" and supports_static(lm):
-        return StaticDecoder(lm)
-    if decode == "continuous" and supports_continuous(lm):
-        return ContinuousDecoder()
-    if decode == "packed" and supports_packed(lm):
-        return PackedDecoder()
-    if distributed.is_main():
-        print(f"pear: {label} decodes eagerly: --decode {decode} takes {NEEDS[decode]}", file=sys.stderr)
-    return None
+        decoder = PackedDecoder() if packed else None
+    elif decode == "static" and supports_static(lm):
+        decoder = StaticDecoder(lm)
+    elif decode == "continuous" and supports_continuous(lm):
+        decoder = ContinuousDecoder(prefill=packed_prefill if packed else None)
+    else:
+        said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
+        decoder = PackedDecoder() if packed else None
+    if said and distributed.is_main():
+        print(f"pear: {label} " + "; ".join(said), file=sys.stderr)
+    return decoder
 
 
-def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode) -> None:
+def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode,
+           prefill="padded") -> None:
     if decode not in DECODES:
         raise PearError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if prefill not in PREFILLS:
+        raise PearError(f"prefill must be one of {', '.join(PREFILLS)}, got {prefill!r}")
     if parts not in ("reuse", "only"):
         raise PearError(f"parts must be reuse or only, got {parts!r}")
     if parts == "only" and parts_dir is None:
@@ -207,12 +219,14 @@ def _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, pa
         raise PearError(f"a task is given twice in {tasks}")
 
 
-def _model_info(entry: ModelEntry, label: str, loaded: LoadedModel, rows: int, tokens: int, decode: str) -> dict:
+def _model_info(entry: ModelEntry, label: str, loaded: LoadedModel, rows: int, tokens: int, decoder) -> dict:
+    decode, prefill = ("eager", "padded") if decoder is None else (decoder.decode, decoder.prefill)
     return {"label": label, "spec": entry.spec_str, "variant": entry.variant, "variant_options": entry.options,
             "source": loaded.spec.kind, "path": loaded.spec.path,
             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
             "context_window": context_window(loaded.model), "chat_template": has_chat_template(loaded.tokenizer),
-            "batch_limits": {"rows": rows, "tokens": tokens}, "decode": decode}
+            "batch_limits": {"rows": rows, "tokens": tokens}, "decode": decode,
+            "prefill": prefill}
 
 
 def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = None, half: int | None = None,
@@ -221,7 +235,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
              max_batch_tokens: int | str = "auto", chat: str = "auto", distractor_pool: str = "nq",
              n_resamples: int = 10_000, log_samples: bool = False, parts_dir=None, parts: str = "reuse",
              progress: bool = True, max_new_tokens: int | None = None, command: str | None = None,
-             decode: str = "eager") -> dict:
+             decode: str = "eager", prefill: str = "padded") -> dict:
     """Evaluate every model entry on every task; return the results dict (see module doc).
 
     models: specs (str), LoadedModel objects, (spec, variant[, label]) tuples or ModelEntry.
@@ -232,15 +246,15 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     parts (with `parts_dir`): "reuse" (compute what is missing) or "only" (compute nothing;
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
     decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
-    cache and a decoding step compiled on CUDA: `static_decode`), "continuous" (finished rows
-    make room for waiting prompts: `continuous`) or "packed" (the eager loop after a prefill of
-    the prompts packed into one row: `packed`); where a model cannot take the path asked for
-    (a variant, a sliding-window layer; MoICE does take continuous), it decodes eagerly, as
-    models_info's "decode" records.
+    cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
+    make room for waiting prompts: `continuous`); prefill: "padded" (the prompts of a batch
+    left-padded) or "packed" (in one row without padding: `packed`; for the eager and continuous
+    loops). Where a model cannot take the path asked for (a variant, a sliding-window layer;
+    MoICE does take continuous), it decodes eagerly / prefills padded, as models_info records.
     """
     from ..baselines import get_variant
 
-    _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode)
+    _check(tasks, limit, batch_size, max_batch_tokens, max_new_tokens, parts, parts_dir, decode, prefill)
     distributed.init()
     entries = as_entries(models)
     labels = assign_labels(entries)
@@ -276,8 +290,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
         okey = options_key(entry.options) if mkey is not None else None
         timing[label] = {}
         with variant.wrap(loaded, **entry.options) as lm:
-            decoder = _decoder(lm, label, decode)
-            models_info.append(_model_info(entry, label, loaded, rows, tokens, "eager" if decoder is None else decode))
+            decoder = _decoder(lm, label, decode, prefill)
+            models_info.append(_model_info(entry, label, loaded, rows, tokens, decoder))
             if getattr(lm, "pear_variant_info", None) is not None:  # what a variant chose (e.g. a searched channel)
                 models_info[-1]["variant_info"] = lm.pear_variant_info
             job = Job(lm, loaded, entry, label, mkey, okey, rows, tokens, chat, progress, prompts, decoder)
@@ -301,7 +315,7 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
             "device": device_name(dev) if dev is not None else "none", "processes": distributed.world_size(),
             "tasks": tasks, "limit": limit, "half": half, "positions": positions, "seed": seed,
             "max_new_tokens": {t.name: t.max_new_tokens for t in built if t.kind == "generate"},
-            "dtype": dtype, "decode": decode, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "chat": chat,
+            "dtype": dtype, "decode": decode, "prefill": prefill, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "chat": chat,
             "distractor_pool": distractor_pool, "bootstrap_resamples": n_resamples, "data_dir": str(ddir),
             "data_files": data.data_stamps(ddir), **provenance(dev),
         },

@@ -103,7 +103,8 @@ class StaticDecoder:
     dynamic: torch.compile's (None: compile for the first shapes, then again with the sizes
     that changed as symbols; True: symbolic from the start, one compilation)."""
 
-    name = "static"
+    name = "static"  # in the results' part keys
+    decode, prefill = "static", "padded"
 
     def __init__(self, model, compile: bool | None = None, backend: str = "inductor",
                  mode: str | None = "reduce-overhead", dynamic: bool | None = None):
