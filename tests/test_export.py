@@ -178,6 +178,31 @@ def test_fold_on_some_layers_only(tmp_path, tiny_folder, capsys):
     assert len(err) == 1 and "no coefficient on layers 5-6" in err[0] and not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+def test_fold_with_a_strength(tmp_path, tiny_folder, granularity):
+    """`pear fold --strength C` folds 1 + C (a - 1): the weights of a file written that way; C = 0
+    is the base model's weights, C = 1 the coefficients as they are."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_folder()
+    given = COEFS if granularity == "head" else _channel_coefs(resolve(tiny_model("llama")).head_dim)
+    stronger = {k: [1 + 2.5 * (x - 1) for x in a] if isinstance(a, list) else 1 + 2.5 * (a - 1) for k, a in given.items()}
+    (tmp_path / "s").mkdir()
+    runs = {"x2.5": (_coef_file(tmp_path, given), ["--strength", "2.5"]), "ref": (_coef_file(tmp_path / "s", stronger), []),
+            "x0": (tmp_path / "c.json", ["--strength", "0"]), "x1": (tmp_path / "c.json", ["--strength", "1"]),
+            "plain": (tmp_path / "c.json", [])}
+    for name, (f, extra) in runs.items():
+        assert main(["fold", "--model", str(base_dir), "--coefficients", str(f), *extra, "--out", str(tmp_path / name)]) == 0
+    sd = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict() for n in runs}
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    for k in base:
+        torch.testing.assert_close(sd["x2.5"][k], sd["ref"][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sd["x0"][k], base[k], rtol=0, atol=0)
+        assert torch.equal(sd["x1"][k], sd["plain"][k])
+    o1 = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(sd["x2.5"][o1], sd["plain"][o1])
+
+
 def test_peft_adapter_card_names_the_hub_base(tmp_path, monkeypatch, tiny_folder):
     from pear.folding import checkpoint
 

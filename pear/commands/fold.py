@@ -16,6 +16,8 @@ def add_cli(sub) -> None:
                    help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
     p.add_argument("--layers", default=None, metavar="A-B[+C-D]",
                    help="fold only the coefficients of these layers (e.g. 0-4+15-19); the other heads stay as they are")
+    p.add_argument("--strength", type=float, default=None, metavar="C",
+                   help="scale every coefficient's distance from 1 by C: a -> 1 + C (a - 1) (1: as fitted; 0: the base)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     add_format_arg(p)
@@ -32,12 +34,14 @@ def add_format_arg(p) -> None:
 
 def _cli_fold(args: argparse.Namespace) -> int:
     from ..folding import fold_and_save, read_coefficients
-    from ..folding.coefficients import on_layers
+    from ..folding.coefficients import on_layers, with_strength
     from ..preflight import check_heads, check_out_folder
 
     coefs = read_coefficients(args.coefficients)
     if args.layers:
         coefs = on_layers(coefs, args.layers)
+    if args.strength is not None:
+        coefs = with_strength(coefs, args.strength)
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":

@@ -102,3 +102,12 @@ def on_layers(coefs: dict[HeadKey, Coefficient], layers: str) -> dict[HeadKey, C
                         f"{', '.join(map(str, sorted({k[0] for k in coefs})))})")
     return out
 
+
+def with_strength(coefs: dict[HeadKey, Coefficient], c: float) -> dict[HeadKey, Coefficient]:
+    """Every scale's distance from 1 times `c`: a = 1 + c (a - 1), per head or per channel; c = 1
+    leaves the coefficients as they are, c = 0 gives the base model. Why: a fit's scales can stop
+    short of what they do well (BENCHMARKS.md §5, how strong), as a LoRA's weight can be dialled."""
+    if not math.isfinite(c):
+        raise PearError(f"strength must be a finite number, got {c}")
+    return {k: [1 + c * (x - 1) for x in a] if is_channelwise(a) else 1 + c * (a - 1) for k, a in coefs.items()}
+
