@@ -46,6 +46,7 @@ from .dtypes import dtype_name
 from .errors import PearError
 from .families import resolve
 from .folding import HeadKey, HeadScaling, coefficients_json
+from .folding.coefficients import select
 from .objectives import anchor, chunks
 from .proxy import (  # noqa: F401  (_nll, scored_logits: the copy objective looks them up here)
     ProxyBatch,
@@ -287,8 +288,14 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         finally:
             bar.close()
         seconds = seconds_before + time.perf_counter() - t0
-        after = metrics(hs) if step >= settings.steps else None
-        coefs = hs.coefficients()
+        coefs = select(hs.coefficients(), settings.fold_layers, settings.strength)  # what is folded
+        after = None
+        if step >= settings.steps and (settings.fold_layers or settings.strength != 1):
+            with hs.disabled(), HeadScaling(model, coefs, channels=settings.channels) as kept:
+                after = metrics(kept)  # the model as it is folded
+        elif step >= settings.steps:
+            after = metrics(hs)
+    heads = [h for h in heads if h in coefs]
     scores = dict(scores or {})
     return FitResult(heads=heads, coefficients=coefs, losses=losses, before=before, after=after,
                      settings=settings, step=step, seconds=seconds, resumed_from=resumed_from, model=model_spec,

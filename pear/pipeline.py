@@ -222,12 +222,12 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         bar.close()
 
     rows = [{"rank": i + 1, "layer": l, "head": h, "score": scores.get((l, h)),
-             "coefficient": summary_value(fr.coefficients[(l, h)])} for i, (l, h) in enumerate(heads)]
+             "coefficient": summary_value(fr.coefficients[(l, h)])} for i, (l, h) in enumerate(fr.heads)]
     result = RunResult(
         out=out, model_dir=out / "model", heads_path=out / "heads.json", coefficients_path=out / "coefficients.json",
         report_path=out / "report.md",
         figures={"heatmap": out / "heads.png", "coefficients": out / "coefficients.png", "fit_loss": out / "fit_loss.png"},
-        model=spec, method=method, k=len(heads), k_selection=evidence, heads=rows, coefficients=fr.coefficients,
+        model=spec, method=method, k=len(fr.heads), k_selection=evidence, heads=rows, coefficients=fr.coefficients,
         before=fr.before, after=fr.after,
         saved={"dtype": dtype_name(sdtype), "base": saved_base, "folded": saved_folded},
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
@@ -250,7 +250,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
             save(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
                 "pear_run": {"recipe": recipe_name, "objective": fs.objective,
                              "scales": fs.scales, "granularity": granularity(fr.coefficients),
-                             "method": None if disc is None else method, "k": len(heads),
+                             "method": None if disc is None else method, "k": len(fr.heads),
                              "k_selection": evidence["method"],
                              "bounds": fs.bounds, "fit_settings": fs.as_dict(), "compute_dtype": fr.dtype,
                              "heldout_proxy": {"base": saved_base, "folded": saved_folded}}})
@@ -286,7 +286,8 @@ def _command(model, out, k, method, fs: FitSettings, dtype, save_dtype, discover
     for name, flag in [("bounds", "--bounds"), ("steps", "--steps"), ("batch", "--batch"), ("length", "--length"),
                        ("lr", "--lr"), ("eval_batch", "--eval-batch"), ("seed", "--seed"), ("objective", "--objective"),
                        ("scales", "--scales"), ("layers", "--layers"), ("penalty", "--penalty"),
-                       ("anchor", "--anchor"), ("anchor_source", "--anchor-source")]:
+                       ("anchor", "--anchor"), ("anchor_source", "--anchor-source"), ("fold_layers", "--fold-layers"),
+                       ("strength", "--strength")]:
         if getattr(fs, name) != getattr(d, name):
             parts.append(f"{flag} {getattr(fs, name)}")
     parts += [f"--objective-option {k}={v}" for k, v in fs.objective_options.items()]

@@ -196,7 +196,7 @@ KV retrieval, HotpotQA, MMLU), not here.
 ## Fit
 
 Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
-`{fs['scales']}`{f" on layers {fs['layers']}" if fs.get('layers') else ''}{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
+`{fs['scales']}`{f" on layers {fs['layers']}" if fs.get('layers') else ''}{_kept_text(fs)}{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
 f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on {SOURCES[fs.get('anchor_source', 'paragraphs')].text}" if fs.get('anchor') else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;
 {fs['steps']} steps of {fs['batch']} fresh sequences, seed {fs['seed']};
@@ -231,6 +231,13 @@ def _discovery_text(r) -> str:
     d = r.discovery
     return (f"## Discovery\n\nMethod `{r.method}`, settings (N, n) {', '.join(f'({n}, {l})' for n, l in d['settings'])},\n"
             f"{d['seconds']:.1f} s, {d['forward_equivalents']:.1f} forward-equivalents. All scores: `heads.json`.\n")
+
+
+def _kept_text(fs: dict) -> str:
+    """What of the fitted scales was folded, where not all of them as fitted."""
+    kept = ([f"those of layers {fs['fold_layers']} kept"] if fs.get("fold_layers") else []) + \
+        ([f"each scale's distance from 1 times {fs['strength']:g}"] if fs.get("strength", 1) != 1 else [])
+    return f" (folded: {', '.join(kept)})" if kept else ""
 
 
 def _objective_text(r) -> str:

@@ -89,6 +89,10 @@ class FitSettings:
     penalty: float = 0.0  # weight of mean((alpha - 1)^2) added to the loss
     anchor: float = 0.0  # weight of the knowledge anchor, KL(base || scaled) on plain text (`objectives.anchor`)
     anchor_source: str = "paragraphs"  # what the anchor reads: paragraphs, or questions (`objectives.anchor`)
+    # what of the fitted scales is kept (`pear.folding.coefficients.select`): the fit itself, its
+    # checkpoint and its key do not change; the coefficients it hands over do
+    fold_layers: str = ""  # keep the scales of these layers only, e.g. "15-19" ("": all)
+    strength: float = 1.0  # each kept scale's distance from 1 times this
     # below: do not change the result (beyond rounding), may differ between resumed runs
     micro_batch: int | None = None  # sequences per forward pass; None: see `default_micro_batch`
     grad_checkpointing: bool = False
@@ -121,6 +125,10 @@ class FitSettings:
             if not self.all_heads:
                 raise PearError(f"layers {self.layers} needs every-head scales (--scales all-heads or channels); "
                                 "with --scales heads discovery chooses the heads")
+        if self.fold_layers:
+            parse_layers(self.fold_layers)
+        if not math.isfinite(self.strength):
+            raise PearError(f"strength must be a finite number, got {self.strength}")
         if not (math.isfinite(self.penalty) and self.penalty >= 0):
             raise PearError(f"penalty must be a number >= 0, got {self.penalty}")
         if not (math.isfinite(self.anchor) and self.anchor >= 0):

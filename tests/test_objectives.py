@@ -354,6 +354,43 @@ def test_cli_fit_scales_on_some_layers_only(tmp_path, capsys):
     assert FitSettings(scales="channels", layers="").result_key() == FitSettings(scales="channels").result_key()
 
 
+def test_run_folds_the_kept_scales_at_a_strength(tmp_path):
+    """--fold-layers / --strength (recipe keys fold_layers, strength): the same fit, and what it folds
+    is `pear fold --layers --strength` of the plain fit's coefficients, weight for weight; the report
+    says so, the fit's checkpoint key is the plain fit's."""
+    from transformers import AutoModelForCausalLM
+
+    from pear.recipes import candidate_name, get_recipe
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    base = ["run", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+            "--objective-option", "span=8", "--scales", "channels", "--steps", "2", "--batch", "2",
+            "--eval-batch", "2", "--dtype", "fp32", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "all")]) == 0
+    assert main(base + ["--fold-layers", "1", "--strength", "2.5", "--out", str(tmp_path / "kept")]) == 0
+    assert main(["fold", "--model", str(folder), "--coefficients", str(tmp_path / "all" / "coefficients.json"),
+                 "--layers", "1", "--strength", "2.5", "--out", str(tmp_path / "ref")]) == 0
+    kept = read_coefficients(tmp_path / "kept" / "coefficients.json")
+    assert sorted({l for l, _ in kept}) == [1] and len(kept) == 4
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "kept" / "model").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "ref").state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    report = (tmp_path / "kept" / "report.md").read_text()
+    assert "folded: those of layers 1 kept, each scale's distance from 1 times 2.5" in report
+    assert "--fold-layers 1 --strength 2.5" in report  # the command that makes it again
+    fs = FitSettings(scales="channels", fold_layers="15-19", strength=2.0)
+    assert fs.result_key() == FitSettings(scales="channels").result_key()  # the same fit, resumable
+    r = get_recipe("last-self-distill-channels@fold_layers=15-19,strength=2").fit
+    assert (r["fold_layers"], r["strength"]) == ("15-19", 2.0)
+    assert candidate_name("last-self-distill-channels", {**r}) == "last-self-distill-channels@fold_layers=15-19,strength=2"
+    with pytest.raises(PearError, match="ranges A-B"):
+        FitSettings(fold_layers="3-1")
+    with pytest.raises(PearError, match="strength must be a finite number"):
+        FitSettings(strength=float("nan"))
+
+
 def test_paper_recipe_is_the_papers_setting():
     fs = FitSettings(**RECIPES["paper"].fit)
     assert (fs.objective, fs.scales, fs.steps, fs.batch, fs.length, fs.lr, fs.penalty) == \

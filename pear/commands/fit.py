@@ -49,6 +49,11 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
                    help="parameterisation: " + "; ".join(f"{k}: {v}" for k, v in SCALES.items()))
     p.add_argument("--layers", default=None, metavar="A-B[+C-D]",
                    help="with --scales all-heads or channels: scale the heads of these layers only, e.g. 0-4+15-19")
+    p.add_argument("--fold-layers", default=None, metavar="A-B[+C-D]",
+                   help="keep the fitted scales of these layers only (the others at 1), e.g. 15-19: the fit is "
+                   "the same, what is folded changes")
+    p.add_argument("--strength", type=float, default=None, metavar="C",
+                   help="fold each kept scale's distance from 1 times C: a -> 1 + C (a - 1) (default 1)")
     p.add_argument("--penalty", type=float, default=None,
                    help="weight of mean((alpha - 1)^2) in the loss (default 0)")
     p.add_argument("--anchor", type=float, default=None,
@@ -76,7 +81,8 @@ def _objective_names():
 
 
 FIT_ARGS = ("steps", "batch", "length", "lr", "warmup", "bounds", "seed", "eval_batch", "micro_batch",
-            "grad_checkpointing", "objective", "scales", "layers", "penalty", "anchor", "anchor_source")
+            "grad_checkpointing", "objective", "scales", "layers", "penalty", "anchor", "anchor_source", "fold_layers",
+            "strength")
 
 
 def recipe_name(text: str) -> str:

@@ -34,14 +34,11 @@ def add_format_arg(p) -> None:
 
 def _cli_fold(args: argparse.Namespace) -> int:
     from ..folding import fold_and_save, read_coefficients
-    from ..folding.coefficients import on_layers, with_strength
+    from ..folding.coefficients import select
     from ..preflight import check_heads, check_out_folder
 
     coefs = read_coefficients(args.coefficients)
-    if args.layers:
-        coefs = on_layers(coefs, args.layers)
-    if args.strength is not None:
-        coefs = with_strength(coefs, args.strength)
+    coefs = select(coefs, args.layers or "", 1.0 if args.strength is None else args.strength)
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":

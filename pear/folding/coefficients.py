@@ -111,3 +111,10 @@ def with_strength(coefs: dict[HeadKey, Coefficient], c: float) -> dict[HeadKey, 
         raise PearError(f"strength must be a finite number, got {c}")
     return {k: [1 + c * (x - 1) for x in a] if is_channelwise(a) else 1 + c * (a - 1) for k, a in coefs.items()}
 
+
+def select(coefs: dict[HeadKey, Coefficient], layers: str = "", strength: float = 1.0) -> dict[HeadKey, Coefficient]:
+    """The coefficients that are folded: those of `layers` ("": all; `on_layers`) at `strength`
+    (`with_strength`); `pear fold --layers --strength` and the fit settings `fold_layers`, `strength`."""
+    coefs = on_layers(coefs, layers) if layers else dict(coefs)
+    return with_strength(coefs, strength) if strength != 1 else coefs
+
