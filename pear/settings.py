@@ -125,6 +125,8 @@ class FitSettings:
             if not self.all_heads:
                 raise PearError(f"layers {self.layers} needs every-head scales (--scales all-heads or channels); "
                                 "with --scales heads discovery chooses the heads")
+        if self.fold_layers and self.layers and not set(parse_layers(self.fold_layers)) & set(parse_layers(self.layers)):
+            raise PearError(f"fold layers {self.fold_layers} keep none of the fitted layers {self.layers}")
         if self.fold_layers:
             parse_layers(self.fold_layers)
         if not math.isfinite(self.strength):

@@ -387,6 +387,8 @@ def test_run_folds_the_kept_scales_at_a_strength(tmp_path):
     assert candidate_name("last-self-distill-channels", {**r}) == "last-self-distill-channels@fold_layers=15-19,strength=2"
     with pytest.raises(PearError, match="ranges A-B"):
         FitSettings(fold_layers="3-1")
+    with pytest.raises(PearError, match="keep none of the fitted layers"):
+        FitSettings(scales="channels", layers="0-4", fold_layers="15-19")
     with pytest.raises(PearError, match="strength must be a finite number"):
         FitSettings(strength=float("nan"))
 
