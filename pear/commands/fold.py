@@ -14,9 +14,9 @@ def add_cli(sub) -> None:
     add_model_args(p, auto="checkpoint")
     p.add_argument("--coefficients", required=True, metavar="FILE.json",
                    help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
-    p.add_argument("--layers", default=None, metavar="A-B[+C-D]",
+    p.add_argument("--layers", default="", metavar="A-B[+C-D]",
                    help="fold only the coefficients of these layers (e.g. 0-4+15-19); the other heads stay as they are")
-    p.add_argument("--strength", type=float, default=None, metavar="C",
+    p.add_argument("--strength", type=float, default=1.0, metavar="C",
                    help="scale every coefficient's distance from 1 by C: a -> 1 + C (a - 1) (1: as fitted; 0: the base)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
@@ -38,7 +38,7 @@ def _cli_fold(args: argparse.Namespace) -> int:
     from ..preflight import check_heads, check_out_folder
 
     coefs = read_coefficients(args.coefficients)
-    coefs = select(coefs, args.layers or "", 1.0 if args.strength is None else args.strength)
+    coefs = select(coefs, args.layers, args.strength)
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":

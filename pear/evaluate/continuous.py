@@ -64,7 +64,10 @@ class ContinuousDecoder:
     def __init__(self, prefill: Callable | None = None):
         self.prefill_fn = prefill
         self.prefill = "padded" if prefill is None else "packed"
-        self.name = "continuous" if prefill is None else "continuous+packed"  # in the results' part keys
+
+    @property
+    def name(self) -> str:  # in the results' part keys
+        return "continuous" if self.prefill == "padded" else "continuous+packed"
 
     def generate(self, lm, prompts, **kw) -> list[list[int]]:
         return continuous_generate(lm, prompts, prefill=self.prefill_fn, **kw)

@@ -130,7 +130,7 @@ class Job:
     chat: str
     progress: bool
     prompts: Prompts  # shared by the jobs of one loaded model
-    decoder: Any = None  # StaticDecoder / ContinuousDecoder / PackedDecoder (--decode static / continuous / packed), else None: eager
+    decoder: Any = None  # StaticDecoder / ContinuousDecoder (--decode), PackedDecoder (--prefill packed); None: eager
 
 
 def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[list[str], list[dict] | None, float]:
@@ -181,17 +181,15 @@ def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
     packed = prefill == "packed" and decode != "static" and supports_packed(lm)
     said = []
     if prefill == "packed" and not packed:
-        said.append("prefills padded: --prefill packed takes " + (NEEDS["packed"] if decode != "static" else
-                                                                   "the eager or continuous loop, not --decode static"))
-    decoder = None
-    if decode == "eager":
-        decoder = PackedDecoder() if packed else None
-    elif decode == "static" and supports_static(lm):
+        needs = "the eager or continuous loop, not --decode static" if decode == "static" else NEEDS["packed"]
+        said.append(f"prefills padded: --prefill packed takes {needs}")
+    if decode == "static" and supports_static(lm):
         decoder = StaticDecoder(lm)
     elif decode == "continuous" and supports_continuous(lm):
         decoder = ContinuousDecoder(prefill=packed_prefill if packed else None)
-    else:
-        said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
+    else:  # the eager loop, asked for or not
+        if decode != "eager":
+            said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
         decoder = PackedDecoder() if packed else None
     if said and distributed.is_main():
         print(f"pear: {label} " + "; ".join(said), file=sys.stderr)
