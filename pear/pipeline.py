@@ -118,7 +118,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         discovery_settings=None, top_m: int | None = None, dtype: str = "auto",
         save_dtype: str = "auto", device: str = "auto", device_map=None, force: bool = False, restart: bool = False,
         progress: bool = True, data_dir=None, command: str | None = None, format: str = "hf",
-        **fit_overrides) -> RunResult:
+        recipe_note: str | None = None, **fit_overrides) -> RunResult:
     """Discover, fit, fold, verify and save, like `pear run`. Returns a `RunResult` (None on the
     ranks other than 0 of a data-parallel run).
 
@@ -136,16 +136,20 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     format: what `model/` holds: "hf" (a HF folder), "gguf" (the base GGUF re-weighted; needs a GGUF
     base) or "peft" (an IA3 adapter).
     top_m: heads re-scored exactly by "fast" discovery (default `pear.heads.top_m_plan`).
+    recipe_note: how the recipe was chosen, for report.md (`pear.recipes.default_note`; set here when
+    the default is taken, passed by `pear run` when --recipe is not given).
     """
-    from .recipes import check_recipe_data, default_recipe, get_recipe, recipe_settings
+    from .recipes import check_recipe_data, default_note, default_recipe, get_recipe, recipe_settings
 
     t_total = time.perf_counter()
     from .preflight import check_discovery_settings, check_k, check_out_folder
     from .proxy import parse_settings
 
     preset_default = recipe is None and settings is None
-    if recipe is None and settings is None:
-        recipe = default_recipe(model)
+    if preset_default:
+        recipe, recipe_note = default_recipe(model, device), default_note(model, device)
+    if recipe_note:
+        print(f"pear: {recipe_note}", file=sys.stderr)
     rec = get_recipe(recipe)
     recipe_name = recipe or "custom"
     k = parse_k(str(k if k is not None else rec.k))
@@ -233,6 +237,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         verification=verification.as_dict(), losses=fr.losses, seconds={}, versions=versions(),
         settings={"fit": fs.as_dict(), "compute_dtype": fr.dtype, "save_dtype": dtype_name(sdtype),
                   "seed": seed, "k": k, "method": method, "recipe": recipe_name, "format": format,
+                  **({"recipe_note": recipe_note} if recipe_note else {}),
                   **({"estimate": estimate.as_dict()} if estimate else {})},
         command=(command or _command(model, out, k, method, fs, dtype, save_dtype, discovery_settings, top_m)
                  + (f" --format {format}" if format != "hf" and command is None else "")),

@@ -96,7 +96,12 @@ def value_text(value) -> str:
 # on mdqa-20 for both seeds, MMLU within ±0.5 points, kv and closed-book not significantly lower;
 # tests/test_pipeline.py checks it against the HELD_OUT tables below and the study's last choice).
 # Every other model, and a preset not listed, gets DEFAULT_RECIPE.
-PRESET_DEFAULTS: dict[str, str] = {"gemma3-270m": "retrieval-channels@anchor=50,anchor_source=questions"}  # round 7
+PRESET_DEFAULTS: dict[str, str] = {"gemma3-270m": "retrieval-channels@anchor=50,anchor_source=questions",  # round 7
+                                   "smollm2-135m": "last-self-distill-channels@fold_layers=0-4+15-19,strength=2"}  # 14
+# A confirmed recipe whose fit needs a GPU to take minutes (self-distillation over 20-document prompts: 12 minutes
+# on 1 × H100, over 2 hours on 2 CPU cores) is the default on CUDA only: elsewhere `pear run` keeps the
+# paper's recipe, which takes minutes on any CPU, and says which recipe it would have used (`default_note`).
+GPU_ONLY_DEFAULTS = {"smollm2-135m"}
 
 
 def check_recipe_data(settings, data_dir, model: str | None, recipe: str | None, by_default: bool) -> None:
@@ -112,18 +117,45 @@ def check_recipe_data(settings, data_dir, model: str | None, recipe: str | None,
                         "which reads no data") from None
 
 
-def default_recipe(model: str | None) -> str:
-    """The recipe used when none is named: the preset's confirmed one, else DEFAULT_RECIPE."""
+def _gpu_only(model: str | None, device: str | None) -> str | None:
+    """The preset's confirmed recipe where it is the default on CUDA alone and `device` is not CUDA."""
+    from .loading import DEFAULT_MODEL, parse_device
+
+    model = DEFAULT_MODEL if model is None else str(model)
+    if model in GPU_ONLY_DEFAULTS and not parse_device(device).startswith("cuda"):
+        return PRESET_DEFAULTS[model]
+    return None
+
+
+def default_recipe(model: str | None, device: str | None = "auto") -> str:
+    """The recipe used when none is named: the preset's confirmed one (on CUDA only where it is in
+    GPU_ONLY_DEFAULTS), else DEFAULT_RECIPE."""
     from .loading import DEFAULT_MODEL
 
+    if _gpu_only(model, device):
+        return DEFAULT_RECIPE
     return PRESET_DEFAULTS.get(DEFAULT_MODEL if model is None else str(model), DEFAULT_RECIPE)
+
+
+def default_note(model: str | None, device: str | None = "auto") -> str | None:
+    """One line on why the default on `device` is not the preset's confirmed recipe (None where it is)."""
+    confirmed = _gpu_only(model, device)
+    if confirmed is None:
+        return None
+    from .loading import DEFAULT_MODEL
+
+    held = HELD_OUT.get(confirmed, {}).get(DEFAULT_MODEL if model is None else str(model), [])
+    gain = " / ".join(f"{d:+.1f}" for d, _ in held)
+    return (f"recipe {DEFAULT_RECIPE}: without a GPU the default keeps the paper's recipe (minutes); on CUDA the "
+            f"default is {confirmed} ({gain} points on held-out mdqa-20, BENCHMARKS.md §5), whose fit takes "
+            f"hours on a CPU: pass --recipe {confirmed} to run it here anyway")
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
 # to 10; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-11: 1 × H100; round 12: 1 × H200); "
+               "(rounds 8-11 and 14: 1 × H100; round 12: 1 × H200); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -167,6 +199,12 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "last-self-distill-channels@layers=0-4+15-19": {"smollm2-135m": (-0.6, 0.81)},
     "last-self-distill-channels@layers=15-19": {"smollm2-135m": (1.4, 0.44)},
     "first-self-distill-channels@hold=0.5": {"qwen2.5-coder-0.5b": (-0.2, 1)},
+    "last-self-distill-channels@fold_layers=15-19": {"smollm2-135m": (2.6, 0.029)},  # round 14: fold-only
+    "last-self-distill-channels@fold_layers=15-19,strength=2": {"smollm2-135m": (1.6, 0.37)},
+    "last-self-distill-channels@fold_layers=15-19,strength=3": {"smollm2-135m": (-1.8, 0.34)},
+    "last-self-distill-channels@fold_layers=0-4+15-19,strength=2": {"smollm2-135m": (3.0, 0.1)},
+    "oracle-self-distill-channels@fold_layers=15-19": {"smollm2-135m": (2.2, 0.14)},
+    "oracle-self-distill-channels@fold_layers=15-19,strength=2": {"smollm2-135m": (1.6, 0.4)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
@@ -178,6 +216,7 @@ HELD_OUT: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate: {pre
     "retrieval-channels": {"gemma3-270m": [(17.9, 1e-42), (17.1, 5e-39)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.9, 5.9e-43), (16.7, 1.8e-40)]},
     "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": [(13.5, 1.9e-31), (14.6, 1.3e-35)]},
+    "last-self-distill-channels@fold_layers=0-4+15-19,strength=2": {"smollm2-135m": [(2.7, 0.0018), (2.9, 0.0023)]},
 }
 
 # The same questions with every answer's first line cut to its first 20 words (benchmarks/answer_length.py):
@@ -191,6 +230,7 @@ HELD_OUT_CUT20: dict[str, dict[str, list[tuple[float, float]]]] = {  # candidate
     "retrieval-channels": {"gemma3-270m": [(17.9, 6.3e-44), (17.3, 9e-41)]},
     "retrieval-channels@anchor=100": {"gemma3-270m": [(16.5, 3.2e-43), (16.8, 3.4e-42)]},
     "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": [(13.4, 1.3e-32), (14.6, 1.1e-37)]},
+    "last-self-distill-channels@fold_layers=0-4+15-19,strength=2": {"smollm2-135m": [(2.1, 0.012), (2.3, 0.0095)]},
 }
 
 HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed 0: {preset: {task: (Δ, p)}}
@@ -206,6 +246,9 @@ HELD_OUT_OTHER: dict[str, dict[str, dict[str, tuple[float, float]]]] = {  # seed
     "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": {"kv": (4.7, 0.00052),
                                                                              "closedbook": (0.3, 0.38),
                                                                              "mmlu": (-0.1, 0.85)}},
+    "last-self-distill-channels@fold_layers=0-4+15-19,strength=2": {"smollm2-135m": {"kv": (1.0, 0.55),
+                                                                                     "closedbook": (-0.3, 0.73),
+                                                                                     "mmlu": (-0.2, 0.016)}},
 }
 
 

@@ -195,7 +195,7 @@ KV retrieval, HotpotQA, MMLU), not here.
 
 ## Fit
 
-Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
+{f"Chosen by default: {r.settings['recipe_note']}." + chr(10) + chr(10) if r.settings.get('recipe_note') else ''}Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
 `{fs['scales']}`{f" on layers {fs['layers']}" if fs.get('layers') else ''}{_kept_text(fs)}{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
 f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on {SOURCES[fs.get('anchor_source', 'paragraphs')].text}" if fs.get('anchor') else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;

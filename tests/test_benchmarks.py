@@ -500,3 +500,28 @@ def test_position_profile_labels_may_hold_equals_signs(tmp_path):
     assert pp.split_label(f"r@anchor=10={f}") == ("r@anchor=10", str(f))
     with pytest.raises(PearError, match="LABEL=FILE"):
         pp.split_label(f"r@anchor=10={tmp_path / 'missing.json'}")
+
+
+def test_fold_screen_rebuilds_round_14_from_its_parts(tmp_path, data_dir):
+    """benchmarks/fold_screen.py rebuilds round 14's screen_paired.json, selection.json and
+    report_paired.json from the committed parts alone; the rule (Δ and Δ at 20 words ≥ +3 points,
+    MMLU guard ≥ −0.5) chooses the one candidate that passes, and paper when none does."""
+    import shutil
+
+    import fold_screen
+
+    src = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round14/smollm2-135m"
+    work = tmp_path / "w"
+    work.mkdir()
+    for name in ("parts", "names.json", "length_check_h1.json"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, work / name)
+    assert fold_screen.main(["--work", str(work), "--model", "smollm2-135m", "--names", str(work / "names.json"),
+                             "--data-dir", str(data_dir)]) == 0
+    for f in ("screen_paired.json", "selection.json", "report_paired.json"):
+        assert json.loads((work / f).read_text()) == json.loads((src / f).read_text()), f
+    chosen = "last-self-distill-channels@fold_layers=0-4+15-19,strength=2"
+    assert json.loads((work / "selection.json").read_text())["chosen"] == {"smollm2-135m": chosen}
+    screen = {r: {"diff": d, "gap": 0.2} for r, d in (("a", 0.04), ("b", 0.05), ("c", 0.02))}
+    guard = {r: {"diff": 0.0} for r in screen} | {"b": {"diff": -0.006}}  # b loses MMLU: out
+    assert fold_screen.select(screen, guard, {"a": 0.03, "b": 0.05, "c": 0.03}) == "a"
+    assert fold_screen.select(screen, guard, {"a": 0.029, "b": 0.05, "c": 0.03}) == "paper"

@@ -445,8 +445,9 @@ def test_a_preset_default_recipe_applies_only_without_recipe(tmp_path, monkeypat
         add_fit_args(p)
         return p.parse_args(["--model", model, *argv] if model else list(argv))
 
-    assert R.default_recipe("smollm2-135m") == R.DEFAULT_RECIPE and settings_from_args(args()).objective == "copy"
+    assert R.default_recipe("smollm2-135m", "cpu") == R.DEFAULT_RECIPE and settings_from_args(args()).objective == "copy"
     monkeypatch.setattr(R, "PRESET_DEFAULTS", {"smollm2-135m": "long-copy"})
+    monkeypatch.setattr(R, "GPU_ONLY_DEFAULTS", set())
     assert recipe_from_args(args()) == "long-copy" and recipe_from_args(args(model=None)) == "long-copy"
     assert settings_from_args(args()).objective == "long-copy" and settings_from_args(args()).scales == "all-heads"
     assert k_from_args(args()) == "auto"
@@ -568,6 +569,36 @@ def test_sequences_of_different_lengths_share_a_pass(family):
     torch.testing.assert_close(grad, sum(a[3] for a in alone), atol=1e-4, rtol=1e-4)
 
 
+def test_a_gpu_only_default_keeps_the_papers_recipe_without_cuda(tmp_path, monkeypatch, capsys):
+    """A preset whose confirmed recipe needs a GPU (GPU_ONLY_DEFAULTS) gets it on CUDA only: on a CPU
+    `pear run` fits the paper's recipe (minutes, the README's first command) and says, on stderr and
+    in report.md, which recipe it would have used and how to ask for it; --recipe still wins."""
+    import pear.recipes as R
+
+    assert R.PRESET_DEFAULTS["smollm2-135m"] in R.HELD_OUT and "smollm2-135m" in R.GPU_ONLY_DEFAULTS
+    assert R.default_recipe("smollm2-135m", "cpu") == R.default_recipe(None, "cpu") == "paper"
+    note = R.default_note(None, "cpu")
+    assert f"--recipe {R.PRESET_DEFAULTS['smollm2-135m']}" in note and "+2.7 / +2.9" in note
+    assert R.default_note("gemma3-270m", "cpu") is None and R.default_note("/my/model", "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert R.default_recipe("smollm2-135m") == R.PRESET_DEFAULTS["smollm2-135m"]
+    assert R.default_note("smollm2-135m") is None
+    monkeypatch.undo()
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    monkeypatch.setattr(R, "PRESET_DEFAULTS", {str(folder): "long-copy"})  # as if this folder were such a preset
+    monkeypatch.setattr(R, "GPU_ONLY_DEFAULTS", {str(folder)})
+    common = ["--model", str(folder), "--steps", "1", "--batch", "2", "--dtype", "fp32", "--no-progress"]
+    assert main(["run", *common, "--out", str(tmp_path / "r")]) == 0
+    assert "recipe paper: without a GPU" in capsys.readouterr().err
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Chosen by default: recipe paper" in report and "--recipe long-copy" in report
+    assert json.loads((tmp_path / "r" / "model" / "pear.json").read_text())["pear_run"]["objective"] == "copy"
+    assert main(["run", *common, "--recipe", "paper", "--out", str(tmp_path / "named")]) == 0
+    assert "Chosen by default" not in (tmp_path / "named" / "report.md").read_text()
+
+
 def test_a_preset_default_recipe_that_reads_data_says_so(tmp_path, monkeypatch, capsys):
     """Without --recipe a preset may get a recipe that reads SQuAD 2.0; with no data folder the one
     error line says which recipe that is and that --recipe paper needs no data. Named recipes keep
@@ -577,6 +608,7 @@ def test_a_preset_default_recipe_that_reads_data_says_so(tmp_path, monkeypatch, 
 
     monkeypatch.delenv("PEAR_DATA", raising=False)
     monkeypatch.setattr(R, "PRESET_DEFAULTS", {"smollm2-135m": "oracle-distill-channels"})
+    monkeypatch.setattr(R, "GPU_ONLY_DEFAULTS", set())
     assert main(["run", "--model", "smollm2-135m", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "gets recipe 'oracle-distill-channels'" in err and "--recipe paper" in err and err.count("\n") == 1

@@ -116,7 +116,7 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     studies = [results / "recipe_study_round4", results / "recipe_study_round7"]  # 4: round 3's parts; 7: Gemma's 3-7
     screens = studies + [results / "recipe_study_round10" / m for m in ("smollm2-135m", "gemma3-270m")] + \
         [results / "recipe_study_round11" / m for m in ("smollm2-135m", "qwen2.5-coder-0.5b")] + \
-        [results / "recipe_study_round12" / "smollm2-135m"]  # rounds 8-10, 8-11, 8-12
+        [results / "recipe_study_round12" / "smollm2-135m", results / "recipe_study_round14" / "smollm2-135m"]
     seen = set()
     for study in screens:
         for key, v in json.loads((study / "screen_paired.json").read_text()).items():
@@ -131,20 +131,24 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
         return {c: {m: [v[s] for s in sorted(v)] for m, v in ms.items()} for c, ms in rows.items()}
 
     held, other, cut = {}, {}, {}  # the report half: mdqa-20 per seed, the other tasks (seed 0), cut to 20 words
-    for study in studies:
+    folds = results / "recipe_study_round14" / "smollm2-135m"  # a fold-only round: labels named in names.json
+    names = json.loads((folds / "names.json").read_text())
+    for study in studies + [folds]:
+        keep = (lambda label: label != "paper") if study == folds else (lambda label: True)  # round 3's paper stands
         for m, tasks in json.loads((study / "report_paired.json").read_text()).items():
-            for label, v in tasks["mdqa-20"].items():
+            for label, v in ((lab, v) for lab, v in tasks["mdqa-20"].items() if keep(lab)):
                 name, _, seed = label.partition("-seed")
                 held.setdefault(name, {}).setdefault(m, {})[int(seed or 0)] = (
                     round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
             for task in ("kv", "closedbook", "mmlu"):
                 for label, v in tasks.get(task, {}).items():
-                    if "-seed" not in label:
+                    if "-seed" not in label and keep(label):
                         other.setdefault(label, {}).setdefault(m, {})[task] = (round(100 * v["diff"], 1),
                                                                               float(f"{v['p_mcnemar']:.2g}"))
         for m, rows in json.loads((study / "length_check_h2.json").read_text()).items():
             for label, row in rows.items():
-                if label != "base":
+                label = names[label] if study == folds and label != "base" else label
+                if label != "base" and keep(label):
                     c, (name, _, seed) = row["by_words"][str(HELD_OUT_CUT)], label.partition("-seed")
                     cut.setdefault(name, {}).setdefault(m, {})[int(seed or 0)] = (
                         round(100 * c["diff"], 1), float(f"{c['p']:.2g}"))
@@ -185,12 +189,16 @@ def test_preset_defaults_are_the_choices_that_pass_the_default_rule():
                     and set(other) == {"kv", "closedbook", "mmlu"} and abs(other["mmlu"][0]) <= 0.5 \
                     and not any(other[t][0] < 0 and other[t][1] < 0.05 for t in ("kv", "closedbook")):
                 passing.setdefault(m, set()).add(name)
-    assert passing == {"gemma3-270m": {"oracle-distill-channels", "retrieval-channels@anchor=50,anchor_source=questions"}}
-    study = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round7"
-    chosen = json.loads((study / "selection.json").read_text())["chosen"]
+    folded = "last-self-distill-channels@fold_layers=0-4+15-19,strength=2"
+    assert passing == {"gemma3-270m": {"oracle-distill-channels", "retrieval-channels@anchor=50,anchor_source=questions"},
+                       "smollm2-135m": {folded}}
+    results = Path(__file__).resolve().parent.parent / "benchmarks/results"
+    chosen = {**json.loads((results / "recipe_study_round7/selection.json").read_text())["chosen"],  # Gemma's last round
+              **json.loads((results / "recipe_study_round14/smollm2-135m/selection.json").read_text())["chosen"]}
     assert PRESET_DEFAULTS == {m: chosen[m] for m in passing} == {
-        "gemma3-270m": "retrieval-channels@anchor=50,anchor_source=questions"}
-    assert default_recipe("gemma3-270m") == PRESET_DEFAULTS["gemma3-270m"] and default_recipe(None) == "paper"
+        "gemma3-270m": "retrieval-channels@anchor=50,anchor_source=questions", "smollm2-135m": folded}
+    assert default_recipe("gemma3-270m") == PRESET_DEFAULTS["gemma3-270m"]
+    assert default_recipe(None, "cpu") == "paper"  # SmolLM2's recipe is its default on CUDA alone (GPU_ONLY_DEFAULTS)
 
 
 def test_recipe_names_change_a_recipe():

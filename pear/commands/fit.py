@@ -21,7 +21,8 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
 
     d = FitSettings()
     p.add_argument("--recipe", default=None, type=recipe_name, metavar="NAME",
-                   help=f"named fit settings (default: the preset's confirmed recipe, else {DEFAULT_RECIPE}): "
+                   help=f"named fit settings (default: the preset's confirmed recipe, else {DEFAULT_RECIPE}; without CUDA "
+                   f"{DEFAULT_RECIPE} where that recipe's fit needs a GPU): "
                    + "; ".join(f"{k}: {r.description}" for k, r in RECIPES.items())
                    + f"; NAME@KEY=VALUE,... changes the recipe's {', '.join(NAME_KEYS)} "
                    "(e.g. retrieval-channels@anchor=50,anchor_source=questions)")
@@ -102,7 +103,7 @@ def recipe_from_args(args: argparse.Namespace) -> str:
     """--recipe, or the model's default (`pear.recipes.default_recipe`)."""
     from ..recipes import default_recipe
 
-    return args.recipe or default_recipe(args.model)
+    return args.recipe or default_recipe(args.model, getattr(args, "device", "auto"))
 
 
 def settings_from_args(args: argparse.Namespace) -> FitSettings:
@@ -157,9 +158,12 @@ def _cli_fit(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
         raise PearError(f"--max-steps-this-run must be >= 1, got {args.max_steps_this_run}")
-    from ..recipes import check_recipe_data
+    from ..recipes import check_recipe_data, default_note
 
     check_recipe_data(settings, args.data_dir, args.model, recipe_from_args(args), by_default=args.recipe is None)
+    note = default_note(args.model, args.device) if args.recipe is None else None
+    if note:
+        print(f"pear: {note}", file=sys.stderr)
     k = k_from_args(args)
     if settings.all_heads:
         heads, scores, evidence = None, {}, {"method": f"every head ({settings.scales})"}

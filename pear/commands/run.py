@@ -39,7 +39,7 @@ def _cli_run(args: argparse.Namespace) -> int:
     from ..pipeline import default_out, run
     from ..preflight import check_discovery_settings, check_k, check_out_folder
     from ..proxy import parse_settings
-    from ..recipes import check_recipe_data
+    from ..recipes import check_recipe_data, default_note
 
     out = Path(args.out) if args.out else default_out(args.model)
     check_out_folder(out, args.force)
@@ -51,7 +51,8 @@ def _cli_run(args: argparse.Namespace) -> int:
     res = run(args.model, out, k=k_from_args(args), method=args.method, settings=settings,
               recipe=recipe_from_args(args), discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
-              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format)
+              restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format,
+              recipe_note=default_note(args.model, args.device) if args.recipe is None else None)
     if res is None:  # data-parallel: rank 0 reports
         return 0
     print(res.summary())
