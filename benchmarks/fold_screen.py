@@ -12,7 +12,8 @@ writes, under the recipes' names, as `recipe_study.py` does:
 * screen_paired.json: every candidate against the base on the screen (mdqa-20, half 1);
 * selection.json: the rule of rounds 8-14 — chosen if Δ ≥ +3 points, Δ with answers cut to 20
   words ≥ +3 (W/length_check_h1.json, `answer_length.py`) and MMLU (half 1, the guard) Δ ≥ −0.5
-  points; among those the largest Δ; none: paper;
+  points; among those the largest Δ; none: paper (the guard need only be measured for the candidates
+  that pass the first two);
 * report_paired.json: the report half (half 2: mdqa-20, kv, closed-book, MMLU) where its parts are.
 """
 
@@ -44,8 +45,12 @@ def paired(work: Path, model: str, task: str, half: int, limit: int | None, name
 
 
 def select(screen: dict, guard: dict, cut: dict) -> str:
-    allowed = [r for r, v in screen.items() if v["diff"] >= GOAL_DELTA - 1e-9 and cut[r] >= GOAL_DELTA - 1e-9
-               and guard[r]["diff"] >= GUARD_MIN - 1e-9]
+    """The rule; the guard is needed only for the candidates that pass the screen and the cut."""
+    passing = [r for r, v in screen.items() if v["diff"] >= GOAL_DELTA - 1e-9 and cut[r] >= GOAL_DELTA - 1e-9]
+    missing = [r for r in passing if r not in guard]
+    if missing:
+        raise RuntimeError(f"the guard ({GUARD[0]}, half 1) is missing for {', '.join(missing)}")
+    allowed = [r for r in passing if guard[r]["diff"] >= GUARD_MIN - 1e-9]
     return max(allowed, key=lambda r: (screen[r]["diff"], -screen[r]["gap"]), default="paper")
 
 

@@ -525,3 +525,5 @@ def test_fold_screen_rebuilds_round_14_from_its_parts(tmp_path, data_dir):
     guard = {r: {"diff": 0.0} for r in screen} | {"b": {"diff": -0.006}}  # b loses MMLU: out
     assert fold_screen.select(screen, guard, {"a": 0.03, "b": 0.05, "c": 0.03}) == "a"
     assert fold_screen.select(screen, guard, {"a": 0.029, "b": 0.05, "c": 0.03}) == "paper"
+    with pytest.raises(RuntimeError, match="guard .* missing for a"):  # a passes the screen and the cut
+        fold_screen.select(screen, {"b": guard["b"]}, {"a": 0.03, "b": 0.05, "c": 0.03})
