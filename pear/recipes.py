@@ -117,24 +117,25 @@ def check_recipe_data(settings, data_dir, model: str | None, recipe: str | None,
                         "which reads no data") from None
 
 
+def _preset(model: str | None) -> str:
+    from .loading import DEFAULT_MODEL
+
+    return DEFAULT_MODEL if model is None else str(model)
+
+
 def _gpu_only(model: str | None, device: str | None) -> str | None:
     """The preset's confirmed recipe where it is the default on CUDA alone and `device` is not CUDA."""
-    from .loading import DEFAULT_MODEL, parse_device
+    from .loading import parse_device
 
-    model = DEFAULT_MODEL if model is None else str(model)
-    if model in GPU_ONLY_DEFAULTS and not parse_device(device).startswith("cuda"):
-        return PRESET_DEFAULTS[model]
+    if _preset(model) in GPU_ONLY_DEFAULTS and not parse_device(device).startswith("cuda"):
+        return PRESET_DEFAULTS[_preset(model)]
     return None
 
 
 def default_recipe(model: str | None, device: str | None = "auto") -> str:
     """The recipe used when none is named: the preset's confirmed one (on CUDA only where it is in
     GPU_ONLY_DEFAULTS), else DEFAULT_RECIPE."""
-    from .loading import DEFAULT_MODEL
-
-    if _gpu_only(model, device):
-        return DEFAULT_RECIPE
-    return PRESET_DEFAULTS.get(DEFAULT_MODEL if model is None else str(model), DEFAULT_RECIPE)
+    return DEFAULT_RECIPE if _gpu_only(model, device) else PRESET_DEFAULTS.get(_preset(model), DEFAULT_RECIPE)
 
 
 def default_note(model: str | None, device: str | None = "auto") -> str | None:
@@ -142,10 +143,7 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
     confirmed = _gpu_only(model, device)
     if confirmed is None:
         return None
-    from .loading import DEFAULT_MODEL
-
-    held = HELD_OUT.get(confirmed, {}).get(DEFAULT_MODEL if model is None else str(model), [])
-    gain = " / ".join(f"{d:+.1f}" for d, _ in held)
+    gain = " / ".join(f"{d:+.1f}" for d, _ in HELD_OUT.get(confirmed, {}).get(_preset(model), []))
     return (f"recipe {DEFAULT_RECIPE}: without a GPU the default keeps the paper's recipe (minutes); on CUDA the "
             f"default is {confirmed} ({gain} points on held-out mdqa-20, BENCHMARKS.md §5), whose fit takes "
             f"hours on a CPU: pass --recipe {confirmed} to run it here anyway")
