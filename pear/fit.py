@@ -290,11 +290,12 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         seconds = seconds_before + time.perf_counter() - t0
         coefs = select(hs.coefficients(), settings.fold_layers, settings.strength)  # what is folded
         after = None
-        if step >= settings.steps and not (settings.fold_layers or settings.strength != 1):
-            after = metrics(hs)
-        elif step >= settings.steps:  # the model as it is folded: the kept scales alone
-            with hs.disabled(), HeadScaling(model, coefs) as kept:
-                after = metrics(kept)
+        if step >= settings.steps:  # measured on the model as it is folded
+            if settings.fold_layers or settings.strength != 1:  # the kept scales alone
+                with hs.disabled(), HeadScaling(model, coefs) as kept:
+                    after = metrics(kept)
+            else:
+                after = metrics(hs)
     heads = [h for h in heads if h in coefs]
     scores = dict(scores or {})
     return FitResult(heads=heads, coefficients=coefs, losses=losses, before=before, after=after,

@@ -195,7 +195,7 @@ KV retrieval, HotpotQA, MMLU), not here.
 
 ## Fit
 
-{f"Chosen by default: {r.settings['recipe_note']}." + chr(10) + chr(10) if r.settings.get('recipe_note') else ''}Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
+{_note_text(r)}Recipe `{r.settings.get('recipe')}`: objective `{fs['objective']}` {fs['objective_options'] or ''}, scales
 `{fs['scales']}`{f" on layers {fs['layers']}" if fs.get('layers') else ''}{_kept_text(fs)}{f", penalty {fs['penalty']:g} x mean((α − 1)²)" if fs['penalty'] else ''}{
 f", knowledge anchor {fs['anchor']:g} x KL(base ‖ scaled) on {SOURCES[fs.get('anchor_source', 'paragraphs')].text}" if fs.get('anchor') else ''}.{_objective_text(r)}
 AdamW, lr {fs['lr']:g}, weight decay {fs['weight_decay']:g}, linear schedule with {fs['warmup']} warm-up steps;
@@ -231,6 +231,12 @@ def _discovery_text(r) -> str:
     d = r.discovery
     return (f"## Discovery\n\nMethod `{r.method}`, settings (N, n) {', '.join(f'({n}, {l})' for n, l in d['settings'])},\n"
             f"{d['seconds']:.1f} s, {d['forward_equivalents']:.1f} forward-equivalents. All scores: `heads.json`.\n")
+
+
+def _note_text(r) -> str:
+    """How the recipe was chosen, where the default was not the preset's own (`recipes.default_note`)."""
+    note = r.settings.get("recipe_note")
+    return f"Chosen by default: {note}.\n\n" if note else ""
 
 
 def _kept_text(fs: dict) -> str:

@@ -125,10 +125,10 @@ class FitSettings:
             if not self.all_heads:
                 raise PearError(f"layers {self.layers} needs every-head scales (--scales all-heads or channels); "
                                 "with --scales heads discovery chooses the heads")
-        if self.fold_layers and self.layers and not set(parse_layers(self.fold_layers)) & set(parse_layers(self.layers)):
-            raise PearError(f"fold layers {self.fold_layers} keep none of the fitted layers {self.layers}")
         if self.fold_layers:
-            parse_layers(self.fold_layers)  # malformed: one clear error now, not after the fit
+            kept = set(parse_layers(self.fold_layers))  # malformed: one clear error now, not after the fit
+            if self.layers and not kept & set(parse_layers(self.layers)):
+                raise PearError(f"fold layers {self.fold_layers} keep none of the fitted layers {self.layers}")
         if not math.isfinite(self.strength):
             raise PearError(f"strength must be a finite number, got {self.strength}")
         if not (math.isfinite(self.penalty) and self.penalty >= 0):

@@ -106,6 +106,14 @@ def recipe_from_args(args: argparse.Namespace) -> str:
     return args.recipe or default_recipe(args.model, getattr(args, "device", "auto"))
 
 
+def recipe_note_from_args(args: argparse.Namespace) -> str | None:
+    """Why the default recipe is not the preset's own on this device (`pear.recipes.default_note`);
+    None when --recipe is given."""
+    from ..recipes import default_note
+
+    return default_note(args.model, args.device) if args.recipe is None else None
+
+
 def settings_from_args(args: argparse.Namespace) -> FitSettings:
     """The recipe's settings, with every option given on the command line on top."""
     from ..fit import FitSettings
@@ -158,10 +166,10 @@ def _cli_fit(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
         raise PearError(f"--max-steps-this-run must be >= 1, got {args.max_steps_this_run}")
-    from ..recipes import check_recipe_data, default_note
+    from ..recipes import check_recipe_data
 
     check_recipe_data(settings, args.data_dir, args.model, recipe_from_args(args), by_default=args.recipe is None)
-    note = default_note(args.model, args.device) if args.recipe is None else None
+    note = recipe_note_from_args(args)
     if note:
         print(f"pear: {note}", file=sys.stderr)
     k = k_from_args(args)

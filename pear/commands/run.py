@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .fit import add_fit_args, k_from_args, recipe_from_args, settings_from_args
+from .fit import add_fit_args, k_from_args, recipe_from_args, recipe_note_from_args, settings_from_args
 from .fold import add_format_arg
 
 
@@ -39,7 +39,7 @@ def _cli_run(args: argparse.Namespace) -> int:
     from ..pipeline import default_out, run
     from ..preflight import check_discovery_settings, check_k, check_out_folder
     from ..proxy import parse_settings
-    from ..recipes import check_recipe_data, default_note
+    from ..recipes import check_recipe_data
 
     out = Path(args.out) if args.out else default_out(args.model)
     check_out_folder(out, args.force)
@@ -52,7 +52,7 @@ def _cli_run(args: argparse.Namespace) -> int:
               recipe=recipe_from_args(args), discovery_settings=args.discovery_settings, top_m=args.top_m, dtype=dtype,
               save_dtype=args.save_dtype, device=args.device, device_map=args.device_map, force=args.force,
               restart=args.restart, progress=not args.no_progress, data_dir=args.data_dir, format=args.format,
-              recipe_note=default_note(args.model, args.device) if args.recipe is None else None)
+              recipe_note=recipe_note_from_args(args))
     if res is None:  # data-parallel: rank 0 reports
         return 0
     print(res.summary())
