@@ -84,6 +84,17 @@ def heldout_batch(model, tokenizer, settings: FitSettings) -> ProxyBatch:
 
 
 # ---------------------------------------------------------------------------- result
+def metrics_text(before: dict, after: dict) -> str:
+    """The held-out metrics before -> after for a summary line: the copy proxy's, which every fit
+    measures, and the fit's own objective's loss and the anchor's KL where it has them."""
+    text = (f"held-out proxy loss {before['proxy_loss']:.3f} -> {after['proxy_loss']:.3f}, "
+            f"copy accuracy {before['copy_accuracy']:.3f} -> {after['copy_accuracy']:.3f}")
+    for key, what in (("objective_loss", "objective loss"), ("anchor_kl", "anchor KL")):
+        if key in before and key in after:
+            text += f", {what} {before[key]:.3f} -> {after[key]:.3f}"
+    return text
+
+
 @dataclass
 class FitResult:
     heads: list[HeadKey]

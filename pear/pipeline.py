@@ -34,7 +34,7 @@ from .provenance import versions
 from .export.formats import check_format, save_gguf, save_peft
 from .export.scales import snapshot_out_projs
 from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
-from .fit import FitSettings, fit, heldout_batch, proxy_metrics
+from .fit import FitSettings, fit, heldout_batch, metrics_text, proxy_metrics
 from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
 from .heads import all_heads, find_heads, parse_k, top_m_plan
 from .loading import load_model, parse_dtype, resolve_spec
@@ -70,9 +70,7 @@ class RunResult:
     discovery: dict = field(default_factory=dict)  # seconds, forward-equivalents, settings
 
     def summary(self) -> str:
-        b, a = self.before, self.after
-        return (f"{self.k} heads re-weighted; held-out proxy loss {b['proxy_loss']:.3f} -> {a['proxy_loss']:.3f}, "
-                f"copy accuracy {b['copy_accuracy']:.3f} -> {a['copy_accuracy']:.3f}; "
+        return (f"{self.k} heads re-weighted; {metrics_text(self.before, self.after)}; "
                 f"{self.seconds['total']:.0f} s; saved {self.out}")
 
 

@@ -231,6 +231,19 @@ def test_recipe_names_change_a_recipe():
     assert e.value.code == 2
 
 
+def test_the_summary_line_names_the_fits_own_objective_where_it_has_one():
+    """Every fit measures the copy proxy; a fit of another objective also reports that objective's
+    held-out loss (and the anchor's KL) on its summary line, not the proxy's alone."""
+    from pear.fit import metrics_text
+
+    copy = metrics_text({"proxy_loss": 2.0, "copy_accuracy": 0.5}, {"proxy_loss": 1.5, "copy_accuracy": 0.6})
+    assert copy == "held-out proxy loss 2.000 -> 1.500, copy accuracy 0.500 -> 0.600"
+    other = metrics_text({"proxy_loss": 2.0, "copy_accuracy": 0.5, "objective_loss": 0.8, "anchor_kl": 0.0},
+                         {"proxy_loss": 2.1, "copy_accuracy": 0.5, "objective_loss": 0.6, "anchor_kl": 0.01})
+    assert other.startswith(copy.split(" -> 1.500")[0])
+    assert other.endswith("objective loss 0.800 -> 0.600, anchor KL 0.000 -> 0.010")
+
+
 @pytest.mark.real
 def test_pear_run_real_model(tmp_path, smollm2, capsys):
     """Small settings on the real default model: the saved folder reloads with plain

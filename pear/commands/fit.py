@@ -155,7 +155,7 @@ def add_cli(sub) -> None:
 
 
 def _cli_fit(args: argparse.Namespace) -> int:
-    from ..fit import fit
+    from ..fit import fit, metrics_text
     from ..training import checkpoint_path_for
     from ..heads import all_heads, select_heads
     from ..hardware import announce
@@ -197,10 +197,8 @@ def _cli_fit(args: argparse.Namespace) -> int:
         return 0
     res.save(args.out)
     ckpt.unlink(missing_ok=True)
-    b, a = res.before, res.after
     values = [v for c in res.coefficients.values() for v in (c if isinstance(c, list) else [c])]
-    print(f"fitted {len(heads)} heads in {res.seconds:.1f} s: held-out proxy loss {b['proxy_loss']:.3f} -> "
-          f"{a['proxy_loss']:.3f}, copy accuracy {b['copy_accuracy']:.3f} -> {a['copy_accuracy']:.3f}; "
+    print(f"fitted {len(heads)} heads in {res.seconds:.1f} s: {metrics_text(res.before, res.after)}; "
           f"coefficients in [{min(values):.3f}, {max(values):.3f}]; "
           f"saved {args.out}")
     return 0
