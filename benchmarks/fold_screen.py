@@ -36,9 +36,11 @@ GUARD = ("mmlu", 2000)
 
 
 def paired(work: Path, model: str, task: str, half: int, limit: int | None, names: dict, data_dir) -> dict:
-    """{recipe name: paired row} of `task`'s evaluation on `half` (the first `limit` items), from the parts."""
+    """{recipe name: paired row} of `task`'s evaluation on `half` (the first `limit` items), from the parts,
+    for the labels `names` names (the parts may hold more: two rounds screened in one evaluation)."""
     examples = half_examples(data_dir, task, limit, half)
     by_label = _records(work, task, [model], lambda of: of == len(examples), examples).get(model, {})
+    by_label = {lab: recs for lab, recs in by_label.items() if lab == "base" or lab in names}
     if "base" not in by_label or len(by_label) < 2:
         return {}
     return {names[lab]: row for lab, row in _paired(by_label, f"{model} {task}").items()}
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     (w / "screen_paired.json").write_text(json.dumps({f"{m}/{r}": v for r, v in screen.items()}, indent=1) + "\n")
     guard = paired(w, m, GUARD[0], 1, GUARD[1], names, data_dir)
     length = json.loads((w / "length_check_h1.json").read_text())[m]
-    cut = {names[lab]: v["by_words"]["20"]["diff"] for lab, v in length.items() if lab != "base"}
+    cut = {names[lab]: v["by_words"]["20"]["diff"] for lab, v in length.items() if lab in names}
     chosen = select(screen, guard, cut)
     sel = {"rule": RULE, "models": [m], "delta": {m: {r: v["diff"] for r, v in screen.items()}},
            "guard": {"task": GUARD[0], "delta": {m: {r: v["diff"] for r, v in guard.items()}}},

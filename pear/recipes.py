@@ -153,7 +153,7 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
 # to 10; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-11 and 14: 1 × H100; round 12: 1 × H200; round 15: 2 CPU cores); "
+               "(rounds 8-11, 14 and 16: 1 × H100; round 12: 1 × H200); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -203,7 +203,26 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "last-self-distill-channels@fold_layers=0-4+15-19,strength=2": {"smollm2-135m": (3.0, 0.1)},
     "oracle-self-distill-channels@fold_layers=15-19": {"smollm2-135m": (2.2, 0.14)},
     "oracle-self-distill-channels@fold_layers=15-19,strength=2": {"smollm2-135m": (1.6, 0.4)},
-    "first-self-distill-channels@fold_layers=12-15": {"qwen2.5-coder-0.5b": (-0.8, 0.54)},  # round 15, CPU
+    # round 16, fold-only, with round 15's three (on 2 CPU cores round 15 read -0.8 for the first of them)
+    "first-self-distill-channels@fold_layers=0-5": {"qwen2.5-coder-0.5b": (-1.0, 0.4)},
+    "first-self-distill-channels@fold_layers=0-5,strength=2": {"qwen2.5-coder-0.5b": (-0.6, 0.74)},
+    "first-self-distill-channels@fold_layers=12-15": {"qwen2.5-coder-0.5b": (-2.0, 0.087)},
+    "first-self-distill-channels@fold_layers=12-15,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.17)},
+    "first-self-distill-channels@fold_layers=12-17": {"qwen2.5-coder-0.5b": (-1.8, 0.14)},
+    "first-self-distill-channels@fold_layers=12-17,strength=2": {"qwen2.5-coder-0.5b": (-1.2, 0.44)},
+    "first-self-distill-channels@fold_layers=18-23": {"qwen2.5-coder-0.5b": (-1.0, 0.27)},
+    "first-self-distill-channels@fold_layers=18-23,strength=2": {"qwen2.5-coder-0.5b": (-1.4, 0.23)},
+    "first-self-distill-channels@fold_layers=6-11": {"qwen2.5-coder-0.5b": (0.6, 0.72)},
+    "first-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-0.2, 1.0)},
+    "oracle-self-distill-channels@fold_layers=0-5": {"qwen2.5-coder-0.5b": (-2.4, 0.012)},
+    "oracle-self-distill-channels@fold_layers=0-5,strength=2": {"qwen2.5-coder-0.5b": (-3.6, 0.0021)},
+    "oracle-self-distill-channels@fold_layers=12-17": {"qwen2.5-coder-0.5b": (-1.4, 0.34)},
+    "oracle-self-distill-channels@fold_layers=12-17,strength=2": {"qwen2.5-coder-0.5b": (-1.0, 0.58)},
+    "oracle-self-distill-channels@fold_layers=18-23": {"qwen2.5-coder-0.5b": (-0.8, 0.45)},
+    "oracle-self-distill-channels@fold_layers=18-23,strength=2": {"qwen2.5-coder-0.5b": (-1.4, 0.26)},
+    "oracle-self-distill-channels@fold_layers=6-11": {"qwen2.5-coder-0.5b": (-2.0, 0.13)},
+    "oracle-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.25)},
+    "oracle-self-distill-channels@fold_layers=8-15": {"qwen2.5-coder-0.5b": (-1.0, 0.6)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")

@@ -527,3 +527,26 @@ def test_fold_screen_rebuilds_round_14_from_its_parts(tmp_path, data_dir):
     assert fold_screen.select(screen, guard, {"a": 0.029, "b": 0.05, "c": 0.03}) == "paper"
     with pytest.raises(RuntimeError, match="guard .* missing for a"):  # a passes the screen and the cut
         fold_screen.select(screen, {"b": guard["b"]}, {"a": 0.03, "b": 0.05, "c": 0.03})
+
+
+def test_fold_screen_reads_two_rounds_screened_in_one_evaluation(tmp_path, data_dir):
+    """Round 16 screened its 16 cuts and round 15's three in one evaluation of Qwen2.5-Coder-0.5B (four
+    processes, one set of parts): each round's names.json picks its own candidates from the parts, the
+    rebuilt files equal the committed ones, and neither round chooses anything."""
+    import shutil
+
+    import fold_screen
+
+    src = Path(__file__).resolve().parent.parent / "benchmarks/results/recipe_study_round16/qwen2.5-coder-0.5b"
+    for names, suffix, count in (("names.json", "", 19), ("names_round15.json", "_round15", 3)):
+        work = tmp_path / names
+        work.mkdir()
+        for name in ("parts", names, "length_check_h1.json"):
+            (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, work / name)
+        assert fold_screen.main(["--work", str(work), "--model", "qwen2.5-coder-0.5b", "--names", str(work / names),
+                                 "--data-dir", str(data_dir)]) == 0
+        for f in ("screen_paired", "selection"):
+            assert json.loads((work / f"{f}.json").read_text()) == json.loads((src / f"{f}{suffix}.json").read_text()), f
+        sel = json.loads((work / "selection.json").read_text())
+        assert sel["chosen"] == {"qwen2.5-coder-0.5b": "paper"} and len(sel["delta"]["qwen2.5-coder-0.5b"]) == count
+        assert max(sel["delta"]["qwen2.5-coder-0.5b"].values()) < 0.03  # no cut reaches the rule's +3 points
