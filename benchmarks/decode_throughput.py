@@ -8,13 +8,15 @@ Both paths score the same examples through the harness (`pear.evaluate.scoring.r
 after a small warm-up; each other path (`--decoders`: static, a static KV cache with the step
 compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts; packed, the
 prompts of a batch prefilled as one row without padding, then the eager loop; continuous+packed,
-both: the joining prompts prefilled packed) runs twice:
+both: the joining prompts prefilled packed; compiled and continuous+compiled, the same with the
+decoder blocks compiled for the prompts, `--prefill compiled`) runs twice (compiled's first run
+includes compiling the blocks):
 static's first run includes compiling the step and recording its CUDA graphs, the second is
 the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
 should), accuracy under each, peak GPU memory, the time of the prompts alone (one new token:
-the floor of any decoding loop; under packed too, as packed's "prompts_only": what packing
-saves of the prefill), and the command, versions and hardware
+the floor of any decoding loop; under packed and compiled too, as their "prompts_only": what
+packing, and compiling, save of the prefill), and the command, versions and hardware
 (`pear.provenance`). If a path fails (compiling, say), the error is printed and saved under its
 name and the exit status is 1; the other numbers are still written.
 """
@@ -45,7 +47,8 @@ def parse(argv):
     ap.add_argument("--max-batch-tokens", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
     ap.add_argument("--decoders", default="static,continuous",
-                    help="the paths compared with eager: static, continuous, packed, continuous+packed")
+                    help="the paths compared with eager: static, continuous, packed, continuous+packed, compiled, "
+                         "continuous+compiled")
     ap.add_argument("--variant", default="none", help="evaluate the model under this variant (pear eval --variant)")
     ap.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the variant, as pear eval takes it (repeatable)")
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     from pear.evaluate.scoring import render_prompts, run_task
     from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
-    from pear.evaluate.packed import PackedDecoder, packed_prefill
+    from pear.evaluate.packed import PREFILLS, PackedDecoder
     from pear.evaluate.static_decode import StaticDecoder
     from pear.commands.eval import parse_option
     from pear.hardware import announce
@@ -147,12 +150,14 @@ def main(argv=None) -> int:
                                     dynamic=True if args.compile_dynamic else None)
             elif name == "continuous":
                 dec = ContinuousDecoder()
-            elif name == "packed":
-                dec = PackedDecoder()
-            elif name == "continuous+packed":
-                dec = ContinuousDecoder(prefill=packed_prefill)
+            elif name in PREFILLS:
+                dec = PackedDecoder(name)
+            elif name.startswith("continuous+") and name.partition("+")[2] in PREFILLS:
+                prefill = name.partition("+")[2]
+                dec = ContinuousDecoder(prefill=PREFILLS[prefill], prefill_name=prefill)
             else:
-                raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed)")
+                raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed, compiled, "
+                                 "continuous+compiled)")
             first, dt1, _ = timed(lambda: run(dec), device)
             again, dt2, peak2 = timed(lambda: run(dec), device)
             differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)
@@ -171,10 +176,10 @@ def main(argv=None) -> int:
                 res["speedup"] = res[name]["speedup"]
             print(f"{name}: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run: {dt1:.1f} s); "
                   f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
-            if name == "packed":  # the prompts alone, packed: against the padded prompts_only above
+            if name in PREFILLS:  # the prompts alone, packed (or compiled): against the padded prompts_only above
                 _, dt3, _ = timed(lambda: run_task(lm, loaded, one, decoder=dec, **kw), device)
                 res[name]["prompts_only"] = {"seconds": round(dt3, 3), "examples_per_s": round(n / dt3, 3)}
-                print(f"packed prompts only (1 new token): {dt3:.1f} s = {n / dt3:.2f} examples/s "
+                print(f"{name} prompts only (1 new token): {dt3:.1f} s = {n / dt3:.2f} examples/s "
                       f"(padded: {dt0:.1f} s)", flush=True)
         except Exception as e:  # compiling or running a path failed: say so, keep the other numbers
             res[name] = {"error": f"{type(e).__name__}: {e}".strip()[:2000], "traceback": traceback.format_exc()[-4000:]}

@@ -5,6 +5,7 @@
         --batch 512 --new-tokens 1      # the prompts alone (prefill)
     python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
         --batch 512 --new-tokens 1 --prefill packed   # the same, packed into one row (pear eval --prefill packed)
+        ... --prefill compiled                         # packed, the decoder blocks compiled
 
 Prints wall seconds per decoding step, the top operators by self CPU and CUDA time, and the GPU
 time by kind of kernel (matrix products, attention, the rest: normalisation, activations,
@@ -35,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=10**9,
                     help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
-    ap.add_argument("--prefill", default="padded", choices=["padded", "packed"],
-                    help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed)")
+    ap.add_argument("--prefill", default="padded", choices=["padded", "packed", "compiled"],
+                    help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed); "
+                         "compiled: packed, the decoder blocks compiled (pear eval --prefill compiled; the warm-up "
+                         "compiles them)")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     ap.add_argument("--out", help="also save the timings and the GPU time by kind here (JSON), with the "
                                   "command, versions and hardware")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pear.baselines import get_variant
     from pear.evaluate.generate import greedy_generate
-    from pear.evaluate.packed import packed_prefill
+    from pear.evaluate.packed import PREFILLS
     from pear.evaluate.registry import BuildContext, build_task
     from pear.evaluate.data import resolve_data_dir
     from pear.evaluate.runner import render_prompts
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = loaded.tokenizer
     kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
               batch_size=args.batch, max_batch_tokens=args.max_batch_tokens, compact=False,
-              prefill=packed_prefill if args.prefill == "packed" else None)
+              prefill=PREFILLS.get(args.prefill))
     res = {"command": "python3 benchmarks/profile_decode.py " + shlex.join(argv), "prefill": args.prefill,
            "rows": len(ids), "prompt_tokens": sum(map(len, ids)), "seconds": {}, **provenance(args.device)}
     with get_variant(args.variant).wrap(loaded) as lm:

@@ -74,7 +74,7 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     tok.save_pretrained(folder)
     args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--positions", "1,10",
             "--max-new-tokens", "6", "--data-dir", str(data_dir)]
-    ok = args + ["--decoders", "static,continuous,packed,continuous+packed", "--out", str(tmp_path / "ok.json")]
+    ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled", "--out", str(tmp_path / "ok.json")]
     assert decode_throughput.main(ok) == 0
     res = json.loads((tmp_path / "ok.json").read_text())
     assert res["examples"] == 2 and res["skipped"] == 0 and res["eager"]["new_tokens"] > 2
@@ -85,6 +85,8 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["packed"]["outputs_differ_from_eager"] == 0 and res["packed"]["runs_agree"]
     assert res["packed"]["prompts_only"]["seconds"] > 0 and res["packed"]["prompts_only"]["examples_per_s"] > 0
     assert res["continuous+packed"]["outputs_differ_from_eager"] == 0 and res["continuous+packed"]["runs_agree"]
+    assert res["compiled"]["outputs_differ_from_eager"] == 0 and res["compiled"]["runs_agree"]
+    assert res["compiled"]["prompts_only"]["seconds"] > 0
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 

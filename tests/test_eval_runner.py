@@ -604,7 +604,7 @@ def test_grouped_attention_equals_repeated_heads():
 
 
 @pytest.mark.parametrize("decode,prefill", [("static", "padded"), ("continuous", "padded"), ("eager", "packed"),
-                                            ("continuous", "packed")])
+                                            ("continuous", "packed"), ("continuous", "compiled")])
 def test_cli_decode(tiny, data_dir, tmp_path, decode, prefill):
     from pear.cli import main
 

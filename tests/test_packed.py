@@ -88,13 +88,13 @@ def test_packed_decoding_equals_eager(tiny):
               done=lambda i, new: len(new) >= stop_after[i])
     eager = greedy_generate(tiny.model, ids, **kw)
     counts = []
-    got = pk.PackedDecoder.generate(tiny.model, ids, on_batch=counts.append, **kw)
+    got = pk.PackedDecoder().generate(tiny.model, ids, on_batch=counts.append, **kw)
     assert got == eager and [len(o) for o in got] == stop_after and counts == [4, 4, 3]
-    assert pk.PackedDecoder.generate(tiny.model, ids, **dict(kw, compact=False)) == eager
-    mine = pk.PackedDecoder.generate(tiny.model, ids, batches=[[1, 4], [7]], **kw)
+    assert pk.PackedDecoder().generate(tiny.model, ids, **dict(kw, compact=False)) == eager
+    mine = pk.PackedDecoder().generate(tiny.model, ids, batches=[[1, 4], [7]], **kw)
     assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
     no_stop = dict(kw, done=None)
-    assert pk.PackedDecoder.generate(tiny.model, ids, **no_stop) == greedy_generate(tiny.model, ids, **no_stop)
+    assert pk.PackedDecoder().generate(tiny.model, ids, **no_stop) == greedy_generate(tiny.model, ids, **no_stop)
 
 
 def test_attention_implementation_restored(tiny, monkeypatch):
@@ -140,7 +140,7 @@ def test_packed_only_for_plain_full_attention_models(tiny, data_dir, capsys):
     with get_variant("ms-poe").wrap(tiny) as lm:
         assert not pk.supports_packed(lm)
         with pytest.raises(PearError, match="--prefill packed takes"):
-            pk.PackedDecoder.generate(lm, [[5, 6]], pad_id=0, eos_ids={2}, max_new_tokens=2, device="cpu")
+            pk.PackedDecoder().generate(lm, [[5, 6]], pad_id=0, eos_ids={2}, max_new_tokens=2, device="cpu")
     sliding = tiny_llama(tiny.tokenizer)
     sliding.config.layer_types = ["sliding_attention", "full_attention"]
     assert not pk.supports_packed(sliding)
@@ -249,3 +249,23 @@ def test_continuous_batching_with_a_packed_prefill_equals_eager(tiny, monkeypatc
     assert dec.generate(tiny.model, ids, **kw) == eager
     assert len(calls) > 1 and sum(calls) == len(ids)  # the first batch and the joins, all packed
 
+
+
+def test_compiled_prefill_equals_the_packed_prefill_and_leaves_the_model_as_it_was(tiny):
+    """`--prefill compiled`: the decoder blocks compiled (symbolic shapes) give the packed prefill's logits
+    and cache (fp32), for a second batch of other lengths too without compiling again per block, and the
+    model holds its own blocks again afterwards (decoding runs it uncompiled)."""
+    model = tiny.model
+    blocks = list(model.model.layers)
+    rows = _random_prompts()
+    for batch in (rows, [r[:-1] for r in rows[2:]]):
+        logits, past, mask, pos = pk.packed_prefill(model, batch, 0, "cpu")
+        logits2, past2, mask2, pos2 = pk.compiled_prefill(model, batch, 0, "cpu")
+        torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(mask2, mask) and torch.equal(pos2, pos)
+        for a, b in zip(past.layers, past2.layers):
+            torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+        assert all(x is y for x, y in zip(model.model.layers, blocks))
+    compiled = pk._COMPILED[model]
+    assert len(compiled) == len(blocks) and all(c._orig_mod is b for c, b in zip(compiled, blocks))

@@ -122,11 +122,12 @@ def add_cli(sub) -> None:
                         "continuous: rows that finish make room for waiting prompts (fewer steps with few "
                         "rows); static takes plain models, continuous plain models and moice, another --variant decodes "
                         "eagerly")
-    p.add_argument("--prefill", default="padded", choices=["padded", "packed"],
+    p.add_argument("--prefill", default="padded", choices=["padded", "packed", "compiled"],
                    help="how the prompts of a batch are read: padded (default: left-padded, with a padding mask); "
                         "packed: in one row without padding, variable-length attention (FlashAttention's varlen "
-                        "kernel on CUDA); with --decode eager or continuous, for plain transformers models with "
-                        "full attention in every layer")
+                        "kernel on CUDA); compiled: packed, with the decoder blocks compiled by torch.compile for "
+                        "the prompts (the first batch compiles them); packed and compiled with --decode eager or "
+                        "continuous, for plain transformers models with full attention in every layer")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

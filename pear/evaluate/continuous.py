@@ -57,17 +57,18 @@ def supports_continuous(lm) -> bool:
 
 class ContinuousDecoder:
     """`--decode continuous` for the harness: `generate` has `greedy_generate`'s contract.
-    prefill: as `greedy_generate`'s (None: left-padded; `packed.packed_prefill`: in one row)."""
+    prefill: as `greedy_generate`'s (None: left-padded; `packed.packed_prefill`: in one row), and its
+    name for `--prefill` (`packed`, or `compiled` for `packed.compiled_prefill`)."""
 
     decode = "continuous"
 
-    def __init__(self, prefill: Callable | None = None):
+    def __init__(self, prefill: Callable | None = None, prefill_name: str = "packed"):
         self.prefill_fn = prefill
-        self.prefill = "padded" if prefill is None else "packed"
+        self.prefill = "padded" if prefill is None else prefill_name
 
     @property
     def name(self) -> str:  # in the results' part keys
-        return "continuous" if self.prefill == "padded" else "continuous+packed"
+        return "continuous" if self.prefill == "padded" else f"continuous+{self.prefill}"
 
     def generate(self, lm, prompts, **kw) -> list[list[int]]:
         return continuous_generate(lm, prompts, prefill=self.prefill_fn, **kw)

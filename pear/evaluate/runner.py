@@ -38,7 +38,7 @@ from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
 from .continuous import ContinuousDecoder, supports_continuous
-from .packed import PackedDecoder, packed_prefill, supports_packed
+from .packed import PREFILLS as PACKED, PackedDecoder, supports_packed
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
 from .registry import BuildContext, Task, build_task, parse_positions
@@ -167,7 +167,7 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 # ------------------------------------------------------------------ evaluate
 DECODES = ("eager", "static", "continuous")
-PREFILLS = ("padded", "packed")
+PREFILLS = ("padded", *PACKED)
 NEEDS = {"static": "plain transformers models of families that compile with a static cache (not a variant)",
          "continuous": "models whose layers keep their whole cache (no sliding window), plain or under moice",
          "packed": "plain transformers models (not a variant) with full attention in every layer, no softcapping, "
@@ -178,19 +178,19 @@ def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
     """The decoder of `lm` for `decode` and `prefill`, where they apply (None: the eager loop after a
     padded prefill); what does not apply is said once on stderr. The packed prefill serves the eager
     loop (`PackedDecoder`) and continuous batching's joins; the static path prefills its own way."""
-    packed = prefill == "packed" and decode != "static" and supports_packed(lm)
+    packed = prefill in PACKED and decode != "static" and supports_packed(lm)
     said = []
-    if prefill == "packed" and not packed:
+    if prefill in PACKED and not packed:
         needs = "the eager or continuous loop, not --decode static" if decode == "static" else NEEDS["packed"]
-        said.append(f"prefills padded: --prefill packed takes {needs}")
+        said.append(f"prefills padded: --prefill {prefill} takes {needs}")
     if decode == "static" and supports_static(lm):
         decoder = StaticDecoder(lm)
     elif decode == "continuous" and supports_continuous(lm):
-        decoder = ContinuousDecoder(prefill=packed_prefill if packed else None)
+        decoder = ContinuousDecoder(prefill=PACKED[prefill] if packed else None, prefill_name=prefill)
     else:  # the eager loop, asked for or not
         if decode != "eager":
             said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
-        decoder = PackedDecoder() if packed else None
+        decoder = PackedDecoder(prefill) if packed else None
     if said and distributed.is_main():
         print(f"pear: {label} " + "; ".join(said), file=sys.stderr)
     return decoder
@@ -246,8 +246,8 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
     cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
     make room for waiting prompts: `continuous`); prefill: "padded" (the prompts of a batch
-    left-padded) or "packed" (in one row without padding: `packed`; for the eager and continuous
-    loops). Where a model cannot take the path asked for (a variant, a sliding-window layer;
+    left-padded), "packed" (in one row without padding: `packed`; for the eager and continuous
+    loops) or "compiled" (packed, the decoder blocks compiled: `packed.compiled_prefill`). Where a model cannot take the path asked for (a variant, a sliding-window layer;
     MoICE does take continuous), it decodes eagerly / prefills padded, as models_info records.
     """
     from ..baselines import get_variant
