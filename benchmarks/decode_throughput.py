@@ -153,8 +153,7 @@ def main(argv=None) -> int:
             elif name in PREFILLS:
                 dec = PackedDecoder(name)
             elif name.startswith("continuous+") and name.partition("+")[2] in PREFILLS:
-                prefill = name.partition("+")[2]
-                dec = ContinuousDecoder(prefill=PREFILLS[prefill], prefill_name=prefill)
+                dec = ContinuousDecoder(name.partition("+")[2])
             else:
                 raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed, compiled, "
                                  "continuous+compiled)")

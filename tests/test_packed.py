@@ -243,8 +243,8 @@ def test_continuous_batching_with_a_packed_prefill_equals_eager(tiny, monkeypatc
               done=lambda i, new: len(new) >= stop_after[i])
     eager = greedy_generate(tiny.model, ids, **kw)
     calls = []
-    monkeypatch.setattr(pk, "packed_prefill", lambda *a, _r=pk.packed_prefill: calls.append(len(a[1])) or _r(*a))
-    dec = cont.ContinuousDecoder(prefill=pk.packed_prefill)
+    monkeypatch.setitem(pk.PREFILLS, "packed", lambda *a, _r=pk.packed_prefill: calls.append(len(a[1])) or _r(*a))
+    dec = cont.ContinuousDecoder("packed")
     assert (dec.name, dec.decode, dec.prefill) == ("continuous+packed", "continuous", "packed")
     assert dec.generate(tiny.model, ids, **kw) == eager
     assert len(calls) > 1 and sum(calls) == len(ids)  # the first batch and the joins, all packed

@@ -57,14 +57,16 @@ def supports_continuous(lm) -> bool:
 
 class ContinuousDecoder:
     """`--decode continuous` for the harness: `generate` has `greedy_generate`'s contract.
-    prefill: as `greedy_generate`'s (None: left-padded; `packed.packed_prefill`: in one row), and its
-    name for `--prefill` (`packed`, or `compiled` for `packed.compiled_prefill`)."""
+    prefill: how the joining prompts are read, as `--prefill` names it: "padded" (left-padded), or
+    "packed" / "compiled" (in one row: `packed.PREFILLS`)."""
 
     decode = "continuous"
 
-    def __init__(self, prefill: Callable | None = None, prefill_name: str = "packed"):
-        self.prefill_fn = prefill
-        self.prefill = "padded" if prefill is None else prefill_name
+    def __init__(self, prefill: str = "padded"):
+        from .packed import PREFILLS
+
+        self.prefill = prefill
+        self.prefill_fn = None if prefill == "padded" else PREFILLS[prefill]
 
     @property
     def name(self) -> str:  # in the results' part keys

@@ -186,7 +186,7 @@ def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
     if decode == "static" and supports_static(lm):
         decoder = StaticDecoder(lm)
     elif decode == "continuous" and supports_continuous(lm):
-        decoder = ContinuousDecoder(prefill=PACKED[prefill] if packed else None, prefill_name=prefill)
+        decoder = ContinuousDecoder(prefill if packed else "padded")
     else:  # the eager loop, asked for or not
         if decode != "eager":
             said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
