@@ -9,9 +9,10 @@ after a small warm-up; each other path (`--decoders`: static, a static KV cache 
 compiled into CUDA graphs; continuous, finished rows replaced by waiting prompts; packed, the
 prompts of a batch prefilled as one row without padding, then the eager loop; continuous+packed,
 both: the joining prompts prefilled packed; compiled and continuous+compiled, the same with the
-decoder blocks compiled for the prompts, `--prefill compiled`) runs twice (compiled's first run
-includes compiling the blocks):
-static's first run includes compiling the step and recording its CUDA graphs, the second is
+decoder blocks compiled for the prompts, `--prefill compiled`; continuous-static, continuous
+batching on a static cache with the step compiled into CUDA graphs, and continuous-static+packed /
++compiled) runs twice (compiled's first run includes compiling the blocks):
+static's (and continuous-static's) first run includes compiling the step and recording its CUDA graphs, the second is
 the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
 should), accuracy under each, peak GPU memory, the time of the prompts alone (one new token:
@@ -48,12 +49,12 @@ def parse(argv):
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's budget")
     ap.add_argument("--decoders", default="static,continuous",
                     help="the paths compared with eager: static, continuous, packed, continuous+packed, compiled, "
-                         "continuous+compiled")
+                         "continuous+compiled, continuous-static, continuous-static+packed, continuous-static+compiled")
     ap.add_argument("--variant", default="none", help="evaluate the model under this variant (pear eval --variant)")
     ap.add_argument("--variant-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an option of the variant, as pear eval takes it (repeatable)")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                    help="compile the static path's step: auto = on CUDA only (as pear eval --decode static)")
+                    help="compile the static paths' step: auto = on CUDA only (as pear eval --decode static)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode ('none' for none)")
     ap.add_argument("--compile-dynamic", action="store_true",
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     from pear.evaluate.scoring import render_prompts, run_task
     from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
+    from pear.evaluate.continuous_static import ContinuousStaticDecoder
     from pear.evaluate.packed import PREFILLS, PackedDecoder
     from pear.evaluate.static_decode import StaticDecoder
     from pear.commands.eval import parse_option
@@ -143,11 +145,14 @@ def main(argv=None) -> int:
     rc = 0
     for name in [d.strip() for d in args.decoders.split(",") if d.strip()]:
         try:
+            compiling = dict(compile={"auto": None, "on": True, "off": False}[args.compile], backend=args.compile_backend,
+                             mode=None if args.compile_mode == "none" else args.compile_mode,
+                             dynamic=True if args.compile_dynamic else None)
+            base, _, prefill = name.partition("+")
             if name == "static":
-                compile = {"auto": None, "on": True, "off": False}[args.compile]
-                dec = StaticDecoder(model, compile=compile, backend=args.compile_backend,
-                                    mode=None if args.compile_mode == "none" else args.compile_mode,
-                                    dynamic=True if args.compile_dynamic else None)
+                dec = StaticDecoder(model, **compiling)
+            elif base == "continuous-static" and prefill in ("", *PREFILLS):
+                dec = ContinuousStaticDecoder(model, prefill or "padded", **compiling)
             elif name == "continuous":
                 dec = ContinuousDecoder()
             elif name in PREFILLS:
@@ -156,7 +161,7 @@ def main(argv=None) -> int:
                 dec = ContinuousDecoder(name.partition("+")[2])
             else:
                 raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed, compiled, "
-                                 "continuous+compiled)")
+                                 "continuous+compiled, continuous-static[+packed|+compiled])")
             first, dt1, _ = timed(lambda: run(dec), device)
             again, dt2, peak2 = timed(lambda: run(dec), device)
             differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)
@@ -167,12 +172,13 @@ def main(argv=None) -> int:
                          "speedup": round(dt / dt2, 3),
                          "outputs_differ_from_eager": len(differ),
                          "differing_examples": [dict(zip(("id", "condition", "eager", name), d)) for d in differ[:20]]}
-            if name == "static":
+            if isinstance(dec, StaticDecoder):
                 res[name].update(compiled=dec.compiled, compile=({"backend": args.compile_backend,
                                                                   "mode": args.compile_mode,
                                                                   "dynamic": bool(args.compile_dynamic)}
                                                                  if dec.compiled else None))
-                res["speedup"] = res[name]["speedup"]
+                if name == "static":
+                    res["speedup"] = res[name]["speedup"]
             print(f"{name}: {n} examples in {dt2:.1f} s = {n / dt2:.2f} examples/s (first run: {dt1:.1f} s); "
                   f"x{dt / dt2:.2f}; {len(differ)} of {n} answers differ from eager", flush=True)
             if name in PREFILLS:  # the prompts alone, packed (or compiled): against the padded prompts_only above

@@ -58,7 +58,7 @@ def test_backend_check_runs_both_modes_on_cpu():
 @pytest.mark.data
 def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
     """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
-    holds mdqa-10): the five paths give the same answers and their rates (packed: also the time of
+    holds mdqa-10): the six paths give the same answers and their rates (packed: also the time of
     the prompts alone, packed); a compile that cannot work is reported in the JSON, exit 1, with
     the eager numbers kept."""
     import decode_throughput
@@ -74,7 +74,8 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     tok.save_pretrained(folder)
     args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--positions", "1,10",
             "--max-new-tokens", "6", "--data-dir", str(data_dir)]
-    ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled", "--out", str(tmp_path / "ok.json")]
+    ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled,continuous-static+packed",
+                 "--out", str(tmp_path / "ok.json")]
     assert decode_throughput.main(ok) == 0
     res = json.loads((tmp_path / "ok.json").read_text())
     assert res["examples"] == 2 and res["skipped"] == 0 and res["eager"]["new_tokens"] > 2
@@ -87,6 +88,8 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["continuous+packed"]["outputs_differ_from_eager"] == 0 and res["continuous+packed"]["runs_agree"]
     assert res["compiled"]["outputs_differ_from_eager"] == 0 and res["compiled"]["runs_agree"]
     assert res["compiled"]["prompts_only"]["seconds"] > 0
+    assert res["continuous-static+packed"]["outputs_differ_from_eager"] == 0
+    assert res["continuous-static+packed"]["compiled"] is False and "speedup" in res["continuous-static+packed"]
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 

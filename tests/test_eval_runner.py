@@ -576,6 +576,43 @@ def test_static_decoding_compacts_rows(tiny, monkeypatch):
     assert sd.static_generate(tiny.model, ids, decoder=dynamic, **kw) == eager  # symbolic shapes from the start
 
 
+def test_continuous_static_decoding_equals_eager(tiny, monkeypatch):
+    """`--decode continuous-static`: prompts join the free slots of one static cache at a shared write
+    column; when the cache is full the columns no running row attends to are cut from the left, and
+    a joining prompt longer than the write column moves the running rows right. Every prompt's
+    tokens equal the eager loop's (fp32) through joins, cuts and moves, with the step traced by
+    torch.compile (backend "eager") or not, prefilled padded or packed; a variant is refused."""
+    from pear.baselines import get_variant
+    from pear.evaluate import continuous_static as cs
+    from pear.evaluate.packed import packed_prefill
+
+    tok = tiny.tokenizer
+    words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
+    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]  # 11 prompts, 3-19 words
+    stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
+    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
+              done=lambda i, new: len(new) >= stop_after[i])
+    eager = greedy_generate(tiny.model, ids, **kw)
+    monkeypatch.setattr(cs, "CACHE_BUCKET", 1)  # the cache just holds the longest prompt and its answer: cuts
+    moves, done_counts = [], []
+    real = cs._move
+    monkeypatch.setattr(cs, "_move", lambda *a: moves.append(a[2:]) or real(*a))
+    dec = cs.ContinuousStaticDecoder(tiny.model, compile=True, backend="eager", mode=None)
+    assert dec.compiled and dec.name == "continuous-static"
+    got = cs.continuous_static_generate(tiny.model, ids, decoder=dec, on_batch=done_counts.append, **kw)
+    assert got == eager and [len(o) for o in got] == stop_after and sum(done_counts) == len(ids)
+    assert moves and all(to < end for _, end, to in moves)  # cut from the left
+    moves.clear()
+    short_first = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # longer prompts join later: rows move right
+    assert cs.continuous_static_generate(tiny.model, ids, batches=[short_first], **kw) == eager
+    assert any(to > end for _, end, to in moves)
+    mine = cs.continuous_static_generate(tiny.model, ids, batches=[[1, 4], [7]], prefill=packed_prefill, **kw)
+    assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
+    assert cs.continuous_static_generate(tiny.model, ids, **dict(kw, max_batch_tokens=60)) == eager  # two slots
+    with get_variant("moice").wrap(tiny, routers="init") as lm, pytest.raises(PearError, match="continuous-static"):
+        cs.ContinuousStaticDecoder(lm)
+
+
 def test_grouped_attention_equals_repeated_heads():
     """One query token, grouped key/value heads: the group's query heads as query rows give
     what SDPA gives on keys and values repeated to every head, masked or not; a longer query
@@ -604,7 +641,8 @@ def test_grouped_attention_equals_repeated_heads():
 
 
 @pytest.mark.parametrize("decode,prefill", [("static", "padded"), ("continuous", "padded"), ("eager", "packed"),
-                                            ("continuous", "packed"), ("continuous", "compiled")])
+                                            ("continuous", "packed"), ("continuous", "compiled"),
+                                            ("continuous-static", "packed")])
 def test_cli_decode(tiny, data_dir, tmp_path, decode, prefill):
     from pear.cli import main
 

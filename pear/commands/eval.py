@@ -116,18 +116,19 @@ def add_cli(sub) -> None:
                    help="max rows x (longest prompt + new tokens) per batch, or auto (default: 32768 on CPU; "
                         "on a GPU from its free memory and the variant's memory per token, at most 1.5M); a batch that runs "
                         "out of memory is split")
-    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous"],
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "continuous", "continuous-static"],
                    help="greedy decoding: eager (default); static: a preallocated KV cache and the decoding "
                         "step compiled into CUDA graphs (faster on a GPU; the first batch compiles it); "
                         "continuous: rows that finish make room for waiting prompts (fewer steps with few "
-                        "rows); static takes plain models, continuous plain models and moice, another --variant decodes "
-                        "eagerly")
+                        "rows); continuous-static: both, continuous batching over the row slots of one static "
+                        "cache, its step compiled once; static and continuous-static take plain models, continuous "
+                        "plain models and moice, another --variant decodes eagerly")
     p.add_argument("--prefill", default="padded", choices=["padded", "packed", "compiled"],
                    help="how the prompts of a batch are read: padded (default: left-padded, with a padding mask); "
                         "packed: in one row without padding, variable-length attention (FlashAttention's varlen "
                         "kernel on CUDA); compiled: packed, with the decoder blocks compiled by torch.compile for "
-                        "the prompts (the first batch compiles them); packed and compiled with --decode eager or "
-                        "continuous, for plain transformers models with full attention in every layer")
+                        "the prompts (the first batch compiles them); packed and compiled with --decode eager, "
+                        "continuous or continuous-static, for plain transformers models with full attention in every layer")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

@@ -38,6 +38,7 @@ from . import data
 from .cache import PART_SIZE, ResultsCache, model_key, options_key, part_key
 from .generate import batch_limits, context_window
 from .continuous import ContinuousDecoder, supports_continuous
+from .continuous_static import ContinuousStaticDecoder, supports_continuous_static
 from .packed import PREFILLS as PACKED, PackedDecoder, supports_packed
 from .static_decode import StaticDecoder, supports_static
 from .prompts import has_chat_template
@@ -166,10 +167,12 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
 
 
 # ------------------------------------------------------------------ evaluate
-DECODES = ("eager", "static", "continuous")
+DECODES = ("eager", "static", "continuous", "continuous-static")
 PREFILLS = ("padded", *PACKED)
 NEEDS = {"static": "plain transformers models of families that compile with a static cache (not a variant)",
          "continuous": "models whose layers keep their whole cache (no sliding window), plain or under moice",
+         "continuous-static": "plain transformers models (not a variant) that compile with a static cache and keep "
+                              "their whole cache in every layer",
          "packed": "plain transformers models (not a variant) with full attention in every layer, no softcapping, "
                    "attention through transformers' attention interface"}
 
@@ -177,7 +180,7 @@ NEEDS = {"static": "plain transformers models of families that compile with a st
 def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
     """The decoder of `lm` for `decode` and `prefill`, where they apply (None: the eager loop after a
     padded prefill); what does not apply is said once on stderr. The packed prefill serves the eager
-    loop (`PackedDecoder`) and continuous batching's joins; the static path prefills its own way."""
+    loop (`PackedDecoder`) and continuous batching's joins (either); the static path prefills its own way."""
     packed = prefill in PACKED and decode != "static" and supports_packed(lm)
     said = []
     if prefill in PACKED and not packed:
@@ -187,6 +190,8 @@ def _decoder(lm, label: str, decode: str, prefill: str = "padded"):
         decoder = StaticDecoder(lm)
     elif decode == "continuous" and supports_continuous(lm):
         decoder = ContinuousDecoder(prefill if packed else "padded")
+    elif decode == "continuous-static" and supports_continuous_static(lm):
+        decoder = ContinuousStaticDecoder(lm, prefill if packed else "padded")
     else:  # the eager loop, asked for or not
         if decode != "eager":
             said.append(f"decodes eagerly: --decode {decode} takes {NEEDS[decode]}")
@@ -244,10 +249,10 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     parts (with `parts_dir`): "reuse" (compute what is missing) or "only" (compute nothing;
     assemble what is there; results["missing"] lists the (label, task) left incomplete).
     decode: greedy decoding, "eager" (a Python loop over the forward), "static" (a static KV
-    cache and a decoding step compiled on CUDA: `static_decode`) or "continuous" (finished rows
-    make room for waiting prompts: `continuous`); prefill: "padded" (the prompts of a batch
-    left-padded), "packed" (in one row without padding: `packed`; for the eager and continuous
-    loops) or "compiled" (packed, the decoder blocks compiled: `packed.compiled_prefill`). Where a
+    cache and a decoding step compiled on CUDA: `static_decode`), "continuous" (finished rows
+    make room for waiting prompts: `continuous`) or "continuous-static" (both: `continuous_static`);
+    prefill: "padded" (the prompts of a batch left-padded), "packed" (in one row without padding:
+    `packed`; for the eager and continuous loops) or "compiled" (packed, the decoder blocks compiled: `packed.compiled_prefill`). Where a
     model cannot take the path asked for (a variant, a sliding-window layer; MoICE does take
     continuous), it decodes eagerly / prefills padded, as models_info records.
     """
