@@ -269,3 +269,27 @@ def test_compiled_prefill_equals_the_packed_prefill_and_leaves_the_model_as_it_w
         assert all(x is y for x, y in zip(model.model.layers, blocks))
     compiled = pk._COMPILED[model]
     assert len(compiled) == len(blocks) and all(c._orig_mod is b for c, b in zip(compiled, blocks))
+
+
+def test_compiled_prefill_compiles_every_block_of_a_deep_model(monkeypatch):
+    """Each block's graph is specialised on its layer index, so a model of more blocks than dynamo's
+    recompile limit (8) ran its later blocks uncompiled (measured on an H100): the limit is raised to
+    twice the blocks for the prefill alone, and a 12-block model compiles 4 frames more than an 8-block one."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seen, real = [], pk.packed_prefill
+    monkeypatch.setattr(pk, "packed_prefill", lambda *a: seen.append(torch._dynamo.config.recompile_limit) or real(*a))
+    default, rows, frames = torch._dynamo.config.recompile_limit, [[5, 6, 7, 8, 9, 10], [3, 4]], {}
+    for n in (8, 12):
+        cfg = AutoConfig.for_model("llama", vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=n,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        torch._dynamo.reset()
+        counters.clear()
+        logits = pk.compiled_prefill(model, rows, 0, "cpu")[0]
+        frames[n] = counters["frames"]["ok"]
+        assert seen[-1] == max(default, 2 * n) and torch._dynamo.config.recompile_limit == default
+        torch.testing.assert_close(logits, real(model, rows, 0, "cpu")[0], atol=1e-5, rtol=1e-5)
+    assert frames[12] - frames[8] >= 4  # every block past the eighth compiled too
