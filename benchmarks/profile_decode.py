@@ -6,6 +6,9 @@
     python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
         --batch 512 --new-tokens 1 --prefill packed   # the same, packed into one row (pear eval --prefill packed)
         ... --prefill compiled                         # packed, the decoder blocks compiled
+    python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
+        --batch 2048 --new-tokens 100 --decode continuous-static --prefill compiled --stop task --slots 512
+        # continuous batching on a static cache (pear eval --decode continuous-static), stopping as pear eval does
 
 Prints wall seconds per decoding step, the top operators by self CPU and CUDA time, and the GPU
 time by kind of kernel (matrix products, attention, the rest: normalisation, activations,
@@ -40,13 +43,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed); "
                          "compiled: packed, the decoder blocks compiled (pear eval --prefill compiled; the warm-up "
                          "compiles them)")
+    ap.add_argument("--decode", default="eager", choices=["eager", "continuous-static"],
+                    help="the decoding loop profiled: eager (greedy_generate, every row to --new-tokens) or "
+                         "continuous-static (pear eval --decode continuous-static: --batch prompts through --slots row "
+                         "slots; the warm-up compiles its step)")
+    ap.add_argument("--slots", type=int, default=512, help="continuous-static: rows decoded at once")
+    ap.add_argument("--stop", default="none", choices=["none", "task"],
+                    help="none: every row decodes --new-tokens; task: rows stop at the model's EOS and when the task's "
+                         "answer is settled (its first line complete), as pear eval stops them")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     ap.add_argument("--out", help="also save the timings and the GPU time by kind here (JSON), with the "
                                   "command, versions and hardware")
     args = ap.parse_args(argv)
 
     from pear.baselines import get_variant
-    from pear.evaluate.generate import greedy_generate
+    from pear.evaluate.continuous_static import ContinuousStaticDecoder
+    from pear.evaluate.generate import eos_token_ids, greedy_generate
     from pear.evaluate.packed import PREFILLS
     from pear.evaluate.registry import BuildContext, build_task
     from pear.evaluate.data import resolve_data_dir
@@ -60,23 +72,36 @@ def main(argv: list[str] | None = None) -> int:
     ids = ids[: args.batch]
     tok = loaded.tokenizer
     kw = dict(pad_id=tok.pad_token_id, eos_ids=set(), max_new_tokens=args.new_tokens, device=args.device,
-              batch_size=args.batch, max_batch_tokens=args.max_batch_tokens, compact=False,
-              prefill=PREFILLS.get(args.prefill))
+              batch_size=args.batch, max_batch_tokens=args.max_batch_tokens)
+    if args.stop == "task":  # pear eval's stopping rule (scoring.score_generate)
+        kw.update(eos_ids=eos_token_ids(loaded.model, tok), done=lambda j, new: task.done is not None and task.done(
+            tok.decode(new, skip_special_tokens=True), task.examples[j]))
     res = {"command": "python3 benchmarks/profile_decode.py " + shlex.join(argv), "prefill": args.prefill,
-           "rows": len(ids), "prompt_tokens": sum(map(len, ids)), "seconds": {}, **provenance(args.device)}
+           "decode": args.decode, "stop": args.stop, "rows": len(ids), "prompt_tokens": sum(map(len, ids)),
+           "seconds": {}, **provenance(args.device)}
     with get_variant(args.variant).wrap(loaded) as lm:
-        greedy_generate(lm, ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up
+        if args.decode == "continuous-static":
+            dec = ContinuousStaticDecoder(lm, args.prefill)
+            generate = lambda rows, **k: dec.generate(lm, rows, **{**k, "batch_size": args.slots})  # noqa: E731
+        else:
+            generate = lambda rows, **k: greedy_generate(lm, rows, compact=False,  # noqa: E731
+                                                         prefill=PREFILLS.get(args.prefill), **k)
+        generate(ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up (compiles what is compiled)
         for n in sorted({1, args.new_tokens}):
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
             t = time.perf_counter()
-            greedy_generate(lm, ids, **{**kw, "max_new_tokens": n})
+            outs = generate(ids, **{**kw, "max_new_tokens": n})
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
             res["seconds"][f"{n} new tokens"] = dt = time.perf_counter() - t
-            print(f"{len(ids)} rows, {n} new tokens: {dt:.3f} s")
+            res.setdefault("new_tokens", {})[f"{n} new tokens"] = sum(map(len, outs))
+            print(f"{len(ids)} rows, {n} new tokens at most: {dt:.3f} s, {sum(map(len, outs))} new tokens")
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                         if args.device.startswith("cuda") else [])
         with torch.profiler.profile(activities=acts) as prof:
-            greedy_generate(lm, ids, **kw)
+            t = time.perf_counter()
+            generate(ids, **kw)
+            torch.cuda.synchronize() if args.device.startswith("cuda") else None
+            res["profiled_seconds"] = time.perf_counter() - t  # wall time under the profiler, against its GPU time
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.device.startswith("cuda"):
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows))
@@ -85,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU time by kind of kernel: " + ", ".join(f"{k} {v / 1e3:.1f} ms ({v / total:.0%})"
                                                           for k, v in kinds.items()))
         res["gpu_ms_by_kind"] = {k: v / 1e3 for k, v in kinds.items()}
+        print(f"GPU busy {total / 1e6:.2f} s of {res['profiled_seconds']:.2f} s wall under the profiler")
         # the longest kernels with the kind each was given, so the grouping can be checked from the file
         res["top_kernels"] = [{"kernel": n, "ms": us / 1e3, "kind": k} for n, us, k in gpu_kernels(prof)[:args.rows]]
     if args.out:

@@ -555,3 +555,32 @@ def test_fold_screen_reads_two_rounds_screened_in_one_evaluation(tmp_path, data_
         sel = json.loads((work / "selection.json").read_text())
         assert sel["chosen"] == {"qwen2.5-coder-0.5b": "paper"} and len(sel["delta"]["qwen2.5-coder-0.5b"]) == count
         assert max(sel["delta"]["qwen2.5-coder-0.5b"].values()) < 0.03  # no cut reaches the rule's +3 points
+
+
+def test_profile_decode_runs_continuous_static_with_the_tasks_stopping_rule(smollm2_bf16, data_dir, tmp_path,
+                                                                            monkeypatch):
+    """benchmarks/profile_decode.py on CPU with a tiny llama: the eager loop and continuous-static (through
+    fewer slots than prompts, stopping as pear eval does) profile the same prompts, and the JSON says
+    what ran."""
+    import profile_decode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = smollm2_bf16.tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setenv("PEAR_DATA", str(data_dir))
+    args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--task", "closedbook", "--batch", "5",
+            "--new-tokens", "4", "--rows", "3"]
+    for extra in ([], ["--decode", "continuous-static", "--slots", "2", "--stop", "task"]):
+        out = tmp_path / f"p{len(extra)}.json"
+        assert profile_decode.main(args + extra + ["--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["rows"] == 5 and res["profiled_seconds"] > 0 and set(res["seconds"]) == {"1 new tokens", "4 new tokens"}
+        assert (res["decode"], res["stop"]) == (("continuous-static", "task") if extra else ("eager", "none"))
+        assert 0 < res["new_tokens"]["4 new tokens"] <= 20 and res["new_tokens"]["1 new tokens"] <= 5
+    assert res["new_tokens"]["4 new tokens"] <= json.loads((tmp_path / "p0.json").read_text())["new_tokens"]["4 new tokens"]
