@@ -56,15 +56,11 @@ def test_backend_check_runs_both_modes_on_cpu():
 
 
 @pytest.mark.data
-def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
-    """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
-    holds mdqa-10): the six paths give the same answers and their rates (packed: also the time of
-    the prompts alone, packed); a compile that cannot work is reported in the JSON, exit 1, with
-    the eager numbers kept."""
-    import decode_throughput
+def _tiny_llama_folder(tok, tmp_path):
+    """A 2-layer random llama with `tok` (SmolLM2's tokenizer) and a 4,096-token window, saved as a
+    model folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = smollm2_bf16.tokenizer
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                                bos_token_id=1, eos_token_id=2)
@@ -72,6 +68,17 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     folder = tmp_path / "tiny"
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
+    """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
+    holds mdqa-10): the six paths give the same answers and their rates (packed: also the time of
+    the prompts alone, packed); a compile that cannot work is reported in the JSON, exit 1, with
+    the eager numbers kept."""
+    import decode_throughput
+
+    folder = _tiny_llama_folder(smollm2_bf16.tokenizer, tmp_path)
     args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--positions", "1,10",
             "--max-new-tokens", "6", "--data-dir", str(data_dir)]
     ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled,continuous-static+packed",
@@ -563,16 +570,8 @@ def test_profile_decode_runs_continuous_static_with_the_tasks_stopping_rule(smol
     fewer slots than prompts, stopping as pear eval does) profile the same prompts, and the JSON says
     what ran."""
     import profile_decode
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = smollm2_bf16.tokenizer
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                               bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny"
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_llama_folder(smollm2_bf16.tokenizer, tmp_path)
     monkeypatch.setenv("PEAR_DATA", str(data_dir))
     args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--task", "closedbook", "--batch", "5",
             "--new-tokens", "4", "--rows", "3"]

@@ -309,15 +309,21 @@ def test_continuous_batching_equals_eager(tiny, monkeypatch, variant):
             _continuous_equals_eager(tiny, lm, monkeypatch)
 
 
-def _continuous_equals_eager(tiny, lm, monkeypatch):
-    from pear.evaluate import continuous as cont
-
-    tok = tiny.tokenizer
+def _joining_prompts(tok):
+    """11 prompts of 3-19 words, each stopping after its own number of tokens, and the decoding
+    arguments for 4 rows: enough for rows to finish and others to join several times."""
     words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
-    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]  # 11 prompts, 3-19 words
+    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]
     stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
     kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
               done=lambda i, new: len(new) >= stop_after[i])
+    return ids, stop_after, kw
+
+
+def _continuous_equals_eager(tiny, lm, monkeypatch):
+    from pear.evaluate import continuous as cont
+
+    ids, stop_after, kw = _joining_prompts(tiny.tokenizer)
     eager = greedy_generate(lm, ids, **kw)
     joins, cuts, done_counts = [], [], []
     for name, seen in (("_join", joins), ("_trim", cuts)):
@@ -586,12 +592,7 @@ def test_continuous_static_decoding_equals_eager(tiny, monkeypatch):
     from pear.evaluate import continuous_static as cs
     from pear.evaluate.packed import packed_prefill
 
-    tok = tiny.tokenizer
-    words = "the cat sat on a mat while seven dogs ran across the wide green field near our old house".split()
-    ids = [tok(" ".join(words[: 3 + (5 * k) % 17])).input_ids for k in range(11)]  # 11 prompts, 3-19 words
-    stop_after = [2, 9, 4, 6, 1, 10, 3, 7, 5, 8, 2]
-    kw = dict(pad_id=tok.pad_token_id, eos_ids={2}, max_new_tokens=10, device="cpu", batch_size=4,
-              done=lambda i, new: len(new) >= stop_after[i])
+    ids, stop_after, kw = _joining_prompts(tiny.tokenizer)
     eager = greedy_generate(tiny.model, ids, **kw)
     monkeypatch.setattr(cs, "CACHE_BUCKET", 1)  # the cache just holds the longest prompt and its answer: cuts
     moves, done_counts = [], []
