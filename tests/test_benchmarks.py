@@ -583,3 +583,15 @@ def test_profile_decode_runs_continuous_static_with_the_tasks_stopping_rule(smol
         assert (res["decode"], res["stop"]) == (("continuous-static", "task") if extra else ("eager", "none"))
         assert 0 < res["new_tokens"]["4 new tokens"] <= 20 and res["new_tokens"]["1 new tokens"] <= 5
     assert res["new_tokens"]["4 new tokens"] <= json.loads((tmp_path / "p0.json").read_text())["new_tokens"]["4 new tokens"]
+
+
+def test_stop_rule_cost_times_both_rules(smollm2_bf16, tmp_path):
+    """benchmarks/stop_rule_cost.py: the stopping rule's host time per step with and without the gate,
+    saved with the command."""
+    import stop_rule_cost
+
+    out = tmp_path / "cost.json"
+    assert stop_rule_cost.main(["--rows", "16", "--steps", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["ms_per_step"]) == {"every token", "gated"} and all(v > 0 for v in res["ms_per_step"].values())
+    assert res["gate_tokens"] > 0 and res["command"].endswith("--out " + str(out))

@@ -668,3 +668,47 @@ def test_cli_decode(tiny, data_dir, tmp_path, decode, prefill):
     assert main(args + ["--force"]) == 0  # eager: parts of its own, keyed on the decoding
     assert len(list((tmp_path / "parts").iterdir())) == 2
     assert len(got) == 2 and got == outputs()  # the eager loop's outputs (fp32)
+
+
+def test_done_is_asked_only_at_tokens_that_can_end_the_answer(tiny, data_dir, monkeypatch):
+    """A QA answer is done at its first newline, which comes with a token whose own text holds one
+    (SmolLM2's byte-level BPE; random sequences mixing newline tokens, pieces of multi-byte characters
+    and special tokens): `done` is asked only there, and the answers are those of asking it at every token."""
+    import random
+
+    from pear.evaluate import scoring
+    from pear.evaluate.metrics import qa_done
+    from pear.evaluate.tasks import closedbook
+
+    tok = tiny.tokenizer
+    gate = scoring.tokens_holding(tok, "\n")
+    newline = tok.convert_tokens_to_ids("Ċ")
+    assert newline in gate and scoring.tokens_holding(tok, "\n") is gate
+    rng = random.Random(0)
+    pieces = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]  # parts of multi-byte characters
+    pools = (sorted(gate), pieces, list(range(len(tok))), sorted(tok.all_special_ids))
+    for _ in range(300):
+        seq = [rng.choice(pools[rng.choices(range(4), weights=[1, 3, 8, 1])[0]]) for _ in range(rng.randint(1, 30))]
+        for n in range(1, len(seq) + 1):
+            assert qa_done(tok.decode(seq[:n], skip_special_tokens=True)) == any(t in gate for t in seq[:n])
+
+    # the harness: a model that ends some answers with a newline after a few tokens
+    head = tiny.model.get_output_embeddings()
+    bias = torch.zeros(head.out_features)
+    bias[newline] = 0.6
+    hook = head.register_forward_hook(lambda m, i, out: out + bias.to(out.dtype))
+    asked, runs = [0], {}
+    monkeypatch.setattr(closedbook, "qa_done", lambda out: asked.__setitem__(0, asked[0] + 1) or qa_done(out))
+    try:
+        for name, holding in (("gated", scoring.tokens_holding), ("every token", lambda t, c: frozenset(range(len(t))))):
+            monkeypatch.setattr(scoring, "tokens_holding", holding)
+            asked[0] = 0
+            res = evaluate([ModelEntry(tiny, label="m")], ["closedbook"], data_dir=data_dir, limit=6, progress=False,
+                           n_resamples=10, max_new_tokens=12, log_samples=True)
+            runs[name] = ([s["output"] for s in res["samples"]], asked[0])
+    finally:
+        hook.remove()
+    outs = runs["gated"][0]
+    assert outs == runs["every token"][0]
+    assert any("\n" in o for o in outs) and any("\n" not in o for o in outs)  # some stopped at a newline, some ran on
+    assert 0 < runs["gated"][1] < runs["every token"][1]

@@ -49,9 +49,12 @@ def qa_score(output: str, answers: list[str]) -> float:
     return best_subspan_em(first_line(output), answers)
 
 
+QA_DONE_ON = "\n"  # qa_done turns true at the token that brings the first newline (Task.done_on)
+
+
 def qa_done(output: str) -> bool:
     """True once more tokens cannot change `qa_score`: the first line is complete."""
-    return "\n" in output
+    return QA_DONE_ON in output
 
 
 def kv_score(output: str, value: str) -> float:

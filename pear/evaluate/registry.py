@@ -37,6 +37,7 @@ class Task:
     metric: str
     score: Callable[[str, Example], float] | None = None  # generate: score(output, example)
     done: Callable[[str, Example], bool] | None = None  # generate: True once the score is final
+    done_on: str = ""  # generate: `done` can turn true only at a new token holding one of these characters
     max_new_tokens: int = 100
     chat: bool = True  # apply the chat template (instruct models)
     choices: list[str] = field(default_factory=list)  # choice: continuations, e.g. " A"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...errors import PearError
 from .. import data
-from ..metrics import qa_done, qa_score
+from ..metrics import QA_DONE_ON, qa_done, qa_score
 from ..prompts import closedbook_prompt
 from ..registry import BuildContext, Example, Task, register_task, take
 from .mdqa import load_oracle
@@ -23,4 +23,5 @@ def closedbook(param: str | None, ctx: BuildContext) -> Task:
                 for i, q in enumerate(qs)]
     return Task(name="closedbook", kind="generate", examples=examples, metric="best_subspan_em",
                 score=lambda out, ex: qa_score(out, ex.answers), done=lambda out, ex: qa_done(out),
+                done_on=QA_DONE_ON,
                 max_new_tokens=100, info={"questions": len(qs), "file": data.NQ_ORACLE})

@@ -10,7 +10,7 @@ metric as multi-document QA (best_subspan_em on the first line).
 from __future__ import annotations
 
 from .. import data
-from ..metrics import qa_done, qa_score
+from ..metrics import QA_DONE_ON, qa_done, qa_score
 from ..prompts import qa_prompt
 from ..registry import BuildContext, Example, Task, register_task, resolve_positions, take
 
@@ -44,6 +44,7 @@ def hotpotqa(param: str | None, ctx: BuildContext) -> Task:
                                     answers=[r["answer"]], meta={"gold_index": p, "type": r["type"]}))
     return Task(name="hotpotqa", kind="generate", examples=examples, metric="best_subspan_em",
                 score=lambda out, ex: qa_score(out, ex.answers), done=lambda out, ex: qa_done(out),
+                done_on=QA_DONE_ON,
                 max_new_tokens=100, positional=True,
                 info={"records": len(kept), "left_out_fewer_paragraphs": len(records) - len(
                     [r for r in records if len(r["context"]) == N_PARAGRAPHS]),

@@ -21,7 +21,7 @@ from ...atomic import write_text
 from ...errors import PearError
 from ...loading import cache_dir
 from .. import data
-from ..metrics import contains_answer, qa_done, qa_score
+from ..metrics import QA_DONE_ON, contains_answer, qa_done, qa_score
 from ..prompts import qa_prompt
 from ..registry import BuildContext, Example, Task, register_task, resolve_positions, take
 
@@ -164,6 +164,7 @@ def build_mdqa(k: int, ctx: BuildContext) -> Task:
                                     meta={"gold_index": p, "whole_word_exclusion": qi in word_level}))
     return Task(name=f"mdqa-{k}", kind="generate", examples=examples, metric="best_subspan_em",
                 score=lambda out, ex: qa_score(out, ex.answers), done=lambda out, ex: qa_done(out),
+                done_on=QA_DONE_ON,
                 max_new_tokens=100, positional=k > 1,
                 info={"documents": k, "distractor_pool": pool, "questions": len(chosen), "half": ctx.half,
                       "whole_word_exclusion": len(word_level & {qi for qi, _ in chosen}),
