@@ -293,3 +293,47 @@ def test_compiled_prefill_compiles_every_block_of_a_deep_model(monkeypatch):
         assert seen[-1] == max(default, 2 * n) and torch._dynamo.config.recompile_limit == default
         torch.testing.assert_close(logits, real(model, rows, 0, "cpu")[0], atol=1e-5, rtol=1e-5)
     assert frames[12] - frames[8] >= 4  # every block past the eighth compiled too
+
+
+def test_grouped_heads_go_to_flash_unrepeated_where_it_takes_them(monkeypatch):
+    """A torch whose varlen_attn has no enable_gqa (2.11): where the FlashAttention operator takes grouped
+    key/value heads (tried once per device and dtype against the repeated heads), the packed prefill hands
+    them over unrepeated and gets the loop's results; where it refuses them or disagrees, the heads are
+    repeated as before."""
+    model, rows = tiny_model("qwen2"), _random_prompts()
+    ref = pk.packed_prefill(model, rows, 0, "cpu")
+    calls, grouped = [], []
+    fake = _fake_varlen("2.11", calls)  # asserts equal heads
+
+    def sdpa_grouped(q, k, v, seg, scale):  # the operator's contract, computed prompt by prompt
+        grouped.append(k.shape[1])
+        out = [F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
+                                              scale=scale, enable_gqa=True)[0].transpose(0, 1)
+               for a, b in zip(seg.starts[:-1], seg.starts[1:])]
+        return torch.cat(out)
+
+    monkeypatch.setattr(pk, "_kernel", lambda query: fake)
+    check = pk.flash_takes_groups.__wrapped__
+    monkeypatch.setattr(pk, "flash_grouped", sdpa_grouped)
+    assert check("cpu", torch.float32)
+    monkeypatch.setattr(pk, "flash_takes_groups", lambda device, dtype: True)
+    calls.clear()
+    got = pk.packed_prefill(model, rows, 0, "cpu")
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref[1].layers, got[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+    kv = model.config.num_key_value_heads
+    assert not calls and grouped[1:] == [kv] * model.config.num_hidden_layers  # after the check's, unrepeated
+
+    def refuses(*a):
+        raise RuntimeError("Number of heads in key/value must divide number of heads in query")
+    for bad in (refuses, lambda q, k, v, seg, scale: torch.zeros_like(q)):
+        monkeypatch.setattr(pk, "flash_grouped", bad)
+        assert not check("cpu", torch.float32)
+        monkeypatch.setattr(pk, "flash_takes_groups", lambda device, dtype: False)
+        calls.clear()
+        got = pk.packed_prefill(model, rows, 0, "cpu")
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        assert len(calls) == model.config.num_hidden_layers and all(c["k_heads"] == c["q_heads"] for c in calls)
+    monkeypatch.setattr(pk, "_kernel", lambda query: _fake_varlen("2.13", []))
+    assert not check("cpu", torch.float32)  # a varlen_attn with enable_gqa needs no operator of its own
