@@ -39,6 +39,7 @@ from .static_decode import CACHE_BUCKET, StaticDecoder, grouped_decoding, suppor
 
 
 def supports_continuous_static(lm) -> bool:
+    """A model that takes both: a static cache under torch.compile and joins (every layer's whole cache)."""
     return supports_static(lm) and supports_continuous(lm)
 
 

@@ -222,12 +222,12 @@ def compiled_prefill(lm, rows: list[list[int]], pad_id: int, device):
     Why: profiled on an H200 (Qwen2.5-Coder-0.5B, 512 prompts of mdqa-10, bf16), the packed prefill left
     34 % of its GPU time in normalisation, activations, rotations and residual adds, one kernel each in
     eager mode; compiled, they fuse around the attention call, which stays eager (the graph breaks where
-    the segments are read from their context variable). The blocks share one compiled graph (regional
-    compilation: they differ only in their weights), made at the first call; they are swapped into the
-    model for the prefill alone, so decoding, and everything else, runs the model as it was. Each block's
-    graph is specialised on its layer index (it picks its layer of the cache), so the blocks need as many
-    compilations: dynamo's recompile limit (8 by default) is raised to twice the number of blocks for the
-    prefill (under the default, the blocks past the eighth ran uncompiled: measured on an H100)."""
+    the segments are read from their context variable). The blocks are compiled at the first call and
+    swapped into the model for the prefill alone, so decoding, and everything else, runs the model as it
+    was. Each block's graph is specialised on its layer index (it picks its layer of the cache), so the
+    blocks need as many compilations: dynamo's recompile limit (8 by default) is raised to twice the number
+    of blocks for the prefill (under the default, the blocks past the eighth ran uncompiled: measured on an
+    H100)."""
     from ..families import resolve
 
     blocks = lm.get_submodule(resolve(lm).family.blocks)  # the ModuleList of decoder blocks

@@ -252,9 +252,10 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
     cache and a decoding step compiled on CUDA: `static_decode`), "continuous" (finished rows
     make room for waiting prompts: `continuous`) or "continuous-static" (both: `continuous_static`);
     prefill: "padded" (the prompts of a batch left-padded), "packed" (in one row without padding:
-    `packed`; for the eager and continuous loops) or "compiled" (packed, the decoder blocks compiled: `packed.compiled_prefill`). Where a
-    model cannot take the path asked for (a variant, a sliding-window layer; MoICE does take
-    continuous), it decodes eagerly / prefills padded, as models_info records.
+    `packed`; for the eager and continuous loops) or "compiled" (packed, the decoder blocks compiled:
+    `packed.compiled_prefill`). Where a model cannot take the path asked for (a variant, a
+    sliding-window layer; MoICE does take continuous), it decodes eagerly / prefills padded, as
+    models_info records.
     """
     from ..baselines import get_variant
 
