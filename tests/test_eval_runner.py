@@ -712,3 +712,38 @@ def test_done_is_asked_only_at_tokens_that_can_end_the_answer(tiny, data_dir, mo
     assert outs == runs["every token"][0]
     assert any("\n" in o for o in outs) and any("\n" not in o for o in outs)  # some stopped at a newline, some ran on
     assert 0 < runs["gated"][1] < runs["every token"][1]
+
+
+def test_done_gate_stops_where_done_does_with_byte_fallback():
+    """A SentencePiece-style vocabulary with byte fallback (as Gemma's): a newline byte inside an invalid
+    byte sequence decodes to replacement characters, so a token holding a newline may bring none; `done`
+    is then asked once more for nothing, and every answer still stops at the step where `done` asked at
+    every token stops it."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from pear.evaluate.metrics import qa_done
+    from pear.evaluate.scoring import tokens_holding
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁the", "▁cat", "\n", "\n\n", "a", "b", "▁", ".\n", "é"]:
+        vocab[piece] = len(vocab)
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    model.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    gate = tokens_holding(tok, "\n")
+    assert set(tok.convert_ids_to_tokens(sorted(gate))) == {"\n", "\n\n", ".\n", "<0x0A>"}
+    assert tok.decode([vocab["<0xE3>"], vocab["<0x0A>"]]) == "\ufffd\ufffd"  # the newline lost in an invalid sequence
+    rng, lost = random.Random(0), 0
+    some_bytes = [vocab[f"<0x{b:02X}>"] for b in (0x0A, 0xE3, 0x81, 0x82, 0xC3, 0xA9)]
+    for _ in range(2000):
+        seq = [rng.randrange(len(tok)) if rng.random() < 0.5 else rng.choice(some_bytes) for _ in range(rng.randint(1, 12))]
+        done = [qa_done(tok.decode(seq[:n], skip_special_tokens=True)) for n in range(1, len(seq) + 1)]
+        every = next((n for n, d in enumerate(done) if d), None)
+        gated = next((n for n, d in enumerate(done) if d and seq[n] in gate), None)
+        assert gated == every
+        lost += any(t in gate for t in seq) and not done[-1]
+    assert lost  # the case above happened
