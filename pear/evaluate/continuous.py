@@ -66,7 +66,7 @@ class ContinuousDecoder:
         from .packed import PREFILLS
 
         self.prefill = prefill
-        self.prefill_fn = None if prefill == "padded" else PREFILLS[prefill]
+        self.prefill_fn = PREFILLS.get(prefill)  # None: padded
 
     @property
     def name(self) -> str:  # in the results' part keys

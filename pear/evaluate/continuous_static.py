@@ -59,7 +59,7 @@ class ContinuousStaticDecoder(StaticDecoder):
         from .packed import PREFILLS
 
         self.prefill = prefill
-        self.prefill_fn = None if prefill == "padded" else PREFILLS[prefill]
+        self.prefill_fn = PREFILLS.get(prefill)  # None: padded
 
     @property
     def name(self) -> str:  # in the results' part keys
@@ -70,7 +70,8 @@ class ContinuousStaticDecoder(StaticDecoder):
 
 
 def _set_column(cache, c: int) -> None:
-    """The column the next step writes (the static layers' write counter)."""
+    """The column the next step writes (the static layers' write counter), where it jumps: each
+    step moves the counter on by one itself."""
     for layer in cache.layers:
         layer.cumulative_length.fill_(c)
 
@@ -138,10 +139,12 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
                 T = m2.shape[1]
                 if len(free) == S:
                     c = T
+                    _set_column(cache, c)
                 elif c < T:  # the running rows move right to make room
                     first = int(mask[[s for s in range(S) if rows[s] >= 0]].any(0).long().argmax())
                     _move(cache, mask, first, c, T)
                     c = T
+                    _set_column(cache, c)
                 slots = torch.tensor(free[: len(new)], dtype=torch.long, device=device)
                 _place(cache, past2, slots, c, S)
                 mask[slots] = 0
@@ -165,12 +168,12 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
                 first = int(mask[running].any(0).long().argmax())
                 _move(cache, mask, first, c, c - first)
                 c -= first
-            _set_column(cache, c)
+                _set_column(cache, c)
             mask[:, c] = 1
             idle = torch.tensor(fin, device=device)  # (S,) free slots: padding at position 0
             pos = (pos + 1).masked_fill(idle[:, None], 0)
             logits = dec(input_ids=nxt.masked_fill(idle, pad_id)[:, None],
                          attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)  # (S, V)
             nxt = logits.argmax(-1)
-            c += 1
+            c += 1  # as the step moved each layer's counter
     return out
