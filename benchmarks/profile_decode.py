@@ -8,7 +8,8 @@
         ... --prefill compiled                         # packed, the decoder blocks compiled
     python3 benchmarks/profile_decode.py --model qwen2.5-coder-0.5b --device cuda --task mdqa-10 \
         --batch 2048 --new-tokens 100 --decode continuous-static --prefill compiled --stop task --slots 512
-        # continuous batching on a static cache (pear eval --decode continuous-static), stopping as pear eval does
+        # continuous batching on a static cache (pear eval --decode continuous-static), stopping as pear eval does;
+        # also times its phases apart (the joining prompts' prefill, the decoding steps, the rest of the loop)
 
 Prints wall seconds per decoding step, the top operators by self CPU and CUDA time, and the GPU
 time by kind of kernel (matrix products, attention, the rest: normalisation, activations,
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             generate = lambda rows, **k: greedy_generate(lm, rows, compact=False,  # noqa: E731
                                                          prefill=PREFILLS.get(args.prefill), **k)
         generate(ids[:8], **{**kw, "max_new_tokens": 3})  # warm-up (compiles what is compiled)
+        if args.decode == "continuous-static":
+            generate(ids, **kw)  # compiles the step for the timed runs' cache shape
+            res["phases"] = phases(dec, lambda: generate(ids, **kw), args.device)
+            print("phases: " + ", ".join(f"{k} {v:.3f}" for k, v in res["phases"].items()), flush=True)
         for n in sorted({1, args.new_tokens}):
             torch.cuda.synchronize() if args.device.startswith("cuda") else None
             t = time.perf_counter()
@@ -118,6 +123,45 @@ def main(argv: list[str] | None = None) -> int:
 
         write_text(args.out, json.dumps(res, indent=2) + "\n")
     return 0
+
+
+def phases(dec, run, device: str) -> dict[str, float]:
+    """Wall seconds of one continuous-static run split by phase, each timed between CUDA
+    synchronisations: the joining prompts' prefill (with placing their keys in the cache), the
+    decoding steps (the compiled step's replay), and the rest (the loop's own Python: stopping
+    rules, joins' bookkeeping, cache moves). The loop synchronises at every step anyway (it reads
+    the new tokens), so the split costs little; steps and joins are counted."""
+    from pear.evaluate import continuous_static as cs
+
+    spent = {"prefill_s": 0.0, "step_s": 0.0, "steps": 0, "joins": 0}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn, key, count):
+        def wrapped(*a, **k):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            spent[key] += time.perf_counter() - t
+            spent[count] += 1
+            return out
+        return wrapped
+
+    prefiller, place, step = cs.prefiller, cs._place, type(dec).__call__
+    cs.prefiller = lambda *a, **k: timed(prefiller(*a, **k), "prefill_s", "joins")
+    cs._place = timed(place, "prefill_s", "joins")
+    type(dec).__call__ = timed(step, "step_s", "steps")
+    try:
+        sync()
+        t = time.perf_counter()
+        run()
+        sync()
+        total = time.perf_counter() - t
+    finally:
+        cs.prefiller, cs._place, type(dec).__call__ = prefiller, place, step
+    spent["joins"] //= 2  # each join prefills once and places once
+    return {"total_s": total, **spent, "rest_s": total - spent["prefill_s"] - spent["step_s"],
+            "ms_per_step": 1e3 * spent["step_s"] / max(1, spent["steps"])}
 
 
 KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),

@@ -583,6 +583,24 @@ def test_profile_decode_runs_continuous_static_with_the_tasks_stopping_rule(smol
         assert (res["decode"], res["stop"]) == (("continuous-static", "task") if extra else ("eager", "none"))
         assert 0 < res["new_tokens"]["4 new tokens"] <= 20 and res["new_tokens"]["1 new tokens"] <= 5
     assert res["new_tokens"]["4 new tokens"] <= json.loads((tmp_path / "p0.json").read_text())["new_tokens"]["4 new tokens"]
+    ph = res["phases"]  # continuous-static's run split by phase: 5 prompts over 2 slots join at least 3 times
+    assert ph["joins"] >= 3 and 1 <= ph["steps"] <= 20 and ph["prefill_s"] > 0 and ph["step_s"] > 0
+    assert ph["total_s"] == pytest.approx(ph["prefill_s"] + ph["step_s"] + ph["rest_s"])
+
+
+def test_decode_attention_compares_kernels_against_float64(tmp_path):
+    """benchmarks/decode_attention.py on CPU: SDPA and the two matrix products agree with the float64
+    reference on ranged masks; a kernel the device lacks (FlashAttention on CPU) is recorded as failed,
+    and the JSON keeps the command and the shape."""
+    import decode_attention
+
+    out = tmp_path / "att.json"
+    assert decode_attention.main(["--device", "cpu", "--dtype", "fp32", "--rows", "6", "--length", "40",
+                                  "--iters", "2", "--kernels", "sdpa,matmul,flash", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["kernels"]["sdpa"]["max_abs_err"] < 1e-5 and res["kernels"]["matmul"]["max_abs_err"] < 1e-5
+    assert res["kernels"]["sdpa"]["us"] > 0 and "error" in res["kernels"]["flash"]
+    assert res["shape"]["rows"] == 6 and res["command"].startswith("python3 benchmarks/decode_attention.py")
 
 
 def test_stop_rule_cost_times_both_rules(smollm2_bf16, tmp_path):

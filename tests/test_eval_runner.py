@@ -641,6 +641,88 @@ def test_grouped_attention_equals_repeated_heads():
     torch.testing.assert_close(attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
 
 
+def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale, seqused_k):
+    """What `aten::_flash_attention_forward` computes without a causal mask, query i reading the
+    `seqused_k[i]` key rows from `cu_k[i]` of k and v (rows, KVH, D), query heads grouped over them."""
+    assert not causal and dropout == 0.0 and max_q >= 1 and max_k >= int(seqused_k.max())
+    outs = []
+    for i in range(len(cu_q) - 1):
+        a, n = int(cu_k[i]), int(seqused_k[i])
+        qi, ki, vi = q[int(cu_q[i]): int(cu_q[i + 1])], k[a: a + n], v[a: a + n]  # (Gq, KVH, D), (n, KVH, D)
+        w = torch.einsum("gkd,nkd->kgn", qi, ki).mul(scale).softmax(-1)
+        outs.append(torch.einsum("kgn,nkd->gkd", w, vi))
+    return (torch.cat(outs),)
+
+
+def _ranges(B, L, generator):
+    end = torch.randint(1, L + 1, (B,), generator=generator)
+    start = (end - torch.randint(1, L + 1, (B,), generator=generator)).clamp(min=0)
+    cols = torch.arange(L)
+    return start, end, (cols >= start[:, None]) & (cols < end[:, None])  # (B,), (B,), (B, L)
+
+
+@pytest.mark.parametrize("B,Hkv,G,L", [(3, 2, 4, 11), (5, 1, 3, 7), (2, 3, 1, 9)])
+def test_flash_ranges_reads_each_rows_range_in_place(B, Hkv, G, L):
+    """The continuous-static step's FlashAttention call: the cache viewed as one sequence of key
+    rows, each row's range addressed at its own offset with its own length, a group's query heads as
+    query tokens: the same output as SDPA over the repeated heads with the range as mask (the
+    kernel played by a reference that reads exactly the rows it is pointed at)."""
+    import torch.nn.functional as F
+
+    from pear.evaluate.static_decode import flash_ranges
+
+    g = torch.Generator().manual_seed(B * 100 + L)
+    q = torch.randn(B, Hkv * G, 1, 16, generator=g)
+    k, v = torch.randn(B, Hkv, L, 16, generator=g), torch.randn(B, Hkv, L, 16, generator=g)
+    start, end, mask = _ranges(B, L, g)
+    out = flash_ranges(q, k, v, start, end, 0.25, kernel=_varlen_reference)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                         attn_mask=mask[:, None, None, :], scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_range_attention_takes_each_rows_range_from_its_mask(monkeypatch):
+    """`range_attention` finds each row's first and last attended column from a boolean or additive
+    mask and hands the range to FlashAttention (its stand-in here); a longer query, no mask or too
+    few rows x heads keep grouped SDPA; the operator's fake gives torch.compile the output shape."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    from pear.evaluate import static_decode as sd
+
+    calls = []
+    monkeypatch.setattr(sd, "flash_ranges_op", lambda *a: calls.append(a) or sd.flash_ranges(
+        *a, kernel=_varlen_reference))
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, L, D = 4, 2, 3, 13, 16
+    module = SimpleNamespace(num_key_value_groups=G, is_causal=True, training=False)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    _, _, mask = _ranges(B, L, g)
+    additive = torch.zeros(B, 1, 1, L).masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+    ref = F.scaled_dot_product_attention(q, repeat_kv(k, G), repeat_kv(v, G), attn_mask=mask[:, None, None, :])
+    ref = ref.transpose(1, 2)  # (B, 1, H, D)
+    monkeypatch.setattr(sd, "FLASH_MIN_BLOCKS", B * Hkv)
+    attention = sd.range_attention(sdpa_attention_forward)
+    for m in (mask[:, None, None, :], additive):
+        torch.testing.assert_close(attention(module, q, k, v, m)[0], ref)
+    assert len(calls) == 2
+    monkeypatch.setattr(sd, "FLASH_MIN_BLOCKS", B * Hkv + 1)  # too little work: grouped SDPA
+    torch.testing.assert_close(attention(module, q, k, v, mask[:, None, None, :])[0], ref)
+    q4 = torch.randn(B, Hkv * G, 4, D, generator=g)
+    torch.testing.assert_close(attention(module, q4, k, v, None)[0], sdpa_attention_forward(module, q4, k, v, None)[0])
+    assert len(calls) == 2
+    with FakeTensorMode():
+        fake = torch.ops.pear.flash_ranges(torch.empty(B, Hkv * G, 1, D), torch.empty(B, Hkv, L, D),
+                                           torch.empty(B, Hkv, L, D), torch.zeros(B, dtype=torch.long),
+                                           torch.ones(B, dtype=torch.long), 0.25)
+    assert fake.shape == (B, 1, Hkv * G, D)
+    assert not sd.flash_decodes("cpu", torch.float32)  # CPU keeps SDPA
+
+
 @pytest.mark.parametrize("decode,prefill", [("static", "padded"), ("continuous", "padded"), ("eager", "packed"),
                                             ("continuous", "packed"), ("continuous", "compiled"),
                                             ("continuous-static", "packed")])

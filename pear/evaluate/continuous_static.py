@@ -34,7 +34,7 @@ import torch
 from ..backends import attention_backends
 from ..errors import PearError
 from .continuous import JOIN_WHEN_FREE, supports_continuous
-from .generate import Forward, prefiller, take_tokens
+from .generate import Forward, prefiller, take_token_list
 from .static_decode import CACHE_BUCKET, StaticDecoder, grouped_decoding, supports_static
 
 
@@ -100,6 +100,31 @@ def _place(cache, past, slots: torch.Tensor, c: int, S: int) -> None:
         a.values[slots, :, c - T: c] = b.values
 
 
+class _HostTokens:
+    """The slots' tokens copied to the host without waiting for the GPU work queued after them: a
+    pinned buffer and an event on CUDA (the copy is queued before the next step, so reading waits
+    for the tokens only), a plain list elsewhere."""
+
+    def __init__(self, slots: int, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.buf = torch.empty(slots, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.toks: list[int] = []
+
+    def copy(self, nxt: torch.Tensor) -> None:
+        if self.cuda:
+            self.buf.copy_(nxt, non_blocking=True)
+            self.event.record()
+        else:
+            self.toks = nxt.tolist()
+
+    def read(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+            return self.buf.tolist()
+        return self.toks
+
+
 @torch.no_grad()
 def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos_ids: set[int], max_new_tokens: int,
                                device, batch_size: int = 8, max_batch_tokens: int = 32768,
@@ -110,7 +135,12 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
     """`generate.greedy_generate`'s contract and stopping rules: continuous batching over
     min(batch_size, max_batch_tokens // length) slots of one static cache of `length` columns (the
     longest prompt plus the token budget, rounded up to CACHE_BUCKET). `batches`: the prompts this
-    process decodes, in that order (default: all, longest first); on_batch(n) as n of them finish."""
+    process decodes, in that order (default: all, longest first); on_batch(n) as n of them finish.
+
+    Pipelined: each step is queued before the tokens of the one before it are read on the host, so
+    the loop's Python (stopping rules, bookkeeping) runs while the GPU computes. A row learns that it
+    has finished one step late and decodes one token more, which is not kept; a row never runs past
+    its token budget (its steps are counted), so its columns fit the cache as before."""
     dec = decoder or ContinuousStaticDecoder(lm)
     order = [i for b in batches for i in b] if batches is not None \
         else sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -123,14 +153,16 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
     start = prefiller(lm, Forward(lm), prefill, pad_id, device)
     cache = dec.begin(S, length)
     queue = deque(order)
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    host = _HostTokens(S, device)
     rows = [-1] * S  # example index of each slot; -1: free
     fin = [True] * S  # finished or free: its token is not taken
+    steps = [0] * S  # decoding steps queued for the slot's row (its tokens: one from the prompt, one a step)
     mask = torch.zeros((S, length), dtype=torch.long, device=device)  # the columns each slot attends to
     pos = torch.zeros((S, 1), dtype=torch.long, device=device)  # (S, 1) each slot's last position
     nxt = torch.full((S,), pad_id, dtype=torch.long, device=device)  # (S,) each slot's next token
     c = 0  # the column the next step writes
-    with attention_backends(), grouped_decoding(lm):
+    unread = False  # nxt holds tokens the host has not taken yet
+    with attention_backends(), grouped_decoding(lm, ranges=True):
         while True:
             free = [s for s in range(S) if rows[s] < 0]
             if queue and len(free) >= (max(1, S // JOIN_WHEN_FREE) if len(free) < S else 1):
@@ -152,28 +184,35 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
                 pos[slots] = p2[:, -1:]
                 nxt[slots] = logits2.argmax(-1)
                 for s, i in zip(free, new):
-                    rows[s], fin[s], out[i] = i, False, []
-            take_tokens(nxt, eos, rows, fin, out, done)
+                    rows[s], fin[s], steps[s], out[i] = i, False, 0, []
+                unread = True
+            if unread:  # the tokens to take this round, copied before the next step is queued
+                host.copy(nxt)
+            live = [not fin[s] and steps[s] < max_new_tokens - 1 for s in range(S)]  # a step's work (one late)
+            if any(live):
+                if c == length:  # the cache is full: cut the columns no row still held attends to
+                    first = int(mask[[s for s in range(S) if rows[s] >= 0]].any(0).long().argmax())
+                    _move(cache, mask, first, c, c - first)
+                    c -= first
+                    _set_column(cache, c)
+                mask[:, c] = 1
+                idle = torch.tensor([not x for x in live], device=device)  # (S,) padding at position 0
+                pos = (pos + 1).masked_fill(idle[:, None], 0)
+                logits = dec(input_ids=nxt.masked_fill(idle, pad_id)[:, None],
+                             attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)  # (S, V)
+                nxt = logits.argmax(-1)
+                c += 1  # as the step moved each layer's counter
+                for s in range(S):
+                    steps[s] += live[s]
+            if unread:  # while the step runs
+                toks = host.read()
+                take_token_list(toks, [t in eos_ids for t in toks], rows, fin, out, done)
+            unread = any(live)
             ended = [s for s in range(S) if rows[s] >= 0 and (fin[s] or len(out[rows[s]]) >= max_new_tokens)]
             for s in ended:
                 rows[s], fin[s] = -1, True
             if ended and on_batch is not None:
                 on_batch(len(ended))
-            running = [s for s in range(S) if rows[s] >= 0]
-            if not running:
-                if queue:
-                    continue
+            if not queue and all(r < 0 for r in rows):
                 break
-            if c == length:  # the cache is full: cut the columns no running row attends to
-                first = int(mask[running].any(0).long().argmax())
-                _move(cache, mask, first, c, c - first)
-                c -= first
-                _set_column(cache, c)
-            mask[:, c] = 1
-            idle = torch.tensor(fin, device=device)  # (S,) free slots: padding at position 0
-            pos = (pos + 1).masked_fill(idle[:, None], 0)
-            logits = dec(input_ids=nxt.masked_fill(idle, pad_id)[:, None],
-                         attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)  # (S, V)
-            nxt = logits.argmax(-1)
-            c += 1  # as the step moved each layer's counter
     return out

@@ -230,8 +230,12 @@ def take_tokens(nxt: torch.Tensor, eos: torch.Tensor, rows: list[int], fin: list
                 done: Callable[[int, list[int]], bool] | None) -> None:
     """One decoding step's greedy tokens `nxt` (B,) into the outputs of the rows still running:
     a row finishes at EOS (not kept) or once `done(index, new_ids)` says so."""
-    hit_eos = torch.isin(nxt, eos).tolist()
-    toks = nxt.tolist()
+    take_token_list(nxt.tolist(), torch.isin(nxt, eos).tolist(), rows, fin, out, done)
+
+
+def take_token_list(toks: list[int], hit_eos: list[bool], rows: list[int], fin: list[bool], out: list[list[int]],
+                    done: Callable[[int, list[int]], bool] | None) -> None:
+    """`take_tokens` on tokens already on the host (`hit_eos`: whether each is an end-of-sequence id)."""
     for r, i in enumerate(rows):
         if fin[r]:
             continue
