@@ -614,6 +614,28 @@ def test_continuous_static_decoding_equals_eager(tiny, monkeypatch):
         cs.ContinuousStaticDecoder(lm)
 
 
+def test_continuous_static_attends_each_rows_range_through_flash(tiny, monkeypatch):
+    """Where FlashAttention takes the step (`flash_decodes`; on CPU its kernel played by a reference that
+    reads exactly the key rows it is pointed at), continuous-static's masks are one range of columns
+    per slot through joins, cuts and right moves: the answers stay the eager loop's (fp32), with the
+    step traced by dynamo and AOT autograd (the operator's fake inside the graph)."""
+    from pear.evaluate import continuous_static as cs
+    from pear.evaluate import static_decode as sd
+
+    ids, stop_after, kw = _joining_prompts(tiny.tokenizer)
+    eager = greedy_generate(tiny.model, ids, **kw)
+    calls = []
+    real = sd.flash_ranges
+    monkeypatch.setattr(sd, "flash_ranges", lambda *a, **k: calls.append(1) or real(*a, kernel=_varlen_reference))
+    monkeypatch.setattr(sd, "flash_decodes", lambda device, dtype: True)
+    monkeypatch.setattr(sd, "FLASH_MIN_BLOCKS", 1)
+    monkeypatch.setattr(cs, "CACHE_BUCKET", 1)  # cuts
+    dec = cs.ContinuousStaticDecoder(tiny.model, compile=True, backend="aot_eager", mode=None)
+    assert cs.continuous_static_generate(tiny.model, ids, decoder=dec, **kw) == eager and calls
+    short_first = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # right moves
+    assert cs.continuous_static_generate(tiny.model, ids, batches=[short_first], **kw) == eager
+
+
 def test_grouped_attention_equals_repeated_heads():
     """One query token, grouped key/value heads: the group's query heads as query rows give
     what SDPA gives on keys and values repeated to every head, masked or not; a longer query
