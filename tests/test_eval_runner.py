@@ -620,7 +620,7 @@ def test_continuous_static_attends_each_rows_range_through_flash(tiny, monkeypat
     per slot through joins, cuts and right moves: the answers stay the eager loop's (fp32), with the
     step traced by dynamo and AOT autograd (the operator's fake inside the graph)."""
     from pear.evaluate import continuous_static as cs
-    from pear.evaluate import static_decode as sd
+    from pear.evaluate import step_attention as sd
 
     ids, stop_after, kw = _joining_prompts(tiny.tokenizer)
     eager = greedy_generate(tiny.model, ids, **kw)
@@ -645,7 +645,7 @@ def test_grouped_attention_equals_repeated_heads():
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    from pear.evaluate.static_decode import grouped_attention
+    from pear.evaluate.step_attention import grouped_attention
 
     torch.manual_seed(0)
     B, H, Hkv, L, D = 3, 8, 2, 11, 16
@@ -691,7 +691,7 @@ def test_flash_ranges_reads_each_rows_range_in_place(B, Hkv, G, L):
     kernel played by a reference that reads exactly the rows it is pointed at)."""
     import torch.nn.functional as F
 
-    from pear.evaluate.static_decode import flash_ranges
+    from pear.evaluate.step_attention import flash_ranges
 
     g = torch.Generator().manual_seed(B * 100 + L)
     q = torch.randn(B, Hkv * G, 1, 16, generator=g)
@@ -713,7 +713,7 @@ def test_range_attention_takes_each_rows_range_from_its_mask(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    from pear.evaluate import static_decode as sd
+    from pear.evaluate import step_attention as sd
 
     calls = []
     monkeypatch.setattr(sd, "flash_ranges_op", lambda *a: calls.append(a) or sd.flash_ranges(

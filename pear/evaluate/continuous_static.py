@@ -35,7 +35,8 @@ from ..backends import attention_backends
 from ..errors import PearError
 from .continuous import JOIN_WHEN_FREE, supports_continuous
 from .generate import Forward, prefiller, take_token_list
-from .static_decode import CACHE_BUCKET, StaticDecoder, grouped_decoding, supports_static
+from .static_decode import CACHE_BUCKET, StaticDecoder, supports_static
+from .step_attention import grouped_decoding
 
 
 def supports_continuous_static(lm) -> bool:
