@@ -16,7 +16,8 @@ changes nothing it computes (keys are stored rotated). When c reaches the cache'
 column that no running row attends to is cut from the left (the cache moved in place, once per
 ~max-new-tokens steps); when a joining prompt is longer than c, the rows move right instead.
 Free slots decode padding and attend to their own new column only (no row is ever all-masked);
-their tokens are not read.
+their tokens are not read. Every slot's mask is thus one range of columns, which lets the step's
+attention read each range in place with FlashAttention where the GPU takes it (`step_attention`).
 
 The answers are the eager loop's in fp32 (tests); in 16 bits they may differ as under any other
 batching (attention runs over the whole cache, the unused columns masked). Plain transformers
