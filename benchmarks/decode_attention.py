@@ -6,8 +6,8 @@
 Why: in `pear eval --decode continuous-static` (Qwen2.5-Coder-0.5B, mdqa-10, 512 slots of 2,048
 columns) the step's attention took 333 us per layer on an H100 (the memory-efficient SDPA kernel, one
 query row per head, the group's query heads laid out as rows of their key/value head:
-`step_attention.grouped_attention`), where reading the layer's keys and values (268 MB) takes ~80 us at
-the card's bandwidth. Each row attends to the columns its mask allows (a contiguous range: its prompt,
+`step_attention.grouped_attention`), where reading the layer's keys and values (537 MB) takes ~160 us
+at the card's bandwidth. Each row attends to the columns its mask allows (a contiguous range: its prompt,
 then its new tokens).
 
 Candidates, on random inputs of the step's shapes (q (B, H, 1, D), cache (B, KVH, L, D), a boolean
