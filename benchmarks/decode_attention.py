@@ -86,12 +86,12 @@ def flash(q, k, v, mask, groups, start, end, **_):
     return out.reshape(B, groups, KVH, D).transpose(1, 2).reshape(B, 1, H, D)
 
 
-def make_flex(groups):
+def make_flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
 
-    def flex(q, k, v, mask, groups_, **_):
+    def flex(q, k, v, mask, groups, **_):
         B, H, _, D = q.shape
         L = k.shape[2]
         bm = create_block_mask(lambda b, h, qi, kv: mask[b, kv], B, None, 1, L, device=q.device)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     fns = {"sdpa": sdpa, "matmul": matmul, "flash": flash}
     for name in [x.strip() for x in args.kernels.split(",") if x.strip()]:
         try:
-            fn = make_flex(args.groups) if name == "flex" else fns[name]
+            fn = make_flex() if name == "flex" else fns[name]
             kw = dict(start=start, end=end)
             with torch.no_grad():
                 err = (fn(q, k, v, mask, args.groups, **kw).double() - ref).abs().max().item()

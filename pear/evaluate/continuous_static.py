@@ -90,6 +90,11 @@ def _move(cache, mask: torch.Tensor, first: int, end: int, to: int) -> None:
     mask[:, to - n: to] = moved
 
 
+def _first_held(mask: torch.Tensor, rows: list[int]) -> int:
+    """The first column that a slot still holding a row attends to (columns before it can go)."""
+    return int(mask[[s for s, r in enumerate(rows) if r >= 0]].any(0).long().argmax())
+
+
 def _place(cache, past, slots: torch.Tensor, c: int, S: int) -> None:
     """The joining prompts' cache `past` ((N, KVH, T, D) layers, left-padded) into `slots` of the
     S-slot cache, its last column at c - 1."""
@@ -175,7 +180,7 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
                     c = T
                     _set_column(cache, c)
                 elif c < T:  # the running rows move right to make room
-                    first = int(mask[[s for s in range(S) if rows[s] >= 0]].any(0).long().argmax())
+                    first = _first_held(mask, rows)
                     _move(cache, mask, first, c, T)
                     c = T
                     _set_column(cache, c)
@@ -193,7 +198,7 @@ def continuous_static_generate(lm, prompts: list[list[int]], *, pad_id: int, eos
             live = [not fin[s] and steps[s] < max_new_tokens - 1 for s in range(S)]  # a step's work (one late)
             if any(live):
                 if c == length:  # the cache is full: cut the columns no row still held attends to
-                    first = int(mask[[s for s in range(S) if rows[s] >= 0]].any(0).long().argmax())
+                    first = _first_held(mask, rows)
                     _move(cache, mask, first, c, c - first)
                     c -= first
                     _set_column(cache, c)
