@@ -11,7 +11,8 @@ prompts of a batch prefilled as one row without padding, then the eager loop; co
 both: the joining prompts prefilled packed; compiled and continuous+compiled, the same with the
 decoder blocks compiled for the prompts, `--prefill compiled`; continuous-static, continuous
 batching on a static cache with the step compiled into CUDA graphs, and continuous-static+packed /
-+compiled) runs twice (compiled's first run includes compiling the blocks):
++compiled; wherever packed or compiled goes, packed-shared / compiled-shared, the prefixes that prompts
+read together share computed once) runs twice (compiled's first run includes compiling the blocks):
 static's (and continuous-static's) first run includes compiling the step and recording its CUDA graphs, the second is
 the steady state. Reported: examples/s of each run,
 the answers that differ between the paths (16-bit rounding can flip a near-tie; in fp32 none
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
                 dec = ContinuousDecoder(name.partition("+")[2])
             else:
                 raise ValueError(f"unknown decoder {name!r} (static, continuous, packed, continuous+packed, compiled, "
-                                 "continuous+compiled, continuous-static[+packed|+compiled])")
+                                 "continuous+compiled, continuous-static[+packed|+compiled], each packed or compiled also "
+                                 "as packed-shared or compiled-shared)")
             first, dt1, _ = timed(lambda: run(dec), device)
             again, dt2, peak2 = timed(lambda: run(dec), device)
             differ = [(e["id"], e["condition"], e["output"], s["output"]) for e, s in zip(eager, again)

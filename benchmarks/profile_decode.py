@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=10**9,
                     help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
-    ap.add_argument("--prefill", default="padded", choices=["padded", "packed", "compiled"],
+    ap.add_argument("--prefill", default="padded",
+                    choices=["padded", "packed", "compiled", "packed-shared", "compiled-shared"],
                     help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed); "
                          "compiled: packed, the decoder blocks compiled (pear eval --prefill compiled; the warm-up "
-                         "compiles them)")
+                         "compiles them); *-shared: prefixes that prompts share computed once")
     ap.add_argument("--decode", default="eager", choices=["eager", "continuous-static"],
                     help="the decoding loop profiled: eager (greedy_generate, every row to --new-tokens) or "
                          "continuous-static (pear eval --decode continuous-static: --batch prompts through --slots row "

@@ -73,7 +73,7 @@ def _tiny_llama_folder(tok, tmp_path):
 
 def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16, data_dir, tmp_path):
     """benchmarks/decode_throughput.py on a tiny llama (SmolLM2's tokenizer, a window that
-    holds mdqa-10): the six paths give the same answers and their rates (packed: also the time of
+    holds mdqa-10): the seven paths give the same answers and their rates (packed: also the time of
     the prompts alone, packed); a compile that cannot work is reported in the JSON, exit 1, with
     the eager numbers kept."""
     import decode_throughput
@@ -81,7 +81,8 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     folder = _tiny_llama_folder(smollm2_bf16.tokenizer, tmp_path)
     args = ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--limit", "1", "--positions", "1,10",
             "--max-new-tokens", "6", "--data-dir", str(data_dir)]
-    ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled,continuous-static+packed",
+    ok = args + ["--decoders", "static,continuous,packed,continuous+packed,compiled,continuous-static+packed,"
+                                 "continuous-static+packed-shared",
                  "--out", str(tmp_path / "ok.json")]
     assert decode_throughput.main(ok) == 0
     res = json.loads((tmp_path / "ok.json").read_text())
@@ -97,6 +98,7 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["compiled"]["prompts_only"]["seconds"] > 0
     assert res["continuous-static+packed"]["outputs_differ_from_eager"] == 0
     assert res["continuous-static+packed"]["compiled"] is False and "speedup" in res["continuous-static+packed"]
+    assert res["continuous-static+packed-shared"]["outputs_differ_from_eager"] == 0
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 

@@ -1,6 +1,7 @@
 """The decoding loop, the variant contract, the runner and `pear eval`, on a tiny random
 llama that uses the real SmolLM2 tokenizer (fast; the real model is in test_eval_real.py)."""
 
+import functools
 import gzip
 import json
 
@@ -609,6 +610,8 @@ def test_continuous_static_decoding_equals_eager(tiny, monkeypatch):
     assert any(to > end for _, end, to in moves)
     mine = cs.continuous_static_generate(tiny.model, ids, batches=[[1, 4], [7]], prefill=packed_prefill, **kw)
     assert [mine[i] for i in (1, 4, 7)] == [eager[i] for i in (1, 4, 7)] and mine[0] == []
+    shared = functools.partial(packed_prefill, share=True)  # the prompts are prefixes of one another
+    assert cs.continuous_static_generate(tiny.model, ids, prefill=shared, **kw) == eager
     assert cs.continuous_static_generate(tiny.model, ids, **dict(kw, max_batch_tokens=60)) == eager  # two slots
     with get_variant("moice").wrap(tiny, routers="init") as lm, pytest.raises(PearError, match="continuous-static"):
         cs.ContinuousStaticDecoder(lm)
@@ -747,7 +750,8 @@ def test_range_attention_takes_each_rows_range_from_its_mask(monkeypatch):
 
 @pytest.mark.parametrize("decode,prefill", [("static", "padded"), ("continuous", "padded"), ("eager", "packed"),
                                             ("continuous", "packed"), ("continuous", "compiled"),
-                                            ("continuous-static", "packed")])
+                                            ("continuous-static", "packed"), ("eager", "packed-shared"),
+                                            ("continuous-static", "compiled-shared")])
 def test_cli_decode(tiny, data_dir, tmp_path, decode, prefill):
     from pear.cli import main
 

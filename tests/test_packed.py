@@ -4,6 +4,7 @@ must equal the padded prefill's."""
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,12 @@ def _random_prompts():
     return [torch.randint(3, VOCAB, (3 + (5 * k) % 17,), generator=g).tolist() for k in range(11)]
 
 
-def _assert_prefill_equals_padded(model, rows, pad_id):
+def _assert_prefill_equals_padded(model, rows, pad_id, share=False):
     ids, mask, pos = left_pad(rows, pad_id, "cpu")
     with torch.no_grad():
         logits, past = Forward(model)(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=None,
                                       use_cache=True)
-    logits2, past2, mask2, pos2 = pk.packed_prefill(model, rows, pad_id, "cpu")
+    logits2, past2, mask2, pos2 = pk.packed_prefill(model, rows, pad_id, "cpu", share)
     assert logits2.shape == logits.shape == (len(rows), model.config.get_text_config().vocab_size)
     torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(mask2, mask) and torch.equal(pos2, pos)
@@ -158,20 +159,23 @@ def test_packed_only_for_plain_full_attention_models(tiny, data_dir, capsys):
     assert [s["output"] for s in packed["samples"]] == [s["output"] for s in eager["samples"]]
 
 
-def _fake_varlen(version, calls):
+def _fake_varlen(version, calls, bottom_right=True):
     """A stand-in for torch's varlen_attn with the signature of a torch version, recording its
-    arguments and computing causal SDPA prompt by prompt: (N, H, D) in and out."""
+    arguments and computing causal SDPA prompt by prompt: (N, H, D) in and out. A prompt with fewer
+    queries than keys is aligned as FlashAttention aligns it, its last query on its last key (or, with
+    bottom_right=False, its first query on the first key: what the kernel must not do)."""
 
     def reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, gqa):
         out = []
-        for a, b in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
-            o = F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
-                                               scale=scale, enable_gqa=gqa)  # (1, H, L, D)
+        for a, b, c, d in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:], cu_k.tolist()[:-1], cu_k.tolist()[1:]):
+            causal = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a) if bottom_right else 0)
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], *(x[c:d].transpose(0, 1)[None] for x in (k, v)),
+                                               attn_mask=causal, scale=scale, enable_gqa=gqa)  # (1, H, L, D)
             out.append(o[0].transpose(0, 1))
         return torch.cat(out)
 
     def record(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
-        calls.append(dict(kw, q_heads=q.shape[1], k_heads=k.shape[1], cu=cu_q, same_cu=cu_k is cu_q,
+        calls.append(dict(kw, q_heads=q.shape[1], k_heads=k.shape[1], cu=cu_q, cu_k=cu_k, same_cu=cu_k is cu_q,
                           max_q=max_q, max_k=max_k))
         return reference(q, k, v, cu_q, cu_k, max_q, max_k, kw.get("scale"), kw.get("enable_gqa", False))
 
@@ -337,3 +341,71 @@ def test_grouped_heads_go_to_flash_unrepeated_where_it_takes_them(monkeypatch):
         assert len(calls) == model.config.num_hidden_layers and all(c["k_heads"] == c["q_heads"] for c in calls)
     monkeypatch.setattr(pk, "_kernel", lambda query: _fake_varlen("2.13", []))
     assert not check("cpu", torch.float32)  # a varlen_attn with enable_gqa needs no operator of its own
+
+
+def _sharing_prompts():
+    """Prompts that share prefixes in every way: a question's variants (one prefix, then each its own
+    tail), a prompt equal to an earlier one, one that is a prefix of an earlier one, one that shares a
+    prefix only with a prompt further back than SHARE_WINDOW (not looked for), and unrelated ones."""
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    head = rand(12)
+    rows = [head + rand(5), head + rand(3), head[:7] + rand(6), list(head + rand(2)), head[:5]]
+    rows.append(list(rows[1]))  # the same prompt again
+    rows += [rand(4) for _ in range(pk.SHARE_WINDOW)]
+    rows.append(head + rand(1))  # its neighbours share nothing with it: computed whole
+    return rows
+
+
+def test_shared_prefixes_are_computed_once_and_change_nothing(tiny):
+    """--prefill packed-shared: a prompt's longest prefix held by one of the few prompts before it is
+    not computed again (the row holds only the other tokens; every prompt keeps its last one), its keys
+    and values come from that prompt, and logits, cache, mask and positions are the padded prefill's
+    (fp32, grouped-query attention), through the compiled blocks too."""
+    model, rows = tiny_model("qwen2"), _sharing_prompts()
+    shared, source = pk.shared_prefixes(rows)
+    assert shared == [0, 12, 7, 12, 4, 14, *[0] * pk.SHARE_WINDOW, 0] and source[1:6] == [0, 0, 0, 0, 1]
+    assert pk.shared_prefixes([[5, 6, 7]] * 3) == ([0, 2, 2], [-1, 0, 0])  # the last token stays each prompt's own
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape[-1]))
+    try:
+        _assert_prefill_equals_padded(model, rows, 0, share=True)
+    finally:
+        hook.remove()
+    assert seen[-1] == sum(map(len, rows)) - sum(shared)  # after the padded forward, the packed one
+    ref = pk.packed_prefill(model, rows, 0, "cpu")
+    got = pk.compiled_prefill(model, rows, 0, "cpu", True)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref[1].layers, got[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+    assert set(pk.PREFILLS) >= {"packed-shared", "compiled-shared"}
+
+
+@pytest.mark.parametrize("version", ["2.13", "2.11"])
+def test_shared_prefixes_reach_flash_as_fewer_queries_than_keys(monkeypatch, version):
+    """The CUDA path on CPU through a stand-in of varlen_attn: queries are each prompt's own tokens,
+    keys its whole prompt (offsets apart, the longest of each), and the results are the loop's. The
+    one-time check takes a kernel that aligns such a prompt from the bottom right and refuses one that
+    does not; refused, the prefill shares nothing and is still right."""
+    model, rows = tiny_model("qwen2"), _sharing_prompts()
+    shared, _ = pk.shared_prefixes(rows)
+    ref = pk.packed_prefill(model, rows, 0, "cpu")
+    check = pk.flash_shares_prefixes.__wrapped__
+    monkeypatch.setattr(pk, "flash_takes_groups", lambda device, dtype: False)
+    for bottom_right in (True, False):
+        calls = []
+        monkeypatch.setattr(pk, "_kernel", lambda query: _fake_varlen(version, calls, bottom_right))
+        assert check("cpu", torch.float32) == bottom_right
+        monkeypatch.setattr(pk, "flash_shares_prefixes", lambda device, dtype: bottom_right)
+        calls.clear()
+        got = pk.packed_prefill(model, rows, 0, "cpu", True)
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(ref[1].layers, got[1].layers):
+            torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=1e-5)
+        assert len(calls) == model.config.num_hidden_layers
+        own = [len(r) - k for r, k in zip(rows, shared)] if bottom_right else list(map(len, rows))
+        for c in calls:
+            assert c["cu"].tolist() == [0, *np.cumsum(own).tolist()] and c["max_q"] == max(own)
+            assert c["cu_k"].dtype == torch.int32 and c["cu_k"].tolist() == [0, *np.cumsum(list(map(len, rows))).tolist()]
+            assert c["max_k"] == max(map(len, rows)) and c["same_cu"] == (not bottom_right)

@@ -123,12 +123,15 @@ def add_cli(sub) -> None:
                         "rows); continuous-static: both, continuous batching over the row slots of one static "
                         "cache, its step compiled once; static and continuous-static take plain models, continuous "
                         "plain models and moice, another --variant decodes eagerly")
-    p.add_argument("--prefill", default="padded", choices=["padded", "packed", "compiled"],
+    p.add_argument("--prefill", default="padded",
+                   choices=["padded", "packed", "compiled", "packed-shared", "compiled-shared"],
                    help="how the prompts of a batch are read: padded (default: left-padded, with a padding mask); "
                         "packed: in one row without padding, variable-length attention (FlashAttention's varlen "
                         "kernel on CUDA); compiled: packed, with the decoder blocks compiled by torch.compile for "
-                        "the prompts (the first batch compiles them); packed and compiled with --decode eager, "
-                        "continuous or continuous-static, for plain transformers models with full attention in every layer")
+                        "the prompts (the first batch compiles them); packed-shared, compiled-shared: the same, a "
+                        "prefix that prompts read together share computed once (mdqa's gold positions); all but "
+                        "padded with --decode eager, continuous or continuous-static, for plain transformers models "
+                        "with full attention in every layer")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every generation task's budget (default per task: 100, kv 128)")
     p.add_argument("--chat", default="auto", choices=["auto", "on", "off"],

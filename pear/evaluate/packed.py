@@ -17,6 +17,9 @@ The attention function reaches the model through transformers' attention interfa
 context variable, not through the forward's keyword arguments, which not every model passes on.
 
 `--prefill compiled` is the packed prefill with the decoder blocks compiled (`compiled_prefill`).
+`--prefill packed-shared` / `compiled-shared` compute a prefix that prompts of the batch share once
+(`shared_prefixes`): lost-in-the-middle tasks ask each question with its gold document at several
+positions, and those prompts agree up to the first moved document.
 """
 
 from __future__ import annotations
@@ -25,27 +28,44 @@ import inspect
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import PearError
 from .generate import greedy_generate, left_pad
 
+
 NAME = "pear_packed"
+SHARE_WINDOW = 8  # a prompt's shared prefix is looked for among the prompts just before it (see shared_prefixes)
 
 
 @dataclass(frozen=True)
 class Segments:
-    """The prompts of the packed row: cu (B+1,) int32 offsets on the device, the same as Python
-    ints (for the loop over prompts), the longest prompt, and whether FlashAttention takes the
-    model's grouped key/value heads as they are (`flash_takes_groups`)."""
+    """The prompts of the packed row: cu (B+1,) int32 offsets of their tokens in the row on the
+    device, the same as Python ints (for the loop over prompts), the longest prompt, and whether
+    FlashAttention takes the model's grouped key/value heads as they are (`flash_takes_groups`).
+
+    With shared prefixes a prompt's row holds only its own tokens (its queries), while it attends to
+    its whole prompt: `keys` (N_k,) picks each prompt's keys from the row (its shared prefix from the
+    prompt it shares it with, then its own tokens), `cu_k`, `starts_k`, `longest_k` count them."""
 
     cu: torch.Tensor
     starts: tuple[int, ...]
     longest: int
     grouped: bool = False
+    keys: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    starts_k: tuple[int, ...] | None = None
+    longest_k: int | None = None
+
+    def key_segments(self) -> tuple[torch.Tensor, tuple[int, ...], int]:
+        """(cu, starts, longest) of the keys: the queries' own without shared prefixes."""
+        if self.keys is None:
+            return self.cu, self.starts, self.longest
+        return self.cu_k, self.starts_k, self.longest_k
 
 
 _SEGMENTS: ContextVar[Segments | None] = ContextVar("pear_packed_segments", default=None)
@@ -105,7 +125,8 @@ def _varlen(fn, q, k, v, seg: Segments, scale):
             return flash_grouped(q, k, v, seg, scale)
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    return fn(q, k, v, seg.cu, seg.cu, seg.longest, seg.longest, **kw)  # (N, H, D)
+    cu_k, _, longest_k = seg.key_segments()
+    return fn(q, k, v, seg.cu, cu_k, seg.longest, longest_k, **kw)  # (N, H, D)
 
 
 def flash_grouped(q, k, v, seg: Segments, scale):
@@ -116,7 +137,8 @@ def flash_grouped(q, k, v, seg: Segments, scale):
     repeated to every query head, and that copy was 20 % of the compiled prefill's GPU time
     (Qwen2.5-Coder-0.5B, 1 x H200: 2 heads written out as 14); FlashAttention-2 reads each key/value
     head for its group of query heads itself."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, seg.cu, seg.cu, seg.longest, seg.longest, 0.0, True,
+    cu_k, _, longest_k = seg.key_segments()
+    return torch.ops.aten._flash_attention_forward(q, k, v, seg.cu, cu_k, seg.longest, longest_k, 0.0, True,
                                                    False, scale=scale)[0]
 
 
@@ -147,15 +169,73 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         raise RuntimeError("pear_packed attention runs only inside packed_prefill")
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise RuntimeError("pear_packed attention takes full attention without softcapping")
+    if seg.keys is not None:  # each prompt's keys: its shared prefix (another prompt's tokens), then its own
+        key, value = key[:, :, seg.keys], value[:, :, seg.keys]  # (1, KVH, N_k, D)
     fn = _kernel(query)
     if fn is not None:
         q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (N, H or KVH, D)
         return _varlen(fn, q, k, v, seg, scaling)[None], None  # (1, N, H, D)
-    gqa = key.shape[1] != query.shape[1]
-    out = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                          scale=scaling, enable_gqa=gqa)  # (1, H, L, D)
-           for a, b in zip(seg.starts[:-1], seg.starts[1:])]
-    return torch.cat(out, dim=2).transpose(1, 2), None  # (1, N, H, D)
+    return _loop(query, key, value, seg, scaling).transpose(1, 2), None  # (1, N, H, D)
+
+
+def _loop(query, key, value, seg: Segments, scale):
+    """Causal SDPA prompt by prompt, query (1, H, N, D), key/value (1, KVH, N_k, D) -> (1, H, N, D):
+    a prompt whose first keys are a shared prefix has fewer queries than keys, its last query
+    aligned with its last key (FlashAttention's causal alignment, from the bottom right)."""
+    _, starts_k, _ = seg.key_segments()
+    gqa, out = key.shape[1] != query.shape[1], []
+    for a, b, c, d in zip(seg.starts[:-1], seg.starts[1:], starts_k[:-1], starts_k[1:]):
+        kw = dict(is_causal=True) if b - a == d - c else \
+            dict(attn_mask=torch.ones(b - a, d - c, dtype=torch.bool, device=query.device).tril(d - c - (b - a)))
+        out.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, c:d], value[:, :, c:d], scale=scale,
+                                                  enable_gqa=gqa, **kw))  # (1, H, L, D)
+    return torch.cat(out, dim=2)
+
+
+def shared_prefixes(rows: list[list[int]], window: int = SHARE_WINDOW) -> tuple[list[int], list[int]]:
+    """For each prompt, how many of its first tokens one of the `window` prompts before it already
+    holds (the most of them), and which prompt that is (-1: none); at most its length - 1, so that
+    every prompt computes its last token (its logits).
+
+    Why a window, not a trie of the whole batch: the harness sorts prompts by length, and the
+    variants of one question (gold at several positions, the same documents) have the same length,
+    so they sit together; comparing each prompt with a few neighbours costs milliseconds per batch
+    (numpy), a token trie in Python costs ~0.5 s per 500 prompts of mdqa-10, on the GPU's time."""
+    arrays = [np.asarray(r) for r in rows]
+    shared, source = [], []
+    for i, a in enumerate(arrays):
+        best, src = 0, -1
+        for j in range(max(0, i - window), i):
+            m = min(len(a) - 1, len(arrays[j]))
+            if m <= best:
+                continue
+            same = a[:m] == arrays[j][:m]
+            n = m if same.all() else int(same.argmin())
+            if n > best:
+                best, src = n, j
+        shared.append(best)
+        source.append(src)
+    return shared, source
+
+
+@cache
+def flash_shares_prefixes(device: str, dtype: torch.dtype) -> bool:
+    """Whether the varlen kernel here aligns a causal prompt with fewer queries than keys from the
+    bottom right, as `_loop` does (tried once per device and dtype; the loop itself always does)."""
+    fn = _kernel(torch.empty(1, device=device, dtype=dtype))
+    if fn is None:
+        return True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 64, generator=g).to(device, dtype) for n, h in ((19, 4), (24, 2), (24, 2)))
+    seg = Segments(torch.tensor([0, 4, 19], dtype=torch.int32, device=device), (0, 4, 19), 15,
+                   flash_takes_groups(device, dtype), torch.arange(24, device=device),
+                   torch.tensor([0, 9, 24], dtype=torch.int32, device=device), (0, 9, 24), 15)  # 4 of 9, 15 of 15
+    try:
+        got = _varlen(fn, q, k, v, seg, 0.125)  # (19, 4, 64)
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return False
+    ref = _loop(*(x.float().transpose(0, 1)[None] for x in (q, k, v)), seg, 0.125)[0].transpose(0, 1)
+    return bool(torch.allclose(got.float(), ref, atol=2e-2, rtol=0))
 
 
 def _register() -> None:
@@ -177,18 +257,31 @@ def _attn_implementations(lm) -> list[tuple[object, str | None]]:
 
 
 @torch.no_grad()
-def packed_prefill(lm, rows: list[list[int]], pad_id: int, device):
+def packed_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool = False):
     """The prompts `rows` packed into one row: (last logits (B, V), DynamicCache of left-padded
-    (B, KVH, T, D) layers, mask (B, T), positions (B, T)), as the padded prefill returns them."""
+    (B, KVH, T, D) layers, mask (B, T), positions (B, T)), as the padded prefill returns them.
+    `share`: a prompt's prefix that a prompt before it holds (`shared_prefixes`) is not computed again."""
     _register()
+    dtype = next(lm.parameters()).dtype
     n = torch.tensor([len(r) for r in rows])  # (B,) prompt lengths
     B, T = len(rows), int(n.max())
-    cu = torch.cat([n.new_zeros(1), n.cumsum(0)])  # (B+1,) where each prompt starts in the row
-    row = torch.repeat_interleave(torch.arange(B), n)  # (N,) each packed token's prompt
-    pos = torch.arange(int(cu[-1])) - cu[row]  # (N,) from 0 in each prompt
-    ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)  # (N,)
-    dtype = next(lm.parameters()).dtype
-    seg = Segments(cu.to(device, torch.int32), tuple(cu.tolist()), T, flash_takes_groups(str(device), dtype))
+    s = [0] * B
+    if share and flash_shares_prefixes(str(device), dtype):
+        s, source = shared_prefixes(rows)
+    own = n - torch.tensor(s)  # (B,) the tokens each prompt computes
+    cu = torch.cat([n.new_zeros(1), own.cumsum(0)])  # (B+1,) where each prompt's own tokens start in the row
+    ids = torch.tensor([t for r, k in zip(rows, s) for t in r[k:]], dtype=torch.long)  # (N,)
+    pos = torch.cat([torch.arange(k, len(r)) for r, k in zip(rows, s)])  # (N,) their positions in their prompts
+    cu_k = torch.cat([n.new_zeros(1), n.cumsum(0)])  # (B+1,) the same for every token of every prompt
+    keys = None  # (N_k,) for each token of each prompt, its place in the row
+    if any(s):
+        mine = [np.arange(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        for i in range(B):
+            if s[i]:
+                mine[i] = np.concatenate([mine[source[i]][: s[i]], mine[i]])
+        keys = torch.from_numpy(np.concatenate(mine)).to(device)
+    seg = Segments(cu.to(device, torch.int32), tuple(cu.tolist()), int(own.max()), flash_takes_groups(str(device), dtype),
+                   keys, cu_k.to(device, torch.int32), tuple(cu_k.tolist()), T)
     saved = _attn_implementations(lm)
     token = _SEGMENTS.set(seg)
     try:
@@ -201,13 +294,15 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device):
         _SEGMENTS.reset(token)
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
-    row, col = row.to(device), (pos + (T - n)[row]).to(device)  # (N,) each: its place, left-padded
+    row = torch.repeat_interleave(torch.arange(B), n)  # (N_k,) each prompt token's prompt
+    col = (torch.arange(int(cu_k[-1])) - cu_k[row] + (T - n)[row]).to(device)  # (N_k,) its column, left-padded
+    row = row.to(device)
     past = out.past_key_values
     for layer in past.layers:
         for name in ("keys", "values"):
-            packed = getattr(layer, name)  # (1, KVH, N, D)
-            padded = packed.new_zeros(B, packed.shape[1], T, packed.shape[3])  # (B, KVH, T, D)
-            padded[row, :, col] = packed[0].transpose(0, 1)  # (N, KVH, D) into their places
+            packed = getattr(layer, name)[0].transpose(0, 1)  # (N, KVH, D)
+            padded = packed.new_zeros(B, packed.shape[1], T, packed.shape[2])  # (B, KVH, T, D)
+            padded[row, :, col] = packed if keys is None else packed[keys]  # (N_k, KVH, D) into their places
             setattr(layer, name, padded)
     _, mask, positions = left_pad(rows, pad_id, device)
     return out.logits[0], past, mask, positions  # logits (B, V)
@@ -216,7 +311,7 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device):
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its compiled blocks
 
 
-def compiled_prefill(lm, rows: list[list[int]], pad_id: int, device):
+def compiled_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool = False):
     """`packed_prefill` with every decoder block compiled (torch.compile, symbolic shapes).
 
     Why: profiled on an H200 (Qwen2.5-Coder-0.5B, 512 prompts of mdqa-10, bf16), the packed prefill left
@@ -239,13 +334,14 @@ def compiled_prefill(lm, rows: list[list[int]], pad_id: int, device):
         for i, c in enumerate(_COMPILED[lm]):
             blocks[i] = c
         with torch._dynamo.config.patch(recompile_limit=limit):
-            return packed_prefill(lm, rows, pad_id, device)
+            return packed_prefill(lm, rows, pad_id, device, share)
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
 
 
-PREFILLS = {"packed": packed_prefill, "compiled": compiled_prefill}  # --prefill: the prompts in one row
+PREFILLS = {"packed": packed_prefill, "compiled": compiled_prefill,  # --prefill: the prompts in one row
+            "packed-shared": partial(packed_prefill, share=True), "compiled-shared": partial(compiled_prefill, share=True)}
 
 
 class PackedDecoder:
