@@ -21,7 +21,8 @@
 #               the first LIMIT items of BTASKS, one `torchrun` of PROCS (1) processes per task,
 #               batches of MOICE_ROWS (64) rows / MOICE_TOKENS (60000) tokens, MOICE_DECODE
 #               (eager; continuous: finished rows replaced): the full-data tables of BENCHMARKS.md
-#               §3b ran with PROCS=8 on 1 x H200
+#               §3b ran with PROCS=8 on 1 x H200 (each process gets 1/PROCS of the GPU's memory: on
+#               an 80 GB card 8 processes run out of memory at these batches, 4 do not)
 #   assemble    once the workers are done: one results JSON per model from the parts alone
 #               (`--parts only`; nothing is computed)
 # Each `pear eval` call keeps per-example parts in OUT/parts (or PARTS), so a run cut short
