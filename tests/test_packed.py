@@ -364,8 +364,9 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(tiny):
     (fp32, grouped-query attention), through the compiled blocks too."""
     model, rows = tiny_model("qwen2"), _sharing_prompts()
     shared, source = pk.shared_prefixes(rows)
-    assert shared == [0, 12, 7, 12, 4, 14, *[0] * pk.SHARE_WINDOW, 0] and source[1:6] == [0, 0, 0, 0, 1]
-    assert pk.shared_prefixes([[5, 6, 7]] * 3) == ([0, 2, 2], [-1, 0, 0])  # the last token stays each prompt's own
+    assert shared == [0, 12, 7, 12, 4, 14, *[0] * pk.SHARE_WINDOW, 0] and source[1:6] == [0, 1, 1, 3, 1]  # the nearest
+    assert pk.shared_prefixes([[5, 6, 7]] * 3) == ([0, 2, 2], [-1, 0, 1])  # the last token stays each prompt's own
+    assert pk.shared_prefixes([[1, 2], [1, 2, 3], [1]]) == ([0, 2, 0], [-1, 0, -1]) and pk.shared_prefixes([]) == ([], [])
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape[-1]))
     try:
