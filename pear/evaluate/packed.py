@@ -29,13 +29,14 @@ import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, partial
+from itertools import chain
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import PearError
-from .generate import greedy_generate, left_pad
+from .generate import greedy_generate
 
 
 NAME = "pear_packed"
@@ -268,7 +269,7 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool =
         s, source = shared_prefixes(rows)
     own = n - torch.tensor(s)  # (B,) the tokens each prompt computes
     cu = torch.cat([n.new_zeros(1), own.cumsum(0)])  # (B+1,) where each prompt's own tokens start in the row
-    ids = torch.tensor([t for r, k in zip(rows, s) for t in r[k:]], dtype=torch.long)  # (N,)
+    ids = torch.tensor(list(chain.from_iterable(r[k:] for r, k in zip(rows, s))), dtype=torch.long)  # (N,)
     pos = torch.cat([torch.arange(k, len(r)) for r, k in zip(rows, s)])  # (N,) their positions in their prompts
     cu_k = torch.cat([n.new_zeros(1), n.cumsum(0)])  # (B+1,) the same for every token of every prompt
     keys = None  # (N_k,) for each token of each prompt, its place in the row
@@ -302,8 +303,9 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool =
             padded = packed.new_zeros(B, packed.shape[1], T, packed.shape[2])  # (B, KVH, T, D)
             padded[row, :, col] = packed if keys is None else packed[keys]  # (N_k, KVH, D) into their places
             setattr(layer, name, padded)
-    _, mask, positions = left_pad(rows, pad_id, device)
-    return out.logits[0], past, mask, positions  # logits (B, V)
+    mask = (torch.arange(T) >= (T - n)[:, None]).long()  # (B, T): left_pad's, from the lengths alone
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return out.logits[0], past, mask.to(device), positions.to(device)  # logits (B, V)
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its compiled blocks
