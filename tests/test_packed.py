@@ -169,8 +169,9 @@ def _fake_varlen(version, calls, bottom_right=True):
         out = []
         for a, b, c, d in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:], cu_k.tolist()[:-1], cu_k.tolist()[1:]):
             causal = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a) if bottom_right else 0)
-            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], *(x[c:d].transpose(0, 1)[None] for x in (k, v)),
-                                               attn_mask=causal, scale=scale, enable_gqa=gqa)  # (1, H, L, D)
+            kk, vv = (x[c:d].transpose(0, 1)[None] for x in (k, v))  # (1, KVH, S, D)
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], kk, vv, attn_mask=causal, scale=scale,
+                                               enable_gqa=gqa)  # (1, H, L, D)
             out.append(o[0].transpose(0, 1))
         return torch.cat(out)
 
@@ -364,9 +365,11 @@ def test_shared_prefixes_are_computed_once_and_change_nothing(tiny):
     (fp32, grouped-query attention), through the compiled blocks too."""
     model, rows = tiny_model("qwen2"), _sharing_prompts()
     shared, source = pk.shared_prefixes(rows)
-    assert shared == [0, 12, 7, 12, 4, 14, *[0] * pk.SHARE_WINDOW, 0] and source[1:6] == [0, 1, 1, 3, 1]  # the nearest
+    assert shared == [0, 12, 7, 12, 4, 14, *[0] * pk.SHARE_WINDOW, 0]
+    assert source[1:6] == [0, 1, 1, 3, 1]  # of equal prefixes, the nearest prompt's
     assert pk.shared_prefixes([[5, 6, 7]] * 3) == ([0, 2, 2], [-1, 0, 1])  # the last token stays each prompt's own
-    assert pk.shared_prefixes([[1, 2], [1, 2, 3], [1]]) == ([0, 2, 0], [-1, 0, -1]) and pk.shared_prefixes([]) == ([], [])
+    assert pk.shared_prefixes([[1, 2], [1, 2, 3], [1]]) == ([0, 2, 0], [-1, 0, -1])
+    assert pk.shared_prefixes([]) == ([], [])
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape[-1]))
     try:
@@ -408,5 +411,5 @@ def test_shared_prefixes_reach_flash_as_fewer_queries_than_keys(monkeypatch, ver
         own = [len(r) - k for r, k in zip(rows, shared)] if bottom_right else list(map(len, rows))
         for c in calls:
             assert c["cu"].tolist() == [0, *np.cumsum(own).tolist()] and c["max_q"] == max(own)
-            assert c["cu_k"].dtype == torch.int32 and c["cu_k"].tolist() == [0, *np.cumsum(list(map(len, rows))).tolist()]
+            assert c["cu_k"].dtype == torch.int32 and c["cu_k"].tolist() == [0, *np.cumsum([len(r) for r in rows])]
             assert c["max_k"] == max(map(len, rows)) and c["same_cu"] == (not bottom_right)

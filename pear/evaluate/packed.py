@@ -259,7 +259,8 @@ def _attn_implementations(lm) -> list[tuple[object, str | None]]:
 def packed_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool = False):
     """The prompts `rows` packed into one row: (last logits (B, V), DynamicCache of left-padded
     (B, KVH, T, D) layers, mask (B, T), positions (B, T)), as the padded prefill returns them.
-    `share`: a prompt's prefix that a prompt before it holds (`shared_prefixes`) is not computed again."""
+    `share`: a prompt's prefix that a prompt before it holds (`shared_prefixes`) is not computed again.
+    `pad_id`: the padded prefill's argument, unused (the padding columns of the cache are zeros)."""
     _register()
     dtype = next(lm.parameters()).dtype
     n = torch.tensor([len(r) for r in rows])  # (B,) prompt lengths
@@ -279,8 +280,8 @@ def packed_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool =
             if s[i]:
                 mine[i] = np.concatenate([mine[source[i]][: s[i]], mine[i]])
         keys = torch.from_numpy(np.concatenate(mine)).to(device)
-    seg = Segments(cu.to(device, torch.int32), tuple(cu.tolist()), int(own.max()), flash_takes_groups(str(device), dtype),
-                   keys, cu_k.to(device, torch.int32), tuple(cu_k.tolist()), T)
+    seg = Segments(cu.to(device, torch.int32), tuple(cu.tolist()), int(own.max()),
+                   flash_takes_groups(str(device), dtype), keys, cu_k.to(device, torch.int32), tuple(cu_k.tolist()), T)
     saved = _attn_implementations(lm)
     token = _SEGMENTS.set(seg)
     try:
@@ -341,7 +342,8 @@ def compiled_prefill(lm, rows: list[list[int]], pad_id: int, device, share: bool
 
 
 PREFILLS = {"packed": packed_prefill, "compiled": compiled_prefill,  # --prefill: the prompts in one row
-            "packed-shared": partial(packed_prefill, share=True), "compiled-shared": partial(compiled_prefill, share=True)}
+            "packed-shared": partial(packed_prefill, share=True),
+            "compiled-shared": partial(compiled_prefill, share=True)}
 
 
 class PackedDecoder:
