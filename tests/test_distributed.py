@@ -78,7 +78,11 @@ def test_eval_two_processes_equals_one(tiny_folder, data_dir, tmp_path, monkeypa
         raise AssertionError("should have been reused")
     monkeypatch.setattr(runner, "run_task", boom)  # the two-process run's parts serve a later run
     assert one_thread(main, args + ["--out", str(tmp_path / "two" / "e.json"), "--resume"]) == 0
-    assert json.loads((tmp_path / "two" / "e.json").read_text())["tasks"] == r1["tasks"]
+    again = json.loads((tmp_path / "two" / "e.json").read_text())
+    assert again["tasks"] == r1["tasks"] and again["settings"]["processes"] == 1
+    for res, n in ((r1, "1"), (r2, "2"), (again, "2")):  # which process count made each table's parts
+        made = {t: x["parts_by_processes"] for t, x in next(iter(res["timing"].values())).items()}
+        assert made == {"closedbook": {n: 1}, "mmlu": {n: 1}}
 
 
 def test_eval_continuous_two_processes_equals_eager(tiny_folder, data_dir, tmp_path, monkeypatch):

@@ -154,9 +154,10 @@ def test_resume_reuses_parts(tiny, data_dir, tmp_path, monkeypatch):
         evaluate([tiny], ["closedbook"], **dict(kw, limit=4))
 
 
-def test_parts_only_assembles(tiny, data_dir, tmp_path, monkeypatch):
+def test_parts_only_assembles(tiny, data_dir, tmp_path, monkeypatch, capsys):
     """Separate runs on one parts folder: "only" computes nothing, leaves out what is missing,
-    and assembles what is there into the result of one whole run."""
+    and assembles what is there into the result of one whole run; a table whose parts were computed
+    by different numbers of processes says so (results and stderr)."""
     from pear.evaluate import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "PART_SIZE", 2)
@@ -179,6 +180,16 @@ def test_parts_only_assembles(tiny, data_dir, tmp_path, monkeypatch):
     calls.clear()
     done = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="only", **kw)
     assert calls == [] and "missing" not in done and done["tasks"] == whole["tasks"]
+    assert done["timing"]["tiny"]["closedbook"]["parts_by_processes"] == {"1": 2}
+    first = sorted(parts.glob("*.json.gz"), key=lambda f: json.load(gzip.open(f))["start"])[0]
+    stored = json.load(gzip.open(first))
+    with gzip.open(first, "wt") as f:  # as if 8 processes had computed the first part
+        json.dump(dict(stored, processes=8), f)
+    capsys.readouterr()
+    mixed = evaluate([tiny], ["closedbook"], parts_dir=parts, parts="only", **kw)
+    assert mixed["tasks"] == whole["tasks"]
+    assert mixed["timing"]["tiny"]["closedbook"]["parts_by_processes"] == {"1": 1, "8": 1}
+    assert "tiny closedbook: parts computed by 1 and 8 processes" in capsys.readouterr().err
     with pytest.raises(PearError, match="parts-dir"):
         evaluate([tiny], ["closedbook"], parts="only", **kw)
     with pytest.raises(PearError, match="reuse or only"):

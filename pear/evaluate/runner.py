@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,12 +135,17 @@ class Job:
     decoder: Any = None  # StaticDecoder / ContinuousDecoder (--decode), PackedDecoder (--prefill packed); None: eager
 
 
-def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[list[str], list[dict] | None, float]:
-    """(rendered prompts, records or None where a part is missing, seconds), part by part: a
-    part in the cache is read (by rank 0, and sent to the others), a missing one computed by
-    all processes together and saved by rank 0."""
+def run_parts(job: Job, task: Task, cache: ResultsCache,
+              parts: str) -> tuple[list[str], list[dict] | None, float, dict[str, int]]:
+    """(rendered prompts, records or None where a part is missing, seconds, how many parts each number
+    of processes computed), part by part: a part in the cache is read (by rank 0, and sent to the
+    others), a missing one computed by all processes together and saved by rank 0.
+
+    Why the process counts: a part's key holds what it computed, not how many processes shared it,
+    and under continuous decoding the split decides which prompts join which running batch, so 16-bit
+    answers can differ between counts; a table assembled from parts of several counts says so."""
     texts, arrays = job.prompts.get(task, job.chat)
-    recs, secs = [], 0.0
+    recs, secs, made = [], 0.0, Counter()
     step = PART_SIZE if cache.folder is not None else max(1, len(texts))
     settings = {"dtype": str(next(job.loaded.model.parameters()).dtype), "window": context_window(job.loaded.model),
                 **({"decode": job.decoder.name} if job.decoder is not None and task.kind == "generate" else {})}
@@ -152,18 +158,20 @@ def run_parts(job: Job, task: Task, cache: ResultsCache, parts: str) -> tuple[li
         stored = distributed.broadcast(cache.find(task.name, key) if key is not None else None)
         if stored is None:
             if parts == "only":
-                return texts, None, secs
+                return texts, None, secs, dict(made)
             t0 = time.perf_counter()
             rs = run_task(job.lm, job.loaded, sub, chat=job.chat, batch_size=job.rows, max_batch_tokens=job.tokens,
                           progress=job.progress, desc=f"{job.label} | {task.name}",
                           rendered=(texts[s0: s0 + step], ids), decoder=job.decoder)
             stored = {"label": job.label, "task": task.name, "seconds": time.perf_counter() - t0,
-                      "start": s0, "of": len(texts), "spec": job.entry.spec_str, "records": rs}
+                      "start": s0, "of": len(texts), "spec": job.entry.spec_str,
+                      "processes": distributed.world_size(), "records": rs}
             if key is not None:
                 cache.save(job.label, task.name, key, stored)
         recs += stored["records"]
         secs += stored["seconds"]
-    return texts, recs, secs
+        made[str(stored.get("processes", "unrecorded"))] += 1
+    return texts, recs, secs, dict(made)
 
 
 # ------------------------------------------------------------------ evaluate
@@ -301,14 +309,18 @@ def evaluate(models, tasks: list[str], *, data_dir=None, limit: int | None = Non
                 models_info[-1]["variant_info"] = lm.pear_variant_info
             job = Job(lm, loaded, entry, label, mkey, okey, rows, tokens, chat, progress, prompts, decoder)
             for task in built:
-                texts, recs, secs = run_parts(job, task, cache, parts)
+                texts, recs, secs, made = run_parts(job, task, cache, parts)
                 if recs is None:
                     missing.append({"label": label, "task": task.name})
                     continue
                 records[task.name][label] = recs
                 n_run = sum(not r["skipped"] for r in recs)
                 timing[label][task.name] = {"seconds": round(secs, 2), "examples": n_run,
-                                            "examples_per_s": round(n_run / secs, 3) if secs > 0 else None}
+                                            "examples_per_s": round(n_run / secs, 3) if secs > 0 else None,
+                                            "parts_by_processes": made}
+                if len(made) > 1 and distributed.is_main():
+                    print(f"pear: {label} {task.name}: parts computed by {' and '.join(sorted(made))} processes "
+                          "(16-bit answers can depend on how the prompts were split)", file=sys.stderr)
                 if log_samples:
                     samples += [{"task": task.name, "model": label, **r, "answers": e.answers, "prompt": t,
                                  "meta": e.meta} for e, t, r in zip(task.examples, texts, recs)]
