@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from pear.baselines import get_variant
     from pear.evaluate.continuous import ContinuousDecoder
     from pear.evaluate.continuous_static import ContinuousStaticDecoder
-    from pear.evaluate.packed import PREFILLS, PackedDecoder
+    from pear.evaluate.packed import PREFILLS, PackedDecoder, flash_shares_prefixes
     from pear.evaluate.static_decode import StaticDecoder
     from pear.commands.eval import parse_option
     from pear.hardware import announce
@@ -174,6 +174,8 @@ def main(argv=None) -> int:
                          "speedup": round(dt / dt2, 3),
                          "outputs_differ_from_eager": len(differ),
                          "differing_examples": [dict(zip(("id", "condition", "eager", name), d)) for d in differ[:20]]}
+            if name.endswith("-shared"):  # whether this device's kernel took the shared prefixes (else none shared)
+                res[name]["shares_prefixes"] = flash_shares_prefixes(str(device), next(model.parameters()).dtype)
             if isinstance(dec, StaticDecoder):
                 res[name].update(compiled=dec.compiled, compile=({"backend": args.compile_backend,
                                                                   "mode": args.compile_mode,

@@ -99,6 +99,7 @@ def test_decode_throughput_runs_on_cpu_and_reports_a_failed_compile(smollm2_bf16
     assert res["continuous-static+packed"]["outputs_differ_from_eager"] == 0
     assert res["continuous-static+packed"]["compiled"] is False and "speedup" in res["continuous-static+packed"]
     assert res["continuous-static+packed-shared"]["outputs_differ_from_eager"] == 0
+    assert res["continuous-static+packed-shared"]["shares_prefixes"] and "shares_prefixes" not in res["packed"]
     assert res["command"].startswith("python3 benchmarks/decode_throughput.py ") and "--limit 1" in res["command"]
     assert res["versions"]["torch"] == torch.__version__ and "cpu_count" in res["hardware"]
 
