@@ -70,20 +70,9 @@ def matmul(q, k, v, mask, groups, **_):
 
 
 def flash(q, k, v, mask, groups, start, end, **_):
-    B, H, _, D = q.shape
-    KVH, L = k.shape[1], k.shape[2]
-    per_row = KVH * L  # key rows of one cache row, all its heads
-    n = B * per_row - (KVH - 1) * L  # the most key rows a (rows, KVH, D) view with head stride L * D can address
-    kk = k.as_strided((n, KVH, D), (D, L * D, 1))
-    vv = v.as_strided((n, KVH, D), (D, L * D, 1))
-    base = torch.arange(B, device=q.device) * per_row
-    cu_k = torch.cat([base + start, (base[-1:] + end[-1:])]).int()  # each row's range starts in place
-    used = (end - start).int()
-    qq = q.reshape(B, KVH, groups, D).transpose(1, 2).reshape(B * groups, KVH, D)  # query heads of a group as rows
-    cu_q = torch.arange(0, B * groups + 1, groups, device=q.device, dtype=torch.int32)
-    out = torch.ops.aten._flash_attention_forward(qq, kk, vv, cu_q, cu_k, groups, L, 0.0, False, False,
-                                                  scale=D ** -0.5, seqused_k=used)[0]  # (B * G, KVH, D)
-    return out.reshape(B, groups, KVH, D).transpose(1, 2).reshape(B, 1, H, D)
+    from pear.evaluate.step_attention import flash_ranges  # what continuous-static's step calls
+
+    return flash_ranges(q, k, v, start, end, q.shape[-1] ** -0.5)
 
 
 def make_flex():

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backends import kernel_agrees
 from ..errors import PearError
 from .generate import greedy_generate
 
@@ -154,12 +155,8 @@ def flash_takes_groups(device: str, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(24, h, 64, generator=g).to(device, dtype) for h in (4, 2, 2))  # two prompts, two groups
     seg = Segments(torch.tensor([0, 9, 24], dtype=torch.int32, device=device), (0, 9, 24), 15)
-    try:
-        got = flash_grouped(q, k, v, seg, 0.125)
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
-        return False
-    ref = _varlen(fn, q, k, v, seg, 0.125)  # seg.grouped is False: the heads repeated
-    return bool(torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=0))
+    return kernel_agrees(lambda: flash_grouped(q, k, v, seg, 0.125),
+                         lambda: _varlen(fn, q, k, v, seg, 0.125))  # seg.grouped is False: the heads repeated
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -229,12 +226,8 @@ def flash_shares_prefixes(device: str, dtype: torch.dtype) -> bool:
     seg = Segments(torch.tensor([0, 4, 19], dtype=torch.int32, device=device), (0, 4, 19), 15,
                    flash_takes_groups(device, dtype), torch.arange(24, device=device),
                    torch.tensor([0, 9, 24], dtype=torch.int32, device=device), (0, 9, 24), 15)  # 4 of 9, 15 of 15
-    try:
-        got = _varlen(fn, q, k, v, seg, 0.125)  # (19, 4, 64)
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
-        return False
-    ref = _loop(*(x.float().transpose(0, 1)[None] for x in (q, k, v)), seg, 0.125)[0].transpose(0, 1)
-    return bool(torch.allclose(got.float(), ref, atol=2e-2, rtol=0))
+    loop = lambda: _loop(*(x.float().transpose(0, 1)[None] for x in (q, k, v)), seg, 0.125)[0]  # noqa: E731
+    return kernel_agrees(lambda: _varlen(fn, q, k, v, seg, 0.125), lambda: loop().transpose(0, 1))  # (19, 4, 64)
 
 
 def _register() -> None:

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..backends import kernel_agrees
+
 GROUPED = "pear_grouped_"  # prefix of the attention implementation the decoder switches to
 RANGES = "pear_ranges_"  # the same, each row's mask one range of columns (continuous-static)
 FLASH_MIN_BLOCKS = 1024  # rows x key/value heads from which flash_ranges beats SDPA (BENCHMARKS.md §3c)
@@ -120,13 +122,9 @@ def flash_decodes(device: str, dtype: torch.dtype) -> bool:
     start, end = torch.tensor([0, 5, 17], device=device), torch.tensor([40, 30, 18], device=device)
     cols = torch.arange(L, device=device)
     mask = (cols >= start[:, None]) & (cols < end[:, None])  # (B, L)
-    try:
-        got = flash_ranges_op(q, k, v, start, end, D ** -0.5)
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
-        return False
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
-                                         attn_mask=mask[:, None, None, :]).transpose(1, 2)
-    return bool(torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=0))
+    return kernel_agrees(lambda: flash_ranges_op(q, k, v, start, end, D ** -0.5),
+                         lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                                                attn_mask=mask[:, None, None, :]).transpose(1, 2))
 
 
 @contextlib.contextmanager
