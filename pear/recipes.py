@@ -146,7 +146,8 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
     gain = " / ".join(f"{d:+.1f}" for d, _ in HELD_OUT.get(confirmed, {}).get(_preset(model), []))
     return (f"recipe {DEFAULT_RECIPE}: without a GPU the default keeps the paper's recipe (minutes); on CUDA the "
             f"default is {confirmed} ({gain} points on held-out mdqa-20, BENCHMARKS.md §5), whose fit takes "
-            f"hours on a CPU: pass --recipe {confirmed} to run it here anyway")
+            f"hours on a CPU: pass --recipe {confirmed} to run it here anyway, or fold the held-out model's "
+            f"scales, kept in the repository, with `pear fold` (README, What it does)")
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3

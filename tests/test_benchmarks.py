@@ -544,6 +544,34 @@ def test_fold_screen_rebuilds_round_14_from_its_parts(tmp_path, data_dir):
         fold_screen.select(screen, {"b": guard["b"]}, {"a": 0.03, "b": 0.05, "c": 0.03})
 
 
+def test_readme_fold_rebuilds_the_held_out_smollm2_models(tmp_path):
+    """The README's `pear fold` command (and its seed-1 variant) rebuilds, from the committed coefficients, exactly
+    the scales of the two folders round 14's report half evaluated (their committed pear.json), and the fold is
+    verified (folded logits = hooked logits)."""
+    import re
+    import shlex
+
+    from pear.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    command = re.search(r"pear fold --model smollm2-135m .*?coefficients\.json", readme, re.S).group(0)
+    argv = shlex.split(command.replace("\\\n", " "))[1:]
+    runs = repo / "benchmarks/results/recipe_study_round14/smollm2-135m/runs/smollm2-135m"
+    seed1 = "benchmarks/results/recipe_study_round14/smollm2-135m/runs/smollm2-135m/fit-lsdc-s1/coefficients.json"
+    assert seed1 in readme
+    for evaluated, coefficients in (("lsdc_L0-4+15-19_x2", None), ("lsdc_L0-4+15-19_x2-seed1", seed1)):
+        args = list(argv)
+        args[args.index("--out") + 1] = str(tmp_path / evaluated)
+        i = args.index("--coefficients") + 1
+        args[i] = str(repo / (coefficients or args[i]))
+        assert main(args) == 0
+        made = json.loads((tmp_path / evaluated / "pear.json").read_text())
+        want = json.loads((runs / evaluated / "pear.json").read_text())
+        assert made["heads"] == want["heads"] and len(made["heads"]) == 90
+        assert made["verification"]["max_abs_logit_diff"] <= made["verification"]["tolerance"]
+
+
 def test_fold_screen_reads_two_rounds_screened_in_one_evaluation(tmp_path, data_dir):
     """Round 16 screened its 16 cuts and round 15's three in one evaluation of Qwen2.5-Coder-0.5B (four
     processes, one set of parts): each round's names.json picks its own candidates from the parts, the

@@ -578,7 +578,7 @@ def test_a_gpu_only_default_keeps_the_papers_recipe_without_cuda(tmp_path, monke
     assert R.PRESET_DEFAULTS["smollm2-135m"] in R.HELD_OUT and "smollm2-135m" in R.GPU_ONLY_DEFAULTS
     assert R.default_recipe("smollm2-135m", "cpu") == R.default_recipe(None, "cpu") == "paper"
     note = R.default_note(None, "cpu")
-    assert f"--recipe {R.PRESET_DEFAULTS['smollm2-135m']}" in note and "+2.7 / +2.9" in note
+    assert f"--recipe {R.PRESET_DEFAULTS['smollm2-135m']}" in note and "+2.7 / +2.9" in note and "pear fold" in note
     assert R.default_note("gemma3-270m", "cpu") is None and R.default_note("/my/model", "cpu") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert R.default_recipe("smollm2-135m") == R.PRESET_DEFAULTS["smollm2-135m"]
