@@ -866,3 +866,15 @@ def test_done_gate_stops_where_done_does_with_byte_fallback():
         assert gated == every
         lost += any(t in gate for t in seq) and not done[-1]
     assert lost  # the case above happened
+
+
+def test_eval_cli_offers_exactly_the_runners_decoders_and_prefills():
+    """`pear eval --decode/--prefill` list their choices without importing the runner (a fast --help); they must
+    stay the runner's own (`runner.DECODES`, `runner.PREFILLS`), the one home of those names."""
+    from pear.cli import build_parser
+    from pear.evaluate.runner import DECODES, PREFILLS
+
+    parser = build_parser(["eval"])
+    sub = next(a for a in parser._actions if a.dest == "command").choices["eval"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.dest in ("decode", "prefill")}
+    assert choices == {"decode": DECODES, "prefill": PREFILLS}
