@@ -30,6 +30,8 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from pear.evaluate.runner import PREFILLS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda")
@@ -40,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=10**9,
                     help="as pear eval's: rows x (longest prompt + new tokens) per batch")
     ap.add_argument("--variant", default="none")
-    ap.add_argument("--prefill", default="padded",
-                    choices=["padded", "packed", "compiled", "packed-shared", "compiled-shared"],
+    ap.add_argument("--prefill", default="padded", choices=PREFILLS,
                     help="packed: the prompts in one row, variable-length attention (pear eval --prefill packed); "
                          "compiled: packed, the decoder blocks compiled (pear eval --prefill compiled; the warm-up "
                          "compiles them); *-shared: prefixes that prompts share computed once")
