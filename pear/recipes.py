@@ -151,7 +151,7 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
-# to 10; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
+# to 16; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
                "(rounds 8-11, 14 and 16: 1 × H100; round 12: 1 × H200); "
@@ -183,10 +183,12 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "retrieval-channels@anchor=30,anchor_source=questions": {"gemma3-270m": (17.4, 8.4e-15)},
     "retrieval-channels@anchor=50,anchor_source=questions": {"gemma3-270m": (14.2, 2.2e-11),
                                                              "qwen2.5-coder-0.5b": (-6.8, 0.0014),
-                                                             "smollm2-135m": (-8.8, 2.2e-06)},
+                                                             "smollm2-135m": (-8.8, 2.2e-06),
+                                                             "qwen2.5-coder-1.5b": (-6.2, 0.016)},
     "retrieval-channels@anchor=300,anchor_source=questions": {"gemma3-270m": (3.4, 0.012),
                                                               "qwen2.5-coder-0.5b": (-9.0, 1.6e-05),
-                                                              "smollm2-135m": (0.0, 1)},
+                                                              "smollm2-135m": (0.0, 1),
+                                                              "qwen2.5-coder-1.5b": (1.4, 0.63)},
     "oracle-self-distill": {"gemma3-270m": (0.4, 0.85), "qwen2.5-coder-0.5b": (-1.6, 0.3), "smollm2-135m": (1.6, 0.37)},
     "oracle-self-distill-channels": {"gemma3-270m": (1.6, 0.32), "qwen2.5-coder-0.5b": (-2.6, 0.13),
                                      "smollm2-135m": (2.2, 0.27)},
