@@ -97,6 +97,7 @@ class Arch:
     head_dim: int
     position: str
     out_projs: list[nn.Module]  # one per layer, in order
+    q_projs: list[nn.Module] | None = None  # the separate query projections, or None (fused, or none)
 
     @property
     def n_total_heads(self) -> int:
@@ -110,6 +111,16 @@ class Arch:
         w = self.out_projs[layer].weight
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return w[sl, :] if self.family.weight_in_rows else w[:, sl]
+
+    def query_rows(self, layer: int, head: int) -> list[torch.Tensor]:
+        """Views of the query projection's rows (and bias) that make head `head`'s queries, for the
+        query-side scales; one clear error where the family computes queries in a fused projection."""
+        if self.q_projs is None:
+            raise PearError(f"query-side scales need a separate query projection; {self.model_type} computes its "
+                            "queries in a fused one (use output-side scales: --scales heads, all-heads or channels)")
+        q = self.q_projs[layer]
+        sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        return [q.weight[sl, :]] + ([q.bias[sl]] if q.bias is not None else [])
 
     def check_head(self, layer: int, head: int) -> None:
         if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
@@ -163,4 +174,5 @@ def resolve(model: nn.Module) -> Arch:
     position = fam.position
     if mt == "falcon" and getattr(cfg, "alibi", False):
         position = "alibi"
-    return Arch(mt, fam, len(out_projs), n_heads, n_kv, head_dim, position, out_projs)
+    q_projs = [blk.get_submodule(fam.qk_proj[0]) for blk in blocks] if fam.qk_proj else None
+    return Arch(mt, fam, len(out_projs), n_heads, n_kv, head_dim, position, out_projs, q_projs)

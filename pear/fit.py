@@ -116,13 +116,13 @@ class FitResult:
         return self.step >= self.settings.steps
 
     def to_json(self) -> dict:
-        cj = coefficients_json(self.coefficients)
+        cj = coefficients_json(self.coefficients, self.settings.site)
         rows = cj["heads"]
         for r in rows:
             key = (r["layer"], r["head"])
             r["score"] = self.scores.get(key)
             r["rank"] = self.heads.index(key) + 1
-        return {"granularity": cj["granularity"], "heads": rows, "model": self.model, "fit": {
+        return {"granularity": cj["granularity"], "site": cj["site"], "heads": rows, "model": self.model, "fit": {
             "settings": self.settings.as_dict(), "dtype": self.dtype, "steps_done": self.step,
             "seconds": round(self.seconds, 2), "resumed_from_step": self.resumed_from,
             "before": self.before, "after": self.after, "losses": [round(v, 5) for v in self.losses],
@@ -232,7 +232,8 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
                                      chunks(held_anchor, _micro(model, settings, held_anchor))) / len(held_anchor)
         return m
 
-    with frozen(model), cpu_attention(model, short=objective.short), HeadScaling(model, heads, channels=settings.channels) as hs:
+    with frozen(model), cpu_attention(model, short=objective.short), HeadScaling(model, heads, channels=settings.channels,
+                                                                                          site=settings.site) as hs:
         alpha = hs.alpha  # (K,), or (K, head_dim) per channel; fp32, the only trainable tensor
         opt = torch.optim.AdamW([alpha], lr=settings.lr, weight_decay=settings.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
@@ -303,7 +304,7 @@ def fit(model, tokenizer, heads: Iterable[HeadKey], settings: FitSettings | None
         after = None
         if step >= settings.steps:  # measured on the model as it is folded
             if settings.fold_layers or settings.strength != 1:  # the kept scales alone
-                with hs.disabled(), HeadScaling(model, coefs) as kept:
+                with hs.disabled(), HeadScaling(model, coefs, site=settings.site) as kept:
                     after = metrics(kept)
             else:
                 after = metrics(hs)

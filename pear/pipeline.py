@@ -168,6 +168,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
                         f"({', '.join(sorted(fit_overrides))}), not both")
     fs = settings if settings is not None else recipe_settings(recipe, **fit_overrides)
     seed = fs.seed
+    check_format(format, model, fs.site)
     check_recipe_data(fs, data_dir, model, recipe, by_default=preset_default)
     cdtype = parse_dtype(compute_dtype(dtype, device))
     stages = _Stages(["load"] + ([] if fs.all_heads else ["discover"]) + ["fit", "fold + verify", "save"], progress)
@@ -215,7 +216,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         saved_base = proxy_metrics(loaded.model, heldout, fs.micro_batch)
         bar.update(1)
         restore = snapshot_out_projs(loaded.model) if format == "peft" else None  # the adapter needs the base
-        verification = verify_fold(loaded.model, fr.coefficients)  # folds in place, or raises
+        verification = verify_fold(loaded.model, fr.coefficients, site=fs.site)  # folds in place, or raises
         bar.update(1)
         saved_folded = proxy_metrics(loaded.model, heldout, fs.micro_batch)
         if restore:
@@ -250,7 +251,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         bar = stages.bar(4, "save")
         with AtomicDir(out, force) as tmp:
             save = SAVERS[format]
-            save(loaded, fr.coefficients, tmp / "model", verification=verification, extra={
+            save(loaded, fr.coefficients, tmp / "model", verification=verification, site=fs.site, extra={
                 "pear_run": {"recipe": recipe_name, "objective": fs.objective,
                              "scales": fs.scales, "granularity": granularity(fr.coefficients),
                              "method": None if disc is None else method, "k": len(fr.heads),

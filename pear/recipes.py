@@ -82,7 +82,7 @@ DEFAULT_RECIPE = "paper"
 # e.g. "retrieval-channels@anchor=50,anchor_source=questions"); `--recipe` takes such names too.
 OVERRIDES = {"lr": float, "steps": int, "batch": int, "penalty": float, "warmup": int, "anchor": float,
              "anchor_source": str, "layers": str, "fold_layers": str,
-             "strength": float}  # what RECIPE@KEY=VALUE,... may change, and each value's type
+             "strength": float, "scales": str}  # what RECIPE@KEY=VALUE,... may change, and each value's type
 OPTION_OVERRIDES = {"hold": float}  # ... and which of the recipe's objective options (`objective_options`)
 NAME_KEYS = {**OVERRIDES, **OPTION_OVERRIDES}  # every KEY a recipe name may set, with its type
 

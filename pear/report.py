@@ -45,8 +45,12 @@ def _model_text(r) -> str:
         return (f"`model/` is a PEFT IA3 adapter that re-weights {r.k} attention heads at run time: "
                 f'`PeftModel.from_pretrained(base_model, "{r.model_dir.name}")`; `merge_and_unload()` gives the folded '
                 "weights measured below.")
+    from .settings import SITE_OF_SCALES
+
+    where = "query projection: the heads' queries" if SITE_OF_SCALES.get(r.settings["fit"].get("scales")) == "query" \
+        else "attention output projection"
     return (f"`model/` is an ordinary checkpoint of the base model with {r.k} attention heads re-weighted (the\n"
-            "coefficients are folded into the attention output projection): same architecture, parameter count\n"
+            f"coefficients are folded into the {where}): same architecture, parameter count\n"
             f'and speed. Load it with `AutoModelForCausalLM.from_pretrained("{r.model_dir.name}")` from this folder.')
 
 

@@ -53,7 +53,12 @@ SCALES = {
     "heads": "one scale per top-K head (the paper)",
     "all-heads": "one scale per head, every head, pulled towards 1 by --penalty",
     "channels": "one scale per channel of every head (head x head_dim), pulled towards 1 by --penalty",
+    "query-heads": "one scale per head on its queries, every head (the head's attention temperature: where it "
+                   "looks, not what it returns), pulled towards 1 by --penalty",
+    "query-channels": "one scale per query channel of every head (head x head_dim; a rotary pair's two channels "
+                      "weight that frequency band's share of the attention logits), pulled towards 1 by --penalty",
 }
+SITE_OF_SCALES = {"query-heads": "query", "query-channels": "query"}  # the others: "output" (`folding.SITES`)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -154,7 +159,12 @@ class FitSettings:
 
     @property
     def channels(self) -> bool:
-        return self.scales == "channels"
+        return self.scales in ("channels", "query-channels")
+
+    @property
+    def site(self) -> str:
+        """Where the scales act (`pear.folding.SITES`): the heads' outputs, or their queries."""
+        return SITE_OF_SCALES.get(self.scales, "output")
 
     @property
     def all_heads(self) -> bool:

@@ -10,6 +10,7 @@ import pear
 from pear.folding import fold_and_save
 from pear.families import FAMILIES
 from pear.loading import LoadedModel, ModelSpec
+from pear.errors import PearError
 from pear.folding import HeadScaling, fold, unfold
 from tiny_models import CONFIGS, VOCAB, tiny_model
 
@@ -133,6 +134,62 @@ def test_16bit_fold_is_checked_in_fp32_and_dtypes_kept(model_type, monkeypatch):
     assert (folded - hooked).abs().max() <= v.tolerance
     import pear.folding.checkpoint as checkpoint
 
-    monkeypatch.setattr(checkpoint, "fold", lambda m, c: fold(m, {k: -a for k, a in c.items()}))  # a wrong fold
+    monkeypatch.setattr(checkpoint, "fold", lambda m, c, site: fold(m, {k: -a for k, a in c.items()}, site))  # a wrong fold
     with pytest.raises(pear.PearError, match="fold verification failed"):
         verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)
+
+
+QUERY_FAMILIES = sorted(mt for mt in CONFIGS if FAMILIES[mt].qk_proj is not None)
+
+
+@pytest.mark.parametrize("model_type", QUERY_FAMILIES)
+def test_query_side_scales_fold_exactly_into_the_query_projection(model_type, tmp_path):
+    """Scales on the heads' queries (site "query": per head, or per channel) fold into the query
+    projection's rows and bias: folded logits = hooked logits, only the scaled heads' query rows change
+    (the output projection is untouched), the saved folder reloads to the same logits and says its site."""
+    model = tiny_model(model_type)
+    arch = pear.resolve(model)
+    D = arch.head_dim
+    coefs = {(0, 1): 0.25, (1, 0): [0.5 + 0.05 * i for i in range(D)], (1, 3): 1.7}
+    base = _logits(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with HeadScaling(model, coefs, trainable=False, site="query"):
+        hooked = _logits(model)
+    assert not torch.allclose(hooked, base, atol=1e-5), "scaling queries must change the logits"
+    assert torch.equal(_logits(model), base) and all(len(q._forward_hooks) == 0 for q in arch.q_projs)
+
+    loaded = LoadedModel(model, None, ModelSpec(f"tiny-{model_type}", "folder", str(tmp_path)))
+    out, v = fold_and_save(loaded, coefs, tmp_path / "out", site="query")
+    torch.testing.assert_close(_logits(model), hooked, atol=1e-5, rtol=1e-5)
+    q_path = f"{FAMILIES[model_type].blocks}.1.{FAMILIES[model_type].qk_proj[0]}"
+    for n, p in model.named_parameters():
+        if n.startswith(q_path):  # head 0 and head 3 of layer 1 scaled, the other heads' rows as they were
+            rows = p.detach().view(arch.n_heads, D, -1) if p.dim() == 2 else p.detach().view(arch.n_heads, D, 1)
+            old = before[n].view_as(rows)
+            torch.testing.assert_close(rows[3], old[3] * 1.7)
+            assert torch.equal(rows[1], old[1]) and torch.equal(rows[2], old[2])
+        elif not any(n.startswith(f"{FAMILIES[model_type].blocks}.{l}.{FAMILIES[model_type].qk_proj[0]}")
+                     for l in (0, 1)):
+            assert torch.equal(p, before[n]), n  # the output projections and everything else untouched
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(reloaded), hooked, atol=1e-5, rtol=1e-5)
+    meta = json.loads((out / "pear.json").read_text())
+    assert meta["site"] == "query" and "have their queries" in (out / "README.md").read_text()
+    unfold(model, coefs, site="query")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], atol=1e-6, rtol=1e-6)
+
+
+def test_query_side_scales_train_only_alpha_and_need_a_separate_query_projection():
+    model = tiny_model("qwen2")  # a query bias: scaled with its rows
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with HeadScaling(model, list(COEFS), channels=True, site="query") as hs:
+        model(IDS).logits.float().pow(2).mean().backward()
+    assert hs.alpha.shape == (3, pear.resolve(model).head_dim) and hs.alpha.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    for mt in ("gpt2", "phi3"):  # fused query-key-value projections
+        with pytest.raises(PearError, match="separate query projection"):
+            HeadScaling(tiny_model(mt), COEFS, site="query")
+    with pytest.raises(PearError, match="unknown coefficient site"):
+        fold(tiny_model("llama"), COEFS, site="keys")

@@ -648,3 +648,52 @@ def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_p
         squad.load.cache_clear()
     assert {item.answers for item, _ in got} == {("Paris",)}
     assert all(len(d) == 3 and all("Paris" not in x for _, x in d) for _, d in got)
+
+
+def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_path, capsys):
+    """--scales query-channels fits scales on the heads' queries: the coefficients file says its site,
+    `pear fold` folds them into the query projection (pear.json says so; the output projection is
+    untouched), and --format peft / gguf, which hold output-projection scales, refuse in one line with
+    nothing written. A recipe name may set the scales (RECIPE@scales=...)."""
+    from pear.recipes import candidate_name, get_recipe
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    c = tmp_path / "c.json"
+    assert main(["fit", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+                 "--objective-option", "span=8", "--scales", "query-channels", "--penalty", "0.1", "--steps", "2",
+                 "--batch", "2", "--eval-batch", "2", "--out", str(c), "--dtype", "fp32"]) == 0
+    saved = json.loads(c.read_text())
+    assert saved["site"] == "query" and saved["granularity"] == "channel" and len(saved["heads"]) == 8
+    coefs = read_coefficients(c)
+    assert any(abs(x - 1) > 1e-4 for a in coefs.values() for x in a)  # the fit moved them
+    assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "f"),
+                 "--dtype", "fp32"]) == 0
+    assert "(their queries)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "f" / "pear.json").read_text())
+    assert meta["site"] == "query"
+    from safetensors.torch import load_file
+
+    folded, base = load_file(tmp_path / "f" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert all(torch.equal(folded[n], base[n]) for n in base if "o_proj" in n)
+    assert not all(torch.equal(folded[n], base[n]) for n in base if "q_proj" in n)
+    for fmt in ("peft", "gguf"):
+        assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / fmt),
+                     "--format", fmt]) == 2
+        assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
+        assert not (tmp_path / fmt).exists()
+    assert main(["run", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+                 "--objective-option", "span=8", "--scales", "query-heads", "--steps", "2", "--batch", "2",
+                 "--eval-batch", "2", "--dtype", "fp32", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "model" / "pear.json").read_text())["site"] == "query"
+    assert json.loads((run / "coefficients.json").read_text())["site"] == "query"
+    assert "folded into the query projection" in (run / "report.md").read_text()
+    assert main(["run", "--model", str(folder), "--scales", "query-heads", "--format", "peft", "--dtype", "fp32",
+                 "--objective", "long-copy", "--out", str(tmp_path / "run-peft")]) == 2
+    assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
+    assert not (tmp_path / "run-peft").exists()
+    r = get_recipe("first-self-distill-channels@scales=query-heads")
+    assert r.fit["scales"] == "query-heads" and FitSettings(**r.fit).site == "query"
+    assert candidate_name("first-self-distill-channels", {"scales": "query-heads"}) == \
+        "first-self-distill-channels@scales=query-heads"

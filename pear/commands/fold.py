@@ -34,19 +34,21 @@ def add_format_arg(p) -> None:
 
 def _cli_fold(args: argparse.Namespace) -> int:
     from ..folding import fold_and_save, read_coefficients
-    from ..folding.coefficients import select
+    from ..folding.coefficients import read_site, select
     from ..preflight import check_heads, check_out_folder
 
     coefs = read_coefficients(args.coefficients)
+    site = read_site(args.coefficients)  # where the scales act: the heads' outputs, or their queries
     coefs = select(coefs, args.layers, args.strength)
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":
-        from ..export.formats import fold_to_format
+        from ..export.formats import check_format, fold_to_format
 
+        check_format(args.format, args.model, site)
         return fold_to_format(args, coefs)
-    out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance,
+    out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance, site=site,
                            dtype=args.dtype, device=args.device, device_map=args.device_map)
-    print(f"folded {len(coefs)} heads; max |folded - hooked| logit diff {v.max_abs_diff:.3g} "
-          f"(tolerance {v.tolerance:.3g}); saved {out}")
+    print(f"folded {len(coefs)} heads{' (their queries)' if site == 'query' else ''}; max |folded - hooked| "
+          f"logit diff {v.max_abs_diff:.3g} (tolerance {v.tolerance:.3g}); saved {out}")
     return 0

@@ -105,13 +105,14 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
     if stored:
         kinds = sorted({f"{s['original']} -> {s['written']}" for s in stored.values()})
         note = f"\nScaled attention output tensors stored as: {', '.join(kinds)}.\n"
+    scaled = "queries" if meta.get("site") == "query" else "output"
     return f"""---
 {chr(10).join(front)}
 ---
 
 # {base}, re-weighted with PEAR
 
-{len(heads)} of the {arch.n_total_heads} attention heads of this `{arch.model_type}` model have their output
+{len(heads)} of the {arch.n_total_heads} attention heads of this `{arch.model_type}` model have their {scaled}
 scaled by a learned coefficient (PEAR, arXiv 2409.19745: heads that suppress copying from the
 context are found and re-weighted so the model reads its context better).
 

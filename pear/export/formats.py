@@ -30,10 +30,13 @@ NEEDS_GGUF = ("--format gguf writes the base GGUF file with re-weighted attentio
               "pass the .gguf as --model")
 
 
-def check_format(fmt: str, spec) -> None:
+def check_format(fmt: str, spec, site: str = "output") -> None:
     """Refuse an impossible --format before any expensive work."""
     if fmt not in FORMATS:
         raise PearError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if fmt != "hf" and site != "output":
+        raise PearError(f"--format {fmt} writes scales of the attention output projection; {site}-side scales are "
+                        "saved as a Hugging Face folder (--format hf)")
     if fmt == "gguf" and not resolve_spec(spec).gguf_file:
         raise PearError(f"{spec}: {NEEDS_GGUF}")
     if fmt == "peft":
@@ -69,10 +72,12 @@ def _prepare(loaded: LoadedModel, coefs: Mapping[HeadKey, float], scales):
 
 
 def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, verification=None,
-              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
+              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None,
+              site: str = "output") -> tuple[Path, dict]:
     """`loaded` is the base GGUF model, already folded (the reference). Writes
     out/<base>.pear.gguf (+ pear.json, README.md); verified against `loaded`'s logits."""
     check_out_dir(out, force)
+    check_format("gguf", loaded.spec.spec, site)
     ms = loaded.spec
     if not ms.gguf_file:
         raise PearError(f"{ms.spec}: {NEEDS_GGUF}")
@@ -99,10 +104,12 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
 
 
 def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *, verification=None,
-              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None) -> tuple[Path, dict]:
+              force: bool = False, extra: dict | None = None, scales: Mapping[int, torch.Tensor] | None = None,
+              site: str = "output") -> tuple[Path, dict]:
     """`loaded` is the *unfolded* base model (left as it was). Writes an IA3 adapter folder,
     checked by loading it back with `PeftModel.from_pretrained` against the hooked scales."""
     check_out_dir(out, force)
+    check_format("peft", loaded.spec.spec, site)
     arch, coefs, scales = _prepare(loaded, coefs, scales)
     extra = _with_fold_check(extra, verification)
     with AtomicDir(out, force) as tmp:

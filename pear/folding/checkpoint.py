@@ -85,7 +85,7 @@ def _restore(model, dtypes: dict[str, torch.dtype]) -> None:
 
 @torch.no_grad()
 def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None = None,
-                input_ids: torch.Tensor | None = None) -> Verification:
+                input_ids: torch.Tensor | None = None, site: str = "output") -> Verification:
     """Fold `coefs` into `model` in place and check folded logits equal hooked logits.
 
     A 16-bit model on one device is compared in fp32 arithmetic (FP32_CHECK_TOLERANCE), its
@@ -99,9 +99,9 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
     try:
         if in_fp32:
             model.float()
-        with HeadScaling(model, coefs, trainable=False):
+        with HeadScaling(model, coefs, trainable=False, site=site):
             hooked = model(ids, use_cache=False).logits.float()
-        fold(model, coefs)
+        fold(model, coefs, site)
         if in_fp32:
             _restore(model, dtypes)  # the folded weights rounded to 16 bits, as saved
             model.float()
@@ -119,7 +119,7 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
         compute_dtype=dtype_name(torch.float32 if in_fp32 else dtype),
     )
     if not v.ok:
-        unfold(model, coefs)
+        unfold(model, coefs, site)
         raise PearError(f"fold verification failed: folded logits differ from hooked logits by "
                         f"{v.max_abs_diff:.3g} > tolerance {tol:.3g}; nothing saved")
     return v
@@ -181,7 +181,8 @@ HUB_IDS = {
 
 
 def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Path, *,
-                    verification: Verification, force: bool = False, extra: dict | None = None) -> Path:
+                    verification: Verification, force: bool = False, extra: dict | None = None,
+                    site: str = "output") -> Path:
     """Save an already folded model as a Hugging Face folder with pear.json and a model card."""
     from .. import __version__
     from ..export.card import model_card
@@ -197,7 +198,8 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
         "base_model_file": base_file_info(loaded.spec),
         "model_type": arch.model_type,
         "dtype": dtype_name(model),
-        "heads": coefficients_json(coefs)["heads"],
+        "site": site,
+        "heads": coefficients_json(coefs, site)["heads"],
         "verification": verification.as_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
@@ -215,10 +217,10 @@ def save_checkpoint(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: st
 
 def fold_and_save(model: str | LoadedModel | None, coefs: Mapping[HeadKey, float], out: str | Path, *,
                   force: bool = False, tolerance: float | None = None, extra: dict | None = None,
-                  **load_kwargs) -> tuple[Path, Verification]:
+                  site: str = "output", **load_kwargs) -> tuple[Path, Verification]:
     """Load (if given a spec), fold, verify, save. The input model files are never written."""
     check_out_dir(out, force)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kwargs)
     coefs = check_coefficients(resolve(loaded.model), coefs)
-    v = verify_fold(loaded.model, coefs, tolerance)
-    return save_checkpoint(loaded, coefs, out, verification=v, force=force, extra=extra), v
+    v = verify_fold(loaded.model, coefs, tolerance, site=site)
+    return save_checkpoint(loaded, coefs, out, verification=v, force=force, extra=extra, site=site), v

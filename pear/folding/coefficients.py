@@ -1,7 +1,8 @@
 """Head coefficients: what a coefficients.json holds, checked against a model's heads.
 
 A coefficient is one scalar per head (the paper) or one scale per channel of the head (a
-list of head_dim values). `pear fit` writes them, `pear fold` reads them.
+list of head_dim values). `pear fit` writes them, `pear fold` reads them. Where they act is the
+file's `site` (SITES; absent: "output", the paper's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from ..families import Arch
 
 HeadKey = tuple[int, int]  # (layer, head)
 Coefficient = float | list[float]  # one scale for the head, or one per channel (head_dim values)
+SITES = {  # where a head's scales act; both fold exactly into one projection's weights
+    "output": "what the head returns: its slice of the attention output projection's input (PEAR)",
+    "query": "where the head looks: its queries, the query projection's output before the rotation",
+}
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise PearError(f"unknown coefficient site '{site}'; use one of {', '.join(SITES)}")
+    return site
 
 
 def check_coefficients(arch: Arch, coefs: Mapping[HeadKey, Coefficient]) -> dict[HeadKey, Coefficient]:
@@ -84,8 +95,17 @@ def read_coefficients(path: str | Path) -> dict[HeadKey, Coefficient]:
     return coefs
 
 
-def coefficients_json(coefs: Mapping[HeadKey, Coefficient], **extra) -> dict:
-    return {"granularity": granularity(coefs),
+def read_site(path: str | Path) -> str:
+    """The `site` of a coefficients file (or of a folded folder's pear.json): "output" when absent."""
+    try:
+        site = json.loads(Path(path).read_text()).get("site", "output")
+    except (OSError, ValueError, AttributeError):
+        return "output"  # read_coefficients says what is wrong with the file
+    return check_site(site)
+
+
+def coefficients_json(coefs: Mapping[HeadKey, Coefficient], site: str = "output", **extra) -> dict:
+    return {"granularity": granularity(coefs), "site": check_site(site),
             "heads": [{"layer": l, "head": h, "coefficient": a} for (l, h), a in sorted(coefs.items())], **extra}
 
 

@@ -1,9 +1,13 @@
-"""Per-head scaling of attention outputs: hooks (trainable), fold and unfold (into weights).
+"""Per-head scaling of attention outputs or queries: hooks (trainable), fold and unfold (into weights).
 
 Like PEFT's IA3 on the output projection's input: head h of layer l contributes
 ``alpha[l, h] * o_h`` to it, where a coefficient is one scalar per head (the paper) or one
 scale per channel of the head (a vector of head_dim values; SEAL's per-channel variant).
-Two ways to apply the same function:
+With ``site="query"`` the same scales act on the head's queries instead (IA3 on the query
+projection's output, before the rotary embedding): one scale per head is that head's attention
+temperature, one per channel weights each rotary frequency band's share of its logits. Both
+sites fold exactly: the output site into the output projection's input columns, the query site
+into the query projection's rows and bias. Two ways to apply the same function:
 
 * `HeadScaling`: a forward pre-hook on each output projection multiplies the head slices of
   its input. Scales are fp32 `nn.Parameter`s, so they can be trained with every model
@@ -23,7 +27,7 @@ from torch import nn
 
 from ..errors import PearError
 from ..families import Arch, resolve
-from .coefficients import Coefficient, HeadKey, check_coefficients, granularity, is_channelwise
+from .coefficients import Coefficient, HeadKey, check_coefficients, check_site, granularity, is_channelwise
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -40,9 +44,12 @@ class HeadScaling(nn.Module):
     """
 
     def __init__(self, model: nn.Module, heads: Mapping[HeadKey, Coefficient] | Iterable[HeadKey],
-                 trainable: bool = True, channels: bool = False):
+                 trainable: bool = True, channels: bool = False, site: str = "output"):
         super().__init__()
         self.arch = resolve(model)
+        self.site = check_site(site)
+        if site == "query":
+            self.arch.query_rows(0, 0)  # a family without a separate query projection: one clear error now
         D = self.arch.head_dim
         coefs = dict(heads) if isinstance(heads, Mapping) else {tuple(k): [1.0] * D if channels else 1.0
                                                                   for k in heads}
@@ -76,21 +83,21 @@ class HeadScaling(nn.Module):
         scale = torch.ones(self.arch.n_heads, self.arch.head_dim, dtype=torch.float32, device=a.device)
         return scale.index_put((heads,), a)
 
-    def _hook(self, layer: int):
+    def _scaled(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         H, D = self.arch.n_heads, self.arch.head_dim
-
-        def pre_hook(module, args):
-            x = args[0]  # (..., H * D)
-            scale = self.layer_scale(layer).to(device=x.device, dtype=x.dtype)  # (H, D)
-            y = (x.view(*x.shape[:-1], H, D) * scale).view(x.shape)
-            return (y, *args[1:])
-
-        return pre_hook
+        scale = self.layer_scale(layer).to(device=x.device, dtype=x.dtype)  # (H, D)
+        return (x.view(*x.shape[:-1], H, D) * scale).view(x.shape)  # x: (..., H * D)
 
     def attach(self) -> "HeadScaling":
         if not self._handles:
             for layer in self._by_layer:
-                self._handles.append(self.arch.out_projs[layer].register_forward_pre_hook(self._hook(layer)))
+                if self.site == "output":  # the output projection's input
+                    hook = self.arch.out_projs[layer].register_forward_pre_hook(
+                        lambda m, args, l=layer: (self._scaled(l, args[0]), *args[1:]))
+                else:  # the query projection's output
+                    hook = self.arch.q_projs[layer].register_forward_hook(
+                        lambda m, args, out, l=layer: self._scaled(l, out))
+                self._handles.append(hook)
         return self
 
     def remove(self) -> None:
@@ -120,31 +127,41 @@ class HeadScaling(nn.Module):
 
 
 # ---------------------------------------------------------------------------- fold / unfold
+def _head_views(arch: Arch, layer: int, head: int, site: str) -> list[tuple[torch.Tensor, bool]]:
+    """The weight views a head's scales multiply, each with whether its channels run along rows."""
+    if site == "query":  # rows (D, in) of the query projection, and its bias (D,)
+        return [(v, True) for v in arch.query_rows(layer, head)]
+    # the output projection: (out, D), or (D, out) for Conv1D
+    return [(arch.head_weight(layer, head), arch.family.weight_in_rows)]
+
+
 @torch.no_grad()
-def _scale_weights(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], invert: bool) -> Arch:
+def _scale_weights(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], invert: bool, site: str) -> Arch:
     arch = resolve(model)
     coefs = check_coefficients(arch, coefs)
+    check_site(site)
     for (layer, head), a in coefs.items():
         a = torch.as_tensor(a, dtype=torch.float32)  # () or (D,)
         if invert:
             if bool((a == 0).any()):
                 raise PearError(f"cannot unfold layer {layer} head {head}: its coefficient is 0")
             a = 1.0 / a
-        w = arch.head_weight(layer, head)  # a view into the weight: (out, D), or (D, out) for Conv1D
-        a = a.to(w.device)
-        if a.dim():
-            a = a[:, None] if arch.family.weight_in_rows else a[None, :]
-        w.copy_((w.float() * a).to(w.dtype))
+        for w, in_rows in _head_views(arch, layer, head, site):
+            s = a.to(w.device)
+            if s.dim() and w.dim() == 2:
+                s = s[:, None] if in_rows else s[None, :]
+            w.copy_((w.float() * s).to(w.dtype))
     return arch
 
 
-def fold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient]) -> nn.Module:
-    """Write the head (or channel) scales into the output-projection weights, in place. Returns `model`."""
-    _scale_weights(model, coefs, invert=False)
+def fold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], site: str = "output") -> nn.Module:
+    """Write the head (or channel) scales into the weights of `site` (the output projection, or the
+    query projection), in place. Returns `model`."""
+    _scale_weights(model, coefs, invert=False, site=site)
     return model
 
 
-def unfold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient]) -> nn.Module:
+def unfold(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], site: str = "output") -> nn.Module:
     """Undo `fold` (exact up to rounding in the weight dtype). Refuses zero coefficients."""
-    _scale_weights(model, coefs, invert=True)
+    _scale_weights(model, coefs, invert=True, site=site)
     return model
