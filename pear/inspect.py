@@ -20,6 +20,8 @@ def describe(loaded) -> dict:
         "head_dim": arch.head_dim,
         "position_embedding": arch.position,
         "output_projection": arch.out_proj_path(0).replace(".0.", ".{layer}."),
+        "query_projection": (f"{arch.family.blocks}.{{layer}}.{arch.family.qk_proj[0]}" if arch.q_projs is not None
+                             else "fused with keys and values (no query-side scales)"),
         "weight_layout": "[in, out] (Conv1D)" if arch.family.weight_in_rows else "[out, in] (Linear)",
         "parameters": count_parameters(model),
         "dtype": dtype_name(model),

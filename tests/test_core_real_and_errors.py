@@ -85,6 +85,7 @@ def test_inspect_default_model(capsys):
     info = json.loads(capsys.readouterr().out)
     assert (info["family"], info["layers"], info["heads"], info["kv_heads"], info["head_dim"]) == ("llama", 30, 9, 3, 64)
     assert info["position_embedding"] == "rope" and info["parameters"] > 100_000_000
+    assert info["query_projection"] == "model.layers.{layer}.self_attn.q_proj"
 
 
 @pytest.mark.real

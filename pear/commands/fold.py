@@ -10,7 +10,8 @@ def add_cli(sub) -> None:
 
     p = sub.add_parser("fold", help="fold head coefficients into the weights and save a checkpoint",
                        description="Scale attention heads by the given coefficients, fold the scales "
-                       "into the output projection, verify, and save an ordinary HF folder.")
+                       "into the output projection (scales on the queries: the query projection), verify, "
+                       "and save an ordinary HF folder.")
     add_model_args(p, auto="checkpoint")
     p.add_argument("--coefficients", required=True, metavar="FILE.json",
                    help='{"heads": [{"layer": L, "head": H, "coefficient": a}, ...]}')
