@@ -153,7 +153,6 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     k = parse_k(str(k if k is not None else rec.k))
     out = Path(out) if out is not None else default_out(model)
     check_out_folder(out, force)
-    check_format(format, model)
     if format == "gguf" and save_dtype not in ("auto", "fp32"):
         raise PearError("--format gguf compares the written file with the folded model in fp32; "
                         "leave --save-dtype auto")

@@ -312,13 +312,19 @@ def test_a_short_fit_lowers_its_own_loss(smollm2, data_dir, monkeypatch, name, o
         assert all(len(a) == 64 for a in r.coefficients.values())
 
 
-def test_cli_fit_channels_then_fold(tmp_path, capsys):
+def _cli_fit_tiny(tmp_path, scales: str):
+    """`pear fit` of a tiny llama folder, two long-copy steps with `scales`: (the folder, coefficients.json)."""
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     c = tmp_path / "c.json"
     assert main(["fit", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
-                 "--objective-option", "span=8", "--scales", "channels", "--penalty", "0.1", "--steps", "2",
+                 "--objective-option", "span=8", "--scales", scales, "--penalty", "0.1", "--steps", "2",
                  "--batch", "2", "--eval-batch", "2", "--out", str(c), "--dtype", "fp32"]) == 0
+    return folder, c
+
+
+def test_cli_fit_channels_then_fold(tmp_path, capsys):
+    folder, c = _cli_fit_tiny(tmp_path, "channels")
     saved = json.loads(c.read_text())
     assert saved["granularity"] == "channel" and len(saved["heads"]) == 8
     coefs = read_coefficients(c)
@@ -657,12 +663,7 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
     nothing written. A recipe name may set the scales (RECIPE@scales=...)."""
     from pear.recipes import candidate_name, get_recipe
 
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    c = tmp_path / "c.json"
-    assert main(["fit", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
-                 "--objective-option", "span=8", "--scales", "query-channels", "--penalty", "0.1", "--steps", "2",
-                 "--batch", "2", "--eval-batch", "2", "--out", str(c), "--dtype", "fp32"]) == 0
+    folder, c = _cli_fit_tiny(tmp_path, "query-channels")
     saved = json.loads(c.read_text())
     assert saved["site"] == "query" and saved["granularity"] == "channel" and len(saved["heads"]) == 8
     coefs = read_coefficients(c)

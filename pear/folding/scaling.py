@@ -10,11 +10,13 @@ sites fold exactly: the output site into the output projection's input columns, 
 into the query projection's rows and bias. Two ways to apply the same function:
 
 * `HeadScaling`: a forward pre-hook on each output projection multiplies the head slices of
-  its input. Scales are fp32 `nn.Parameter`s, so they can be trained with every model
+  its input (query site: a forward hook on each query projection, the head slices of its
+  output). Scales are fp32 `nn.Parameter`s, so they can be trained with every model
   weight frozen. Use as a context manager; leaving it removes the hooks.
 * `fold`: multiply the head's input-columns (rows for GPT-2's Conv1D) of the output
   projection weight by alpha, in fp32, then cast back. Bias untouched: it is added after
-  the heads are summed, so it is not part of any head. Zero inference overhead.
+  the heads are summed, so it is not part of any head. Query site: the head's rows of the
+  query projection and its bias entries, which are part of the head. Zero inference overhead.
 """
 
 from __future__ import annotations
