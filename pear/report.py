@@ -45,9 +45,9 @@ def _model_text(r) -> str:
         return (f"`model/` is a PEFT IA3 adapter that re-weights {r.k} attention heads at run time: "
                 f'`PeftModel.from_pretrained(base_model, "{r.model_dir.name}")`; `merge_and_unload()` gives the folded '
                 "weights measured below.")
-    from .settings import SITE_OF_SCALES
+    from .settings import site_of
 
-    where = "query projection: the heads' queries" if SITE_OF_SCALES.get(r.settings["fit"].get("scales")) == "query" \
+    where = "query projection: the heads' queries" if site_of(r.settings["fit"].get("scales")) == "query" \
         else "attention output projection"
     return (f"`model/` is an ordinary checkpoint of the base model with {r.k} attention heads re-weighted (the\n"
             f"coefficients are folded into the {where}): same architecture, parameter count\n"

@@ -61,6 +61,11 @@ SCALES = {
 SITE_OF_SCALES = {"query-heads": "query", "query-channels": "query"}  # the others: "output" (`folding.SITES`)
 
 
+def site_of(scales: str) -> str:
+    """Where scales of this parameterisation act (`pear.folding.SITES`): the heads' outputs, or their queries."""
+    return SITE_OF_SCALES.get(scales, "output")
+
+
 def parse_layers(text: str) -> list[int]:
     """"0-4+15-19" -> [0, 1, 2, 3, 4, 15, ..., 19]; "7" -> [7]: the layers that get scales. '+' joins
     ranges (a recipe name separates its settings with ',')."""
@@ -163,8 +168,8 @@ class FitSettings:
 
     @property
     def site(self) -> str:
-        """Where the scales act (`pear.folding.SITES`): the heads' outputs, or their queries."""
-        return SITE_OF_SCALES.get(self.scales, "output")
+        """Where the scales act (`site_of`)."""
+        return site_of(self.scales)
 
     @property
     def all_heads(self) -> bool:

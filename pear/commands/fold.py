@@ -44,10 +44,9 @@ def _cli_fold(args: argparse.Namespace) -> int:
     check_out_folder(args.out, args.force)
     check_heads(args.model, coefs)
     if args.format != "hf":
-        from ..export.formats import check_format, fold_to_format
+        from ..export.formats import fold_to_format
 
-        check_format(args.format, args.model, site)
-        return fold_to_format(args, coefs)
+        return fold_to_format(args, coefs, site)
     out, v = fold_and_save(args.model, coefs, args.out, force=args.force, tolerance=args.tolerance, site=site,
                            dtype=args.dtype, device=args.device, device_map=args.device_map)
     print(f"folded {len(coefs)} heads{' (their queries)' if site == 'query' else ''}; max |folded - hooked| "

@@ -30,13 +30,19 @@ NEEDS_GGUF = ("--format gguf writes the base GGUF file with re-weighted attentio
               "pass the .gguf as --model")
 
 
+def _output_site_only(fmt: str, site: str) -> None:
+    """The GGUF file and the IA3 adapter hold scales of the attention output projection alone."""
+    if site != "output":
+        raise PearError(f"--format {fmt} writes scales of the attention output projection; {site}-side scales are "
+                        "saved as a Hugging Face folder (--format hf)")
+
+
 def check_format(fmt: str, spec, site: str = "output") -> None:
     """Refuse an impossible --format before any expensive work."""
     if fmt not in FORMATS:
         raise PearError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-    if fmt != "hf" and site != "output":
-        raise PearError(f"--format {fmt} writes scales of the attention output projection; {site}-side scales are "
-                        "saved as a Hugging Face folder (--format hf)")
+    if fmt != "hf":
+        _output_site_only(fmt, site)
     if fmt == "gguf" and not resolve_spec(spec).gguf_file:
         raise PearError(f"{spec}: {NEEDS_GGUF}")
     if fmt == "peft":
@@ -77,7 +83,7 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     """`loaded` is the base GGUF model, already folded (the reference). Writes
     out/<base>.pear.gguf (+ pear.json, README.md); verified against `loaded`'s logits."""
     check_out_dir(out, force)
-    check_format("gguf", loaded.spec.spec, site)
+    _output_site_only("gguf", site)
     ms = loaded.spec
     if not ms.gguf_file:
         raise PearError(f"{ms.spec}: {NEEDS_GGUF}")
@@ -109,7 +115,7 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     """`loaded` is the *unfolded* base model (left as it was). Writes an IA3 adapter folder,
     checked by loading it back with `PeftModel.from_pretrained` against the hooked scales."""
     check_out_dir(out, force)
-    check_format("peft", loaded.spec.spec, site)
+    _output_site_only("peft", site)
     arch, coefs, scales = _prepare(loaded, coefs, scales)
     extra = _with_fold_check(extra, verification)
     with AtomicDir(out, force) as tmp:
@@ -124,12 +130,12 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     return Path(out), check
 
 
-def fold_to_format(args, coefs: Mapping[HeadKey, float]) -> int:
+def fold_to_format(args, coefs: Mapping[HeadKey, float], site: str = "output") -> int:
     """`pear fold --format gguf|peft`: load, (fold and check,) save, print one line."""
     from ..folding import verify_fold
     from ..loading import load_model
 
-    check_format(args.format, args.model)
+    check_format(args.format, args.model, site)
     if args.format == "gguf" and args.dtype not in ("auto", "fp32"):
         raise PearError("--format gguf compares the written file with the folded model in fp32; leave --dtype auto")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
