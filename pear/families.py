@@ -112,12 +112,24 @@ class Arch:
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return w[sl, :] if self.family.weight_in_rows else w[:, sl]
 
-    def query_rows(self, layer: int, head: int) -> list[torch.Tensor]:
-        """Views of the query projection's rows (and bias) that make head `head`'s queries, for the
-        query-side scales; one clear error where the family computes queries in a fused projection."""
+    def check_query_site(self) -> None:
+        """Query-side scales act on, and fold into, a head's own rows of the query projection, so the
+        projection must be the last per-head weight on the way to the attention logits. Refused, in
+        one line, where queries come from a fused projection, or pass a norm after it (Gemma 3,
+        Qwen 3): that norm divides each head's query by its size, so a per-head scale would do
+        nothing, and its weight is shared by the heads, so there is no per-head weight after it."""
+        use = "use output-side scales: --scales heads, all-heads or channels"
         if self.q_projs is None:
             raise PearError(f"query-side scales need a separate query projection; {self.model_type} computes its "
-                            "queries in a fused one (use output-side scales: --scales heads, all-heads or channels)")
+                            f"queries in a fused one ({use})")
+        if self.family.q_norm:
+            raise PearError(f"query-side scales cannot act on {self.model_type}: its query norm, shared by the heads, "
+                            f"normalises each head's query after the projection and would cancel the scale ({use})")
+
+    def query_rows(self, layer: int, head: int) -> list[torch.Tensor]:
+        """Views of the query projection's rows (and bias) that make head `head`'s queries, for the
+        query-side scales (`check_query_site` says where there are none)."""
+        self.check_query_site()
         q = self.q_projs[layer]
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return [q.weight[sl, :]] + ([q.bias[sl]] if q.bias is not None else [])

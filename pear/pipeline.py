@@ -37,6 +37,7 @@ from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
 from .fit import FitSettings, fit, heldout_batch, metrics_text, proxy_metrics
 from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
 from .heads import all_heads, find_heads, parse_k, top_m_plan
+from .families import resolve
 from .loading import load_model, parse_dtype, resolve_spec
 
 SAVERS = {"hf": save_checkpoint, "gguf": save_gguf, "peft": save_peft}  # how `model/` is written, by --format
@@ -175,6 +176,8 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     with stages("load", f"{model or 'smollm2-135m'} ({dtype_name(cdtype)})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
+    if fs.site == "query":  # a family query-side scales cannot act on: one line now, not after discovery
+        resolve(loaded.model).check_query_site()
 
     estimate = None
     if progress and fs.objective == "copy" and not fs.all_heads:  # what the long part will cost, from one measured step

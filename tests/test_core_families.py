@@ -139,7 +139,7 @@ def test_16bit_fold_is_checked_in_fp32_and_dtypes_kept(model_type, monkeypatch):
         verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)
 
 
-QUERY_FAMILIES = sorted(mt for mt in CONFIGS if FAMILIES[mt].qk_proj is not None)
+QUERY_FAMILIES = sorted(mt for mt in CONFIGS if FAMILIES[mt].qk_proj is not None and FAMILIES[mt].q_norm is None)
 
 
 @pytest.mark.parametrize("model_type", QUERY_FAMILIES)
@@ -191,5 +191,26 @@ def test_query_side_scales_train_only_alpha_and_need_a_separate_query_projection
     for mt in ("gpt2", "phi3"):  # fused query-key-value projections
         with pytest.raises(PearError, match="separate query projection"):
             HeadScaling(tiny_model(mt), COEFS, site="query")
+
+
+@pytest.mark.parametrize("model_type", sorted(mt for mt in CONFIGS if FAMILIES[mt].q_norm))
+def test_query_side_scales_are_refused_where_a_query_norm_would_cancel_them(model_type):
+    """Gemma 3 and Qwen 3 normalise each head's query after the projection with a norm shared by the
+    heads: a per-head query scale changes nothing (measured here), and no per-head weight is left
+    to fold it into, so hooks and fold refuse in one line."""
+    model = tiny_model(model_type)
+    base = _logits(model)
+    arch = pear.resolve(model)
+    q = arch.q_projs[1]
+    handle = q.register_forward_hook(lambda m, a, out: out * 3.0)  # every head's query x3, before the norm
+    try:
+        torch.testing.assert_close(_logits(model), base, atol=1e-3, rtol=1e-3)
+    finally:
+        handle.remove()
+    with pytest.raises(PearError, match="query norm, shared by the heads"):
+        HeadScaling(model, COEFS, site="query")
+    with pytest.raises(PearError, match="query norm, shared by the heads"):
+        fold(model, COEFS, site="query")
+    assert torch.equal(_logits(model), base)
     with pytest.raises(PearError, match="unknown coefficient site"):
         fold(tiny_model("llama"), COEFS, site="keys")

@@ -694,6 +694,13 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
                  "--objective", "long-copy", "--out", str(tmp_path / "run-peft")]) == 2
     assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
     assert not (tmp_path / "run-peft").exists()
+    q3 = tmp_path / "tiny-qwen3"  # a query norm after the projection: refused after loading, before discovery
+    tiny_model("qwen3").save_pretrained(q3)
+    assert main(["run", "--model", str(q3), "--scales", "query-heads", "--objective", "long-copy", "--dtype", "fp32",
+                 "--no-progress", "--out", str(tmp_path / "run-qwen3")]) == 2
+    err = capsys.readouterr().err
+    assert "query norm, shared by the heads" in err and "discover" not in err
+    assert not (tmp_path / "run-qwen3").exists()
     r = get_recipe("first-self-distill-channels@scales=query-heads")
     assert r.fit["scales"] == "query-heads" and FitSettings(**r.fit).site == "query"
     assert candidate_name("first-self-distill-channels", {"scales": "query-heads"}) == \

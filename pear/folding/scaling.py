@@ -51,7 +51,7 @@ class HeadScaling(nn.Module):
         self.arch = resolve(model)
         self.site = check_site(site)
         if site == "query":
-            self.arch.query_rows(0, 0)  # a family without a separate query projection: one clear error now
+            self.arch.check_query_site()
         D = self.arch.head_dim
         coefs = dict(heads) if isinstance(heads, Mapping) else {tuple(k): [1.0] * D if channels else 1.0
                                                                   for k in heads}
