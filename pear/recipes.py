@@ -151,10 +151,10 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
 
 
 # What each recipe did on the presets, so report.md can say what to expect (BENCHMARKS.md §5, rounds 3
-# to 16; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
+# to 17; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-11, 14 and 16: 1 × H100; round 12: 1 × H200); "
+               "(rounds 8-11, 14, 16 and 17: 1 × H100; round 12: 1 × H200); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -223,6 +223,10 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "oracle-self-distill-channels@fold_layers=12-17,strength=2": {"qwen2.5-coder-0.5b": (-1.0, 0.58)},
     "oracle-self-distill-channels@fold_layers=18-23": {"qwen2.5-coder-0.5b": (-0.8, 0.45)},
     "oracle-self-distill-channels@fold_layers=18-23,strength=2": {"qwen2.5-coder-0.5b": (-1.4, 0.26)},
+    # round 17: scales on the heads' queries
+    "long-copy@scales=query-heads": {"smollm2-135m": (-1.4, 0.49), "qwen2.5-coder-0.5b": (-3.4, 0.05)},
+    "oracle-self-distill-channels@scales=query-heads": {"smollm2-135m": (1.8, 0.38), "qwen2.5-coder-0.5b": (-1.8, 0.2)},
+    "oracle-self-distill-channels@scales=query-channels": {"smollm2-135m": (3.8, 0.076)},
     "oracle-self-distill-channels@fold_layers=6-11": {"qwen2.5-coder-0.5b": (-2.0, 0.13)},
     "oracle-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.25)},
     "oracle-self-distill-channels@fold_layers=8-15": {"qwen2.5-coder-0.5b": (-1.0, 0.6)},

@@ -135,8 +135,29 @@ def test_16bit_fold_is_checked_in_fp32_and_dtypes_kept(model_type, monkeypatch):
     import pear.folding.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "fold", lambda m, c, site: fold(m, {k: -a for k, a in c.items()}, site))  # a wrong fold
-    with pytest.raises(pear.PearError, match="fold verification failed"):
-        verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)
+    with pytest.raises(pear.PearError, match="fold verification failed.*with fp32 weights, not rounded, the logits"):
+        verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)  # not a rounding: fp32 would not help
+
+
+def test_a_fold_that_rounding_breaks_says_to_save_in_fp32():
+    """Query-side scales on large query biases (Qwen2.5's reach 81): rounding the scaled rows to bf16
+    can move the logits past the check's tolerance. The check then refuses, leaves the model as it
+    was and names the cause and the way out, which passes the same check here: fp32 weights."""
+    from pear.folding import verify_fold
+
+    model = tiny_model("qwen2", dtype=torch.bfloat16)
+    arch = pear.resolve(model)
+    with torch.no_grad():
+        for q in arch.q_projs:
+            q.bias[::7] = 200.0  # a few large query-bias channels, as in Qwen2.5's first layer
+    D = arch.head_dim
+    coefs = {(l, h): [1.0 + 0.003 * ((7 * i + h) % 11 - 5) for i in range(D)]
+             for l in range(arch.n_layers) for h in range(arch.n_heads)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(PearError, match=r"the scaled weights' rounding to bfloat16 \(fp32 weights avoid it: pear run --save-dtype fp32, pear fold"):
+        verify_fold(model, coefs, tolerance=1e-4, site="query")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert verify_fold(model.float(), coefs, tolerance=1e-4, site="query").ok
 
 
 QUERY_FAMILIES = sorted(mt for mt in CONFIGS if FAMILIES[mt].qk_proj is not None and FAMILIES[mt].q_norm is None)

@@ -25,7 +25,7 @@ from ..families import resolve
 from ..hardware import on_one_device
 from ..loading import LoadedModel, load_model, strip_quantization
 from .coefficients import HeadKey, check_coefficients, coefficients_json
-from .scaling import HeadScaling, fold, unfold
+from .scaling import HeadScaling, fold
 
 # Accepted max |folded - hooked| logit difference, relative to max |logit|, per weight dtype.
 # fp32 differences are rounding (~1e-6 relative, measured on SmolLM2-135M); in 16-bit both
@@ -90,11 +90,17 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
 
     A 16-bit model on one device is compared in fp32 arithmetic (FP32_CHECK_TOLERANCE), its
     folded weights rounded to 16 bits as they are saved; it is left in its own dtypes.
-    Raises PearError (and unfolds again) if the difference exceeds `tolerance`.
+    Raises PearError, the model's weights as they were, if the difference exceeds `tolerance`.
     """
     dtype = next(model.parameters()).dtype
     in_fp32 = dtype in FP32_CHECK_TOLERANCE and on_one_device(model)
     dtypes = _dtypes(model)
+    arch = resolve(model)
+    if site == "query":
+        arch.check_query_site()
+    projs = arch.q_projs if site == "query" else arch.out_projs  # what the fold writes: kept, for a refusal
+    kept = [(p, p.detach().to("cpu", copy=True))  # in host memory: a large model's GPU has no room to spare
+            for layer in sorted({k[0] for k in coefs}) for p in projs[layer].parameters()]
     ids = (verification_input(model) if input_ids is None else input_ids).to(model.device)
     try:
         if in_fp32:
@@ -103,6 +109,7 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
             hooked = model(ids, use_cache=False).logits.float()
         fold(model, coefs, site)
         if in_fp32:
+            unrounded = model(ids, use_cache=False).logits.float()  # the folded weights before their rounding
             _restore(model, dtypes)  # the folded weights rounded to 16 bits, as saved
             model.float()
         folded = model(ids, use_cache=False).logits.float()
@@ -119,9 +126,19 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
         compute_dtype=dtype_name(torch.float32 if in_fp32 else dtype),
     )
     if not v.ok:
-        unfold(model, coefs, site)
+        with torch.no_grad():  # exactly (unfolding 16-bit weights would round them once more)
+            for p, old in kept:
+                p.copy_(old)
+        why = ""
+        if in_fp32:  # in fp32 arithmetic a right fold differs only by its weights' rounding: which one?
+            off = float((unrounded - hooked).abs().max())
+            why = (f"; what is left is the scaled weights' rounding to {dtype_name(dtype)} (fp32 weights avoid it: "
+                   f"pear run --save-dtype fp32, pear fold --dtype fp32)"
+                   if off <= RELATIVE_TOLERANCE[torch.float32] * scale else
+                   f"; the scales leave the model numerically fragile: with fp32 weights, not rounded, the "
+                   f"logits already move by {off:.3g}")
         raise PearError(f"fold verification failed: folded logits differ from hooked logits by "
-                        f"{v.max_abs_diff:.3g} > tolerance {tol:.3g}; nothing saved")
+                        f"{v.max_abs_diff:.3g} > tolerance {tol:.3g}; nothing saved{why}")
     return v
 
 
