@@ -237,6 +237,13 @@ class Study:
         print(json.dumps(score, indent=1), "\nchosen:", chosen, flush=True)
         return chosen
 
+    def refused(self, model: str, recipe: str) -> str | None:
+        """Why a candidate has no model to screen, where its fit's fold check refused to save one
+        (`pear run` saves nothing it cannot fold exactly): such a candidate cannot be chosen."""
+        log = self.work / "logs" / f"{model}-fit-{recipe}-0.log"
+        lines = [x for x in log.read_text().splitlines() if "fold verification failed" in x] if log.is_file() else []
+        return lines[-1].removeprefix("pear: error: ") if lines else None
+
     def eligible(self, model: str) -> list[str]:
         """The candidates the per-model rule could choose: those with Δ >= +3 points on the screen
         (a candidate below can never be chosen, so its guard value is not needed)."""
@@ -280,14 +287,16 @@ class Study:
         """The per-model rule: every model needs its whole screen (no choice from part of it);
         with --guard, a candidate that loses more than half a point on the guard task is out (the
         guard is measured only for candidates at >= +3 points: the others cannot be chosen)."""
-        chosen, deltas, guards, cut = {}, {}, {}, {}
+        chosen, deltas, guards, cut, refused = {}, {}, {}, {}, {}
         for m, t in table.items():
             missing = [r for r in self.a.recipes if r not in t]
+            refused[m] = {r: why for r in missing if (why := self.refused(m, r))}
+            missing = [r for r in missing if r not in refused[m]]
             if missing:
                 raise RuntimeError(f"{m}: screen incomplete, missing {', '.join(missing)}")
         rows = self.cut_rows(list(table)) if self.a.length_words else {}
         for m, t in table.items():
-            deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes}
+            deltas[m] = {r: t[r]["all"] - t["base"]["all"] for r in self.a.recipes if r not in refused[m]}
             allowed = self.eligible(m)  # only these can be chosen
             if self.a.guard:
                 guards[m] = self.guard_deltas(m, allowed)
@@ -303,7 +312,8 @@ class Study:
                 chosen[m] = chosen[SIBLINGS[m]]
         sel = {"rule": RULES[self.a.rule][0], "models": list(table), "screen": table, "delta": deltas,
                "chosen": chosen, **({"guard": {"task": self.a.guard[0], "delta": guards}} if self.a.guard else {}),
-               **({"length": {"words": self.a.length_words, "delta": cut}} if self.a.length_words else {})}
+               **({"length": {"words": self.a.length_words, "delta": cut}} if self.a.length_words else {}),
+               **({"refused": {m: r for m, r in refused.items() if r}} if any(refused.values()) else {})}
         (self.work / "selection.json").write_text(json.dumps(sel, indent=2) + "\n")
         print("chosen:", json.dumps(chosen), flush=True)
         return chosen

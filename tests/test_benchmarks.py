@@ -146,7 +146,8 @@ def test_recipe_study_selection_rules(tmp_path, monkeypatch, rule, chosen):
 
 def test_recipe_study_per_model_rule(tmp_path, monkeypatch, capsys):
     """Per model: the largest Δ if it reaches +3 points, else paper; the unscreened 1.5B takes
-    its sibling's choice; a model whose screen lacks a candidate stops the choice."""
+    its sibling's choice; a model whose screen lacks a candidate stops the choice, unless the
+    candidate's fold was refused (no model to screen: it cannot be chosen, and selection.json says why)."""
     import recipe_study
 
     for m in ("gemma3-270m", "qwen2.5-coder-0.5b"):
@@ -165,6 +166,15 @@ def test_recipe_study_per_model_rule(tmp_path, monkeypatch, capsys):
     (tmp_path / "single" / "gemma3-270m" / "mdqa-20-h1-chan.json").unlink()
     with pytest.raises(RuntimeError, match="gemma3-270m: screen incomplete, missing chan"):
         recipe_study.main()
+    log = tmp_path / "logs" / "gemma3-270m-fit-chan-0.log"  # its fit ran, but its fold was refused: no model
+    log.parent.mkdir()
+    log.write_text("$ pear run ...\npear: error: fold verification failed: folded logits differ from hooked "
+                   "logits by 3.37 > tolerance 0.303; nothing saved\n# rc 2, 117 s\n")
+    assert recipe_study.main() == 0
+    sel = json.loads((tmp_path / "selection.json").read_text())
+    assert sel["chosen"]["gemma3-270m"] == "paper" and "chan" not in sel["delta"]["gemma3-270m"]
+    assert sel["refused"] == {"gemma3-270m": {"chan": "fold verification failed: folded logits differ from hooked "
+                                                      "logits by 3.37 > tolerance 0.303; nothing saved"}}
 
 
 def test_recipe_study_per_model_gap_rule(tmp_path, monkeypatch):
