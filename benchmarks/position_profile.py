@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pear.errors import PearError
     from pear.evaluate.data import resolve_data_dir
     from pear.evaluate.registry import BuildContext, build_task
-    from pear.folding import read_coefficients
+    from pear.folding import read_coefficients, read_site
     from pear.loading import load_model
     from pear.provenance import provenance
 
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for item in args.coefficients:
         label, path = split_label(item)
-        add("--coefficients", label, lambda lm, c=read_coefficients(path): _scaled(lm.model, c))
+        add("--coefficients", label,
+            lambda lm, c=read_coefficients(path), site=read_site(path): _scaled(lm.model, c, site))
     for v in args.variants:
         variant = get_variant(v["name"])
         variant.check_options(v["options"])
@@ -108,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _scaled(model, coefficients):
+def _scaled(model, coefficients, site: str = "output"):
     from pear.folding import HeadScaling
 
-    with HeadScaling(model, coefficients, trainable=False):
+    with HeadScaling(model, coefficients, trainable=False, site=site):  # where the file's scales act
         yield model
 
 

@@ -483,7 +483,8 @@ def test_position_profile_targets_are_the_base_models_right_first_lines(tmp_path
 
 def test_position_profile_scores_variants_from_the_command_line(tmp_path, monkeypatch):
     """--variant LABEL=NAME with its --variant-option scores the model under that variant (here a
-    weight edit, undone afterwards), beside the base; a taken label or an unknown option is refused."""
+    weight edit, undone afterwards), beside the base; coefficients act at their file's site (a
+    query-side file on the queries); a taken label or an unknown option is refused."""
     import json
     from types import SimpleNamespace as NS
 
@@ -508,6 +509,12 @@ def test_position_profile_scores_variants_from_the_command_line(tmp_path, monkey
     assert set(res["profile"]) == {"base", "c", "slow"}
     assert res["per_example"]["slow"] != res["per_example"]["base"] != res["per_example"]["c"]
     assert all(torch.equal(p, before[n]) for n, p in m.state_dict().items())
+    q = tmp_path / "query.json"  # the same scale on the head's queries: scored where the file says it acts
+    q.write_text(json.dumps({"granularity": "head", "site": "query",
+                             "heads": [{"layer": 0, "head": 1, "coefficient": 0.2}]}))
+    assert pp.main(args + ["--coefficients", f"q={q}"]) == 0
+    res = json.loads(out.read_text())
+    assert res["per_example"]["q"] not in (res["per_example"]["c"], res["per_example"]["base"])
     with pytest.raises(PearError, match="label 'slow' is taken"):
         pp.main(args + ["--variant", "slow=rope-bands"])
     with pytest.raises(PearError, match="has no option colour"):
