@@ -223,13 +223,13 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "oracle-self-distill-channels@fold_layers=12-17,strength=2": {"qwen2.5-coder-0.5b": (-1.0, 0.58)},
     "oracle-self-distill-channels@fold_layers=18-23": {"qwen2.5-coder-0.5b": (-0.8, 0.45)},
     "oracle-self-distill-channels@fold_layers=18-23,strength=2": {"qwen2.5-coder-0.5b": (-1.4, 0.26)},
+    "oracle-self-distill-channels@fold_layers=6-11": {"qwen2.5-coder-0.5b": (-2.0, 0.13)},
+    "oracle-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.25)},
+    "oracle-self-distill-channels@fold_layers=8-15": {"qwen2.5-coder-0.5b": (-1.0, 0.6)},
     # round 17: scales on the heads' queries
     "long-copy@scales=query-heads": {"smollm2-135m": (-1.4, 0.49), "qwen2.5-coder-0.5b": (-3.4, 0.05)},
     "oracle-self-distill-channels@scales=query-heads": {"smollm2-135m": (1.8, 0.38), "qwen2.5-coder-0.5b": (-1.8, 0.2)},
     "oracle-self-distill-channels@scales=query-channels": {"smollm2-135m": (3.8, 0.076)},
-    "oracle-self-distill-channels@fold_layers=6-11": {"qwen2.5-coder-0.5b": (-2.0, 0.13)},
-    "oracle-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.25)},
-    "oracle-self-distill-channels@fold_layers=8-15": {"qwen2.5-coder-0.5b": (-1.0, 0.6)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")
