@@ -126,6 +126,14 @@ class Arch:
             raise PearError(f"query-side scales cannot act on {self.model_type}: its query norm, shared by the heads, "
                             f"normalises each head's query after the projection and would cancel the scale ({use})")
 
+    def site_projs(self, site: str) -> list[nn.Module]:
+        """The projections, one per layer, where scales of `site` act and fold: the output
+        projections, or the query projections (`check_query_site` refuses a family without them)."""
+        if site == "query":
+            self.check_query_site()
+            return self.q_projs
+        return self.out_projs
+
     def query_rows(self, layer: int, head: int) -> list[torch.Tensor]:
         """Views of the query projection's rows (and bias) that make head `head`'s queries, for the
         query-side scales (`check_query_site` says where there are none)."""

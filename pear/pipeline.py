@@ -176,8 +176,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
     with stages("load", f"{model or 'smollm2-135m'} ({dtype_name(cdtype)})"):
         loaded = load_model(model, dtype=cdtype, device=device, device_map=device_map)
         spec = loaded.spec.spec
-    if fs.site == "query":  # a family query-side scales cannot act on: one line now, not after discovery
-        resolve(loaded.model).check_query_site()
+    resolve(loaded.model).site_projs(fs.site)  # a family the scales cannot act on: one line now, not after discovery
 
     estimate = None
     if progress and fs.objective == "copy" and not fs.all_heads:  # what the long part will cost, from one measured step

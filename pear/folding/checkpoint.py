@@ -95,10 +95,7 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
     dtype = next(model.parameters()).dtype
     in_fp32 = dtype in FP32_CHECK_TOLERANCE and on_one_device(model)
     dtypes = _dtypes(model)
-    arch = resolve(model)
-    if site == "query":
-        arch.check_query_site()
-    projs = arch.q_projs if site == "query" else arch.out_projs  # what the fold writes: kept, for a refusal
+    projs = resolve(model).site_projs(site)  # what the fold writes: kept, for a refusal
     kept = [(p, p.detach().to("cpu", copy=True))  # in host memory: a large model's GPU has no room to spare
             for layer in sorted({k[0] for k in coefs}) for p in projs[layer].parameters()]
     ids = (verification_input(model) if input_ids is None else input_ids).to(model.device)
@@ -126,9 +123,8 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
         compute_dtype=dtype_name(torch.float32 if in_fp32 else dtype),
     )
     if not v.ok:
-        with torch.no_grad():  # exactly (unfolding 16-bit weights would round them once more)
-            for p, old in kept:
-                p.copy_(old)
+        for p, old in kept:  # exactly (unfolding 16-bit weights would round them once more)
+            p.copy_(old)
         why = ""
         if in_fp32:  # in fp32 arithmetic a right fold differs only by its weights' rounding: which one?
             off = float((unrounded - hooked).abs().max())

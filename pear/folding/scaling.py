@@ -50,8 +50,7 @@ class HeadScaling(nn.Module):
         super().__init__()
         self.arch = resolve(model)
         self.site = check_site(site)
-        if site == "query":
-            self.arch.check_query_site()
+        self._projs = self.arch.site_projs(site)  # where the hooks go (a family that cannot: one line now)
         D = self.arch.head_dim
         coefs = dict(heads) if isinstance(heads, Mapping) else {tuple(k): [1.0] * D if channels else 1.0
                                                                   for k in heads}
@@ -94,11 +93,10 @@ class HeadScaling(nn.Module):
         if not self._handles:
             for layer in self._by_layer:
                 if self.site == "output":  # the output projection's input
-                    hook = self.arch.out_projs[layer].register_forward_pre_hook(
+                    hook = self._projs[layer].register_forward_pre_hook(
                         lambda m, args, l=layer: (self._scaled(l, args[0]), *args[1:]))
                 else:  # the query projection's output
-                    hook = self.arch.q_projs[layer].register_forward_hook(
-                        lambda m, args, out, l=layer: self._scaled(l, out))
+                    hook = self._projs[layer].register_forward_hook(lambda m, args, out, l=layer: self._scaled(l, out))
                 self._handles.append(hook)
         return self
 
