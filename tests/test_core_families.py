@@ -214,6 +214,14 @@ def test_query_side_scales_train_only_alpha_and_need_a_separate_query_projection
             HeadScaling(tiny_model(mt), COEFS, site="query")
 
 
+@pytest.mark.parametrize("model_type,says", [("llama", "yes"), ("gemma3_text", "no: query-side scales cannot act"),
+                                              ("gpt2", "no: query-side scales need a separate query projection")])
+def test_inspect_says_whether_query_side_scales_can_act(model_type, says):
+    from pear.inspect import describe
+    info = describe(LoadedModel(tiny_model(model_type), None, ModelSpec(f"tiny-{model_type}", "folder", ".")))
+    assert info["query_side_scales"].startswith(says)
+
+
 @pytest.mark.parametrize("model_type", sorted(mt for mt in CONFIGS if FAMILIES[mt].q_norm))
 def test_query_side_scales_are_refused_where_a_query_norm_would_cancel_them(model_type):
     """Gemma 3 and Qwen 3 normalise each head's query after the projection with a norm shared by the

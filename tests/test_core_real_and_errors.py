@@ -86,6 +86,7 @@ def test_inspect_default_model(capsys):
     assert (info["family"], info["layers"], info["heads"], info["kv_heads"], info["head_dim"]) == ("llama", 30, 9, 3, 64)
     assert info["position_embedding"] == "rope" and info["parameters"] > 100_000_000
     assert info["query_projection"] == "model.layers.{layer}.self_attn.q_proj"
+    assert info["query_side_scales"] == "yes"
 
 
 @pytest.mark.real
