@@ -135,8 +135,12 @@ def test_16bit_fold_is_checked_in_fp32_and_dtypes_kept(model_type, monkeypatch):
     import pear.folding.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "fold", lambda m, c, site: fold(m, {k: -a for k, a in c.items()}, site))  # a wrong fold
+    model = tiny_model(model_type, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    some = {k: a for k, a in coefs.items() if k[1] != 2}  # the unscaled heads' slices are not kept, nor touched
     with pytest.raises(pear.PearError, match="fold verification failed.*with fp32 weights, not rounded, the logits"):
-        verify_fold(tiny_model(model_type, dtype=torch.bfloat16), coefs)  # not a rounding: fp32 would not help
+        verify_fold(model, some)  # not a rounding: fp32 would not help
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in model.named_parameters())
 
 
 def test_a_fold_that_rounding_breaks_says_to_save_in_fp32():

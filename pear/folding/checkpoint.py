@@ -25,7 +25,7 @@ from ..families import resolve
 from ..hardware import on_one_device
 from ..loading import LoadedModel, load_model, strip_quantization
 from .coefficients import HeadKey, check_coefficients, coefficients_json
-from .scaling import HeadScaling, fold
+from .scaling import HeadScaling, fold, head_views
 
 # Accepted max |folded - hooked| logit difference, relative to max |logit|, per weight dtype.
 # fp32 differences are rounding (~1e-6 relative, measured on SmolLM2-135M); in 16-bit both
@@ -95,9 +95,11 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
     dtype = next(model.parameters()).dtype
     in_fp32 = dtype in FP32_CHECK_TOLERANCE and on_one_device(model)
     dtypes = _dtypes(model)
-    projs = resolve(model).site_projs(site)  # what the fold writes: kept, for a refusal
-    kept = [(p, p.detach().to("cpu", copy=True))  # in host memory: a large model's GPU has no room to spare
-            for layer in sorted({k[0] for k in coefs}) for p in projs[layer].parameters()]
+    arch = resolve(model)
+    arch.site_projs(site)  # refuses a site this model has no projection for, before any work
+    check_coefficients(arch, coefs)
+    kept = {k: [w.detach().to("cpu", copy=True) for w, _ in head_views(arch, *k, site)]  # what the fold writes,
+            for k in coefs}  # the scaled heads' slices alone, in host memory: a large model's GPU has no room to spare
     ids = (verification_input(model) if input_ids is None else input_ids).to(model.device)
     try:
         if in_fp32:
@@ -123,8 +125,9 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
         compute_dtype=dtype_name(torch.float32 if in_fp32 else dtype),
     )
     if not v.ok:
-        for p, old in kept:  # exactly (unfolding 16-bit weights would round them once more)
-            p.copy_(old)
+        for k, olds in kept.items():  # exactly (unfolding 16-bit weights would round them once more)
+            for (w, _), old in zip(head_views(arch, *k, site), olds):  # views taken again: dtype moves re-allocate
+                w.copy_(old)
         why = ""
         if in_fp32:  # in fp32 arithmetic a right fold differs only by its weights' rounding: which one?
             off = float((unrounded - hooked).abs().max())

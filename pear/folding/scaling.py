@@ -127,7 +127,7 @@ class HeadScaling(nn.Module):
 
 
 # ---------------------------------------------------------------------------- fold / unfold
-def _head_views(arch: Arch, layer: int, head: int, site: str) -> list[tuple[torch.Tensor, bool]]:
+def head_views(arch: Arch, layer: int, head: int, site: str) -> list[tuple[torch.Tensor, bool]]:
     """The weight views a head's scales multiply, each with whether its channels run along rows."""
     if site == "query":  # rows (D, in) of the query projection, and its bias (D,)
         return [(v, True) for v in arch.query_rows(layer, head)]
@@ -146,7 +146,7 @@ def _scale_weights(model: nn.Module, coefs: Mapping[HeadKey, Coefficient], inver
             if bool((a == 0).any()):
                 raise PearError(f"cannot unfold layer {layer} head {head}: its coefficient is 0")
             a = 1.0 / a
-        for w, in_rows in _head_views(arch, layer, head, site):
+        for w, in_rows in head_views(arch, layer, head, site):
             s = a.to(w.device)
             if s.dim() and w.dim() == 2:
                 s = s[:, None] if in_rows else s[None, :]
