@@ -138,8 +138,9 @@ class Study:
         recipe, _, seed = label.partition("-seed")
         return str(self.run_dir(model, recipe, int(seed or 0)) / "model")
 
-    def log(self, model: str, what: str) -> Path:
-        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+    def log(self, model: str, what: str, create: bool = True) -> Path:
+        if create:
+            (self.work / "logs").mkdir(parents=True, exist_ok=True)
         return self.work / "logs" / f"{model}-{what}.log"
 
     def evaluate(self, model: str, variants: list[tuple[str, str]], task: str, half: int, limit, out: Path,
@@ -240,7 +241,7 @@ class Study:
     def refused(self, model: str, recipe: str) -> str | None:
         """Why a candidate has no model to screen, where its fit's fold check refused to save one
         (`pear run` saves nothing it cannot fold exactly): such a candidate cannot be chosen."""
-        log = self.work / "logs" / f"{model}-fit-{recipe}-0.log"
+        log = self.log(model, f"fit-{recipe}-0", create=False)
         lines = [x for x in log.read_text().splitlines() if "fold verification failed" in x] if log.is_file() else []
         return lines[-1].removeprefix("pear: error: ") if lines else None
 
