@@ -227,9 +227,15 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
     "oracle-self-distill-channels@fold_layers=6-11,strength=2": {"qwen2.5-coder-0.5b": (-2.0, 0.25)},
     "oracle-self-distill-channels@fold_layers=8-15": {"qwen2.5-coder-0.5b": (-1.0, 0.6)},
     # round 17: scales on the heads' queries
-    "long-copy@scales=query-heads": {"smollm2-135m": (-1.4, 0.49), "qwen2.5-coder-0.5b": (-3.4, 0.05)},
-    "oracle-self-distill-channels@scales=query-heads": {"smollm2-135m": (1.8, 0.38), "qwen2.5-coder-0.5b": (-1.8, 0.2)},
-    "oracle-self-distill-channels@scales=query-channels": {"smollm2-135m": (3.8, 0.076)},
+    "long-copy@scales=query-heads": {"smollm2-135m": (-1.4, 0.49), "qwen2.5-coder-0.5b": (-3.4, 0.05),
+                                     "qwen2.5-coder-1.5b": (2.8, 0.2)},
+    "oracle-self-distill-channels@scales=query-heads": {"smollm2-135m": (1.8, 0.38), "qwen2.5-coder-0.5b": (-1.8, 0.2),
+                                                        "qwen2.5-coder-1.5b": (-1.2, 0.48)},
+    "oracle-self-distill-channels@scales=query-channels": {"smollm2-135m": (3.8, 0.076), "qwen2.5-coder-1.5b": (2.4, 0.22)},
+    # round 18: round 17's near-misses on Qwen2.5-Coder-1.5B pushed further, and long-copy per channel
+    "long-copy@scales=query-heads,strength=2": {"qwen2.5-coder-1.5b": (-0.6, 0.87)},
+    "oracle-self-distill-channels@scales=query-channels,strength=2": {"qwen2.5-coder-1.5b": (-3.8, 0.093)},
+    "long-copy@scales=query-channels": {"qwen2.5-coder-1.5b": (-7.4, 0.0052)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
                "fits with seed 0 and seed 1")

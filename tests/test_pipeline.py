@@ -119,7 +119,7 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
         [results / "recipe_study_round12" / "smollm2-135m", results / "recipe_study_round14" / "smollm2-135m",
          results / "recipe_study_round16" / "qwen2.5-coder-0.5b",  # round 16 screened round 15's three again
          results / "recipe_study_round9" / "qwen2.5-coder-1.5b"] + \
-        [results / "recipe_study_round17" / m for m in ("smollm2-135m", "qwen2.5-coder-0.5b")]
+        [results / "recipe_study_round17" / m for m in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")]
     seen = set()
     for study in screens:
         for key, v in json.loads((study / "screen_paired.json").read_text()).items():
