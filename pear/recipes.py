@@ -154,7 +154,7 @@ def default_note(model: str | None, device: str | None = "auto") -> str | None:
 # to 17; tests/test_pipeline.py keeps these tables equal to the study's recorded paired statistics).
 # Keys are the study's candidates: a recipe, or a recipe with OVERRIDES changed (`candidate_name`).
 MEASURED_ON = ("mdqa-20, first half of the questions (100 × gold at 1/6/10/15/20), seed-0 fit, bf16, 1 × H200 "
-               "(rounds 8-11, 14, 16 and 17: 1 × H100; round 12: 1 × H200); "
+               "(rounds 8-11, 14 and 16-18: 1 × H100; round 12: 1 × H200); "
                "Δ accuracy in points vs the base model on the same 500 examples, exact McNemar p")
 MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate: {preset: (Δ points, p)}
     "paper": {"gemma3-270m": (2.6, 0.015), "qwen2.5-coder-0.5b": (-0.2, 1), "smollm2-135m": (0.8, 0.56)},
@@ -233,8 +233,8 @@ MEASURED: dict[str, dict[str, tuple[float, float]]] = {  # the screen: candidate
                                                         "qwen2.5-coder-1.5b": (-1.2, 0.48)},
     "oracle-self-distill-channels@scales=query-channels": {"smollm2-135m": (3.8, 0.076), "qwen2.5-coder-1.5b": (2.4, 0.22)},
     # round 18: round 17's near-misses on Qwen2.5-Coder-1.5B pushed further, and long-copy per channel
-    "long-copy@scales=query-heads,strength=2": {"qwen2.5-coder-1.5b": (-0.6, 0.87)},
-    "oracle-self-distill-channels@scales=query-channels,strength=2": {"qwen2.5-coder-1.5b": (-3.8, 0.093)},
+    "long-copy@strength=2,scales=query-heads": {"qwen2.5-coder-1.5b": (-0.6, 0.87)},
+    "oracle-self-distill-channels@strength=2,scales=query-channels": {"qwen2.5-coder-1.5b": (-3.8, 0.093)},
     "long-copy@scales=query-channels": {"qwen2.5-coder-1.5b": (-7.4, 0.0052)},
 }
 HELD_OUT_ON = ("mdqa-20, second half of the questions (300 × gold at 1/6/10/15/20), not used in any choice; "
@@ -364,6 +364,15 @@ def split_name(name: str) -> tuple[str, dict]:
             raise PearError(f"recipe '{name}': '{item}' is not KEY=VALUE with KEY one of {', '.join(NAME_KEYS)} "
                             "and a value of its type") from None
     return recipe, overrides
+
+
+def canonical_name(name: str) -> str:
+    """A RECIPE@KEY=VALUE,... name with its keys in NAME_KEYS order and values as `value_text` writes
+    them: the name `candidate_name` gives the fit, so figures recorded under it are found for it
+    ("long-copy@scales=query-heads,strength=2.0" -> "long-copy@strength=2,scales=query-heads")."""
+    recipe, overrides = split_name(name)
+    keys = sorted(overrides, key=list(NAME_KEYS).index)
+    return recipe + ("@" + ",".join(f"{k}={value_text(overrides[k])}" for k in keys) if keys else "")
 
 
 def get_recipe(name: str | None) -> Recipe:

@@ -110,7 +110,7 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     from pathlib import Path
 
     from pear.recipes import (HELD_OUT, HELD_OUT_CUT, HELD_OUT_CUT20, HELD_OUT_OTHER, MEASURED, RECIPES,
-                              measured_text)
+                              candidate_name, canonical_name, measured_text, recipe_settings)
 
     results = Path(__file__).resolve().parent.parent / "benchmarks/results"
     studies = [results / "recipe_study_round4", results / "recipe_study_round7"]  # 4: round 3's parts; 7: Gemma's 3-7
@@ -124,11 +124,15 @@ def test_recipe_effects_in_reports_match_the_recorded_screen():
     for study in screens:
         for key, v in json.loads((study / "screen_paired.json").read_text()).items():
             m, r = key.split("/")
-            seen.add(key)
+            r = canonical_name(r)  # the study's name as typed -> the name a fit of those settings gets
+            seen.add(f"{m}/{r}")
             assert MEASURED[r][m] == (round(100 * v["diff"], 1), float(f"{v['p_mcnemar']:.2g}"))
     assert seen == {f"{m}/{r}" for r, rows in MEASURED.items() for m in rows}
     assert {c.partition("@")[0] for c in MEASURED} <= set(RECIPES)
     assert "has not been measured" in measured_text("a-recipe-of-ones-own", "gemma3-270m")
+    assert all(canonical_name(c) == c for c in [*MEASURED, *HELD_OUT])  # each found under its fit's name:
+    fit = {**recipe_settings("long-copy").as_dict(), "scales": "query-heads", "strength": 2.0}
+    assert "| qwen2.5-coder-1.5b | -0.6 |" in measured_text(candidate_name("long-copy", fit), "gemma3-270m")
 
     def by_seed(rows):  # {candidate: {preset: {seed: value}}} -> {candidate: {preset: [value per seed]}}
         return {c: {m: [v[s] for s in sorted(v)] for m, v in ms.items()} for c, ms in rows.items()}
