@@ -106,6 +106,13 @@ class Arch:
     def out_proj_path(self, layer: int) -> str:
         return f"{self.family.blocks}.{layer}.{self.family.out_proj}"
 
+    def site_proj_path(self, site: str, layer: int) -> str:
+        """The dotted path of the projection where scales of `site` act in `layer` (`site_projs`)."""
+        if site == "query":
+            self.check_query_site()
+            return f"{self.family.blocks}.{layer}.{self.family.qk_proj[0]}"
+        return self.out_proj_path(layer)
+
     def head_weight(self, layer: int, head: int) -> torch.Tensor:
         """View of the weight entries that multiply head `head` of layer `layer`."""
         w = self.out_projs[layer].weight

@@ -32,7 +32,7 @@ from pathlib import Path
 from .errors import PearError
 from .provenance import versions
 from .export.formats import check_format, save_gguf, save_peft
-from .export.scales import snapshot_out_projs
+from .export.scales import snapshot_site
 from .dtypes import checkpoint_dtype, compute_dtype, dtype_name
 from .fit import FitSettings, fit, heldout_batch, metrics_text, proxy_metrics
 from .folding import AtomicDir, HeadKey, granularity, save_checkpoint, summary_value, verify_fold
@@ -216,7 +216,7 @@ def run(model: str | None = None, out: str | Path | None = None, *, k: int | str
         heldout = heldout_batch(loaded.model, loaded.tokenizer, fs)
         saved_base = proxy_metrics(loaded.model, heldout, fs.micro_batch)
         bar.update(1)
-        restore = snapshot_out_projs(loaded.model) if format == "peft" else None  # the adapter needs the base
+        restore = snapshot_site(loaded.model, fs.site) if format == "peft" else None  # the adapter needs the base
         verification = verify_fold(loaded.model, fr.coefficients, site=fs.site)  # folds in place, or raises
         bar.update(1)
         saved_folded = proxy_metrics(loaded.model, heldout, fs.micro_batch)

@@ -151,6 +151,46 @@ def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_fold
         assert merged[k].dtype == want[k].dtype and torch.equal(merged[k], want[k]), k
 
 
+@pytest.mark.parametrize("granularity", ["head", "channel"])
+@pytest.mark.parametrize("mt", ["llama", "qwen2"])  # qwen2: a query bias, scaled with its rows
+def test_query_side_peft_adapter_equals_query_fold(tmp_path, tiny_folder, mt, granularity, capsys):
+    """Query-side scales as an IA3 adapter: IA3 on the query projection (not feed-forward) scales its
+    output, bias included, so the adapter's logits are the query-folded model's, and
+    merge_and_unload() writes the same weights as `pear fold` (rows and bias of the query projection)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_folder(mt)
+    D = resolve(tiny_model(mt)).head_dim
+    given = COEFS if granularity == "head" else _channel_coefs(D)
+    f = tmp_path / "q.json"
+    f.write_text(json.dumps({**json.loads(_coef_file(tmp_path, given).read_text()), "site": "query"}))
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(f), "--out", str(tmp_path / "ad"),
+                 "--format", "peft"]) == 0
+    assert "their queries" in capsys.readouterr().out
+    assert main(["fold", "--model", str(base_dir), "--coefficients", str(f), "--out", str(tmp_path / "hf")]) == 0
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert not cfg["feedforward_modules"]
+    assert json.loads((tmp_path / "ad" / "pear.json").read_text())["site"] == "query"
+    card = (tmp_path / "ad" / "README.md").read_text()
+    assert "have their queries" in card and "one scale per output channel of the query projection" in card
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = _ids(128, 1)
+    with torch.no_grad():
+        ref = folded(ids).logits.float()
+        got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")(input_ids=ids).logits.float()
+        off = base(ids).logits.float()
+    assert float((got - ref).abs().max()) <= 1e-5 < float((off - ref).abs().max())
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").merge_and_unload().state_dict()
+    want = folded.state_dict()
+    for k in want:  # only the query projections differ from the base, and as `pear fold` wrote them
+        torch.testing.assert_close(merged[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert {k for k in want if not torch.equal(want[k], base.state_dict()[k])} <= \
+        {k for k in want if "q_proj" in k}
+
+
 def test_fold_on_some_layers_only(tmp_path, tiny_folder, capsys):
     """`pear fold --layers 1` folds layer 1's coefficients alone: the same weights as folding a file
     of those coefficients only, layer 0 left as the base has it; a layer set with no coefficient is
@@ -320,11 +360,11 @@ def test_gguf_real_default_model_only_attention_outputs_change(tmp_path, smollm2
     import gguf
 
     from pear.export.formats import save_gguf
-    from pear.export.scales import snapshot_out_projs
+    from pear.export.scales import snapshot_site
 
     coefs = {(16, 0): 0.6, (24, 4): 0.5, (29, 0): 1.4}
     base_file = Path(smollm2.spec.path) / smollm2.spec.gguf_file
-    restore = snapshot_out_projs(smollm2.model)
+    restore = snapshot_site(smollm2.model)
     try:
         fold(smollm2.model, coefs)
         path, v = save_gguf(smollm2, coefs, tmp_path / "g")
@@ -372,7 +412,7 @@ def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, cap
     and the file loaded back is the folded model within Q8_0's tolerance."""
     import gguf
 
-    from pear.export.scales import snapshot_out_projs
+    from pear.export.scales import snapshot_site
 
     arch = resolve(smollm2.model)
     D, layers = arch.head_dim, (16, 24, 29)
@@ -396,7 +436,7 @@ def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, cap
         if t.name not in changed:
             assert t.tensor_type == tb[t.name].tensor_type and np.array_equal(t.data, tb[t.name].data), t.name
     ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(1))
-    restore = snapshot_out_projs(smollm2.model)
+    restore = snapshot_site(smollm2.model)
     with torch.no_grad():
         base = smollm2.model(ids).logits
         try:

@@ -659,8 +659,9 @@ def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_p
 def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_path, capsys):
     """--scales query-channels fits scales on the heads' queries: the coefficients file says its site,
     `pear fold` folds them into the query projection (pear.json says so; the output projection is
-    untouched), and --format peft / gguf, which hold output-projection scales, refuse in one line with
-    nothing written. A recipe name may set the scales (RECIPE@scales=...)."""
+    untouched), --format peft writes them as IA3 on the query projection, and --format gguf, which
+    holds output-projection scales, refuses in one line with nothing written. A recipe name may set
+    the scales (RECIPE@scales=...)."""
     from pear.recipes import candidate_name, get_recipe
 
     folder, c = _cli_fit_tiny(tmp_path, "query-channels")
@@ -678,11 +679,14 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
     folded, base = load_file(tmp_path / "f" / "model.safetensors"), load_file(folder / "model.safetensors")
     assert all(torch.equal(folded[n], base[n]) for n in base if "o_proj" in n)
     assert not all(torch.equal(folded[n], base[n]) for n in base if "q_proj" in n)
-    for fmt in ("peft", "gguf"):
-        assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / fmt),
-                     "--format", fmt]) == 2
-        assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
-        assert not (tmp_path / fmt).exists()
+    assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "gguf"),
+                 "--format", "gguf"]) == 2
+    assert "query-side scales are saved as a Hugging Face folder (--format hf) or an IA3 adapter" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "gguf").exists()
+    assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "peft"),
+                 "--format", "peft"]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["feedforward_modules"] in ([], None)
     assert main(["run", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
                  "--objective-option", "span=8", "--scales", "query-heads", "--steps", "2", "--batch", "2",
                  "--eval-batch", "2", "--dtype", "fp32", "--no-progress", "--out", str(tmp_path / "run")]) == 0
@@ -690,10 +694,24 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
     assert json.loads((run / "model" / "pear.json").read_text())["site"] == "query"
     assert json.loads((run / "coefficients.json").read_text())["site"] == "query"
     assert "folded into the query projection" in (run / "report.md").read_text()
-    assert main(["run", "--model", str(folder), "--scales", "query-heads", "--format", "peft", "--dtype", "fp32",
-                 "--objective", "long-copy", "--out", str(tmp_path / "run-peft")]) == 2
+    assert main(["run", "--model", str(folder), "--objective", "long-copy", "--objective-option", "context=64",
+                 "--objective-option", "span=8", "--scales", "query-heads", "--steps", "2", "--batch", "2",
+                 "--eval-batch", "2", "--dtype", "fp32", "--no-progress", "--format", "peft",
+                 "--out", str(tmp_path / "run-peft")]) == 0  # the adapter is written on the base, restored
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    run_coefs = read_coefficients(tmp_path / "run-peft" / "coefficients.json")
+    with torch.no_grad():
+        want = fold(AutoModelForCausalLM.from_pretrained(folder).eval(), run_coefs, site="query")(ids).logits
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(),
+                                        tmp_path / "run-peft" / "model")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert main(["run", "--model", str(folder), "--scales", "query-heads", "--format", "gguf", "--dtype", "fp32",
+                 "--objective", "long-copy", "--out", str(tmp_path / "run-gguf")]) == 2
     assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
-    assert not (tmp_path / "run-peft").exists()
+    assert not (tmp_path / "run-gguf").exists()
     q3 = tmp_path / "tiny-qwen3"  # a query norm after the projection: refused after loading, before discovery
     tiny_model("qwen3").save_pretrained(q3)
     assert main(["run", "--model", str(q3), "--scales", "query-heads", "--objective", "long-copy", "--dtype", "fp32",

@@ -20,7 +20,7 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
 
 
-def _load_text(fmt: str, files: Mapping[str, str], base: str) -> str:
+def _load_text(fmt: str, files: Mapping[str, str], base: str, site: str = "output") -> str:
     if fmt == "gguf":
         f = files.get("gguf", "model.gguf")
         return (f"A GGUF file for llama.cpp, Ollama and LM Studio, the base GGUF with its attention output "
@@ -28,7 +28,9 @@ def _load_text(fmt: str, files: Mapping[str, str], base: str) -> str:
                 f"# Ollama: a Modelfile with the line  FROM ./{f}\n```\n\n"
                 f"transformers reads it too: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{f}\")`.")
     if fmt == "peft":
-        return ("A PEFT IA3 adapter: one scale per input channel of the attention output projection, "
+        where = ("output channel of the query projection (the heads' queries, bias included)" if site == "query"
+                 else "input channel of the attention output projection")
+        return (f"A PEFT IA3 adapter: one scale per {where}, "
                 "switched on and off at run time:\n\n```python\nfrom transformers import AutoModelForCausalLM\n"
                 "from peft import PeftModel\n"
                 f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
@@ -118,7 +120,7 @@ context are found and re-weighted so the model reads its context better).
 
 ## Load
 
-{_load_text(fmt, files or {}, base)}
+{_load_text(fmt, files or {}, base, meta.get("site", "output"))}
 
 ## Recipe
 

@@ -19,7 +19,7 @@ from ..folding.checkpoint import HUB_IDS, AtomicDir, check_out_dir, verification
 from ..errors import PearError
 from ..families import resolve
 from ..loading import LoadedModel, resolve_spec
-from ..folding.coefficients import HeadKey, check_coefficients, coefficients_json
+from ..folding.coefficients import HeadKey, check_coefficients, check_site, coefficients_json
 from . import gguf_file, peft_adapter
 from .card import model_card
 from .scales import FORMATS, channel_scales, check_channel_scales, scales_json
@@ -31,17 +31,18 @@ NEEDS_GGUF = ("--format gguf writes the base GGUF file with re-weighted attentio
 
 
 def _output_site_only(fmt: str, site: str) -> None:
-    """The GGUF file and the IA3 adapter hold scales of the attention output projection alone."""
+    """The GGUF file holds re-weighted attention output tensors alone (llama.cpp stores the query
+    weights permuted for its rotation, and the scales would have to follow)."""
     if site != "output":
         raise PearError(f"--format {fmt} writes scales of the attention output projection; {site}-side scales are "
-                        "saved as a Hugging Face folder (--format hf)")
+                        "saved as a Hugging Face folder (--format hf) or an IA3 adapter (--format peft)")
 
 
 def check_format(fmt: str, spec, site: str = "output") -> None:
     """Refuse an impossible --format before any expensive work."""
     if fmt not in FORMATS:
         raise PearError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-    if fmt != "hf":
+    if fmt == "gguf":
         _output_site_only(fmt, site)
     if fmt == "gguf" and not resolve_spec(spec).gguf_file:
         raise PearError(f"{spec}: {NEEDS_GGUF}")
@@ -115,13 +116,13 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     """`loaded` is the *unfolded* base model (left as it was). Writes an IA3 adapter folder,
     checked by loading it back with `PeftModel.from_pretrained` against the hooked scales."""
     check_out_dir(out, force)
-    _output_site_only("peft", site)
     arch, coefs, scales = _prepare(loaded, coefs, scales)
+    arch.site_projs(check_site(site))  # a site this model cannot scale is refused before anything is written
     extra = _with_fold_check(extra, verification)
     with AtomicDir(out, force) as tmp:
-        peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded))
-        check = peft_adapter.verify_adapter(loaded.model, scales, tmp, verification_input(loaded.model))
-        meta = _meta(loaded, "peft", coefs, scales, {"adapter_vs_hooked": check}, extra)
+        peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded), site)
+        check = peft_adapter.verify_adapter(loaded.model, scales, tmp, verification_input(loaded.model), site)
+        meta = {**_meta(loaded, "peft", coefs, scales, {"adapter_vs_hooked": check}, extra), "site": site}
         (tmp / "pear.json").write_text(json_text(meta) + "\n")
         (tmp / "README.md").write_text(model_card("peft", base_name(loaded), meta["heads"], arch, meta,
                                                   meta["verification"]))
@@ -146,7 +147,8 @@ def fold_to_format(args, coefs: Mapping[HeadKey, float], site: str = "output") -
         print(f"wrote {path}: {len(v['stored'])} attention output tensors re-weighted ({', '.join(kinds)}); "
               f"max |GGUF - folded| logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})")
     else:
-        path, v = save_peft(loaded, coefs, args.out, force=args.force)
-        print(f"wrote IA3 adapter {path} ({len(coefs)} heads); max |adapter - hooked| logit diff "
+        path, v = save_peft(loaded, coefs, args.out, force=args.force, site=site)
+        print(f"wrote IA3 adapter {path} ({len(coefs)} heads{', their queries' if site == 'query' else ''}); "
+              f"max |adapter - hooked| logit diff "
               f"{v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})")
     return 0

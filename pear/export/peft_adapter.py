@@ -8,6 +8,11 @@ exactly PEAR's head scaling; ``merge_and_unload()`` multiplies the weight's inpu
 it, which is `pear fold`. The scales do not depend on the weights, so the adapter applies to
 any copy of the base model (hub checkpoint, GGUF dequantised by transformers).
 
+Query-side scales (site "query") multiply each head's query, bias included: IA3 on the query
+projection as an ordinary (not feed-forward) module multiplies its *output* by ``ia3_l``
+(out_features, 1), and ``merge_and_unload()`` scales the weight's rows and the bias, which is
+`pear fold` of query-side scales.
+
     from peft import PeftModel
     model = PeftModel.from_pretrained(base_model, "path/to/adapter")   # re-weighted
     with model.disable_adapter(): ...                                  # the base model
@@ -33,28 +38,31 @@ def _peft():
     return peft
 
 
-def ia3_config(model, scales: Mapping[int, torch.Tensor], base_name: str | None):
-    """IA3Config on the output projections of the layers that have scales."""
+def ia3_config(model, scales: Mapping[int, torch.Tensor], base_name: str | None, site: str = "output"):
+    """IA3Config on the projections where `site`'s scales act, in the layers that have scales: the
+    output projections scaled at their input, or the query projections at their output."""
     peft = _peft()
     arch = resolve(model)
-    modules = [arch.out_proj_path(layer) for layer in sorted(scales)]
-    return peft.IA3Config(task_type="CAUSAL_LM", target_modules=modules, feedforward_modules=modules,
-                          fan_in_fan_out=arch.family.weight_in_rows, base_model_name_or_path=base_name,
+    modules = [arch.site_proj_path(site, layer) for layer in sorted(scales)]
+    at_input = site == "output"
+    return peft.IA3Config(task_type="CAUSAL_LM", target_modules=modules, feedforward_modules=modules if at_input else [],
+                          fan_in_fan_out=arch.family.weight_in_rows and at_input, base_model_name_or_path=base_name,
                           inference_mode=True)
 
 
 @torch.no_grad()
-def write_adapter(model, scales: Mapping[int, torch.Tensor], out: str | Path, base_name: str | None = None) -> Path:
+def write_adapter(model, scales: Mapping[int, torch.Tensor], out: str | Path, base_name: str | None = None,
+                  site: str = "output") -> Path:
     """Save an IA3 adapter carrying `scales` (fp32) into folder `out`. `model` is the *unfolded*
     base model; it is wrapped for the save and unwrapped again, weights untouched."""
     peft = _peft()
     arch = resolve(model)
     scales = check_channel_scales(arch, scales)
-    wrapped = peft.get_peft_model(model, ia3_config(model, scales, base_name))
+    wrapped = peft.get_peft_model(model, ia3_config(model, scales, base_name, site))
     try:
         for layer, v in scales.items():
-            mod = wrapped.base_model.model.get_submodule(arch.out_proj_path(layer))
-            ia3 = mod.ia3_l["default"]  # (1, in) for Linear; (in, 1) for Conv1D (fan_in_fan_out)
+            mod = wrapped.base_model.model.get_submodule(arch.site_proj_path(site, layer))
+            ia3 = mod.ia3_l["default"]  # (1, in) at a Linear's input, (in, 1) for Conv1D; (out, 1) at its output
             ia3.data = v.reshape(ia3.shape).to(device=ia3.device, dtype=torch.float32)
         wrapped.peft_config["default"].base_model_name_or_path = base_name
         wrapped.save_pretrained(str(out))
@@ -64,12 +72,13 @@ def write_adapter(model, scales: Mapping[int, torch.Tensor], out: str | Path, ba
 
 
 @torch.no_grad()
-def verify_adapter(model, scales: Mapping[int, torch.Tensor], folder: Path, input_ids: torch.Tensor) -> dict:
+def verify_adapter(model, scales: Mapping[int, torch.Tensor], folder: Path, input_ids: torch.Tensor,
+                   site: str = "output") -> dict:
     """Load the saved adapter on `model` (unfolded base) with `PeftModel.from_pretrained` and
-    compare its logits with the hooked reference (input channels scaled by `scales`)."""
+    compare its logits with the hooked reference (`site`'s channels scaled by `scales`)."""
     peft = _peft()
     ids = input_ids.to(next(model.parameters()).device)
-    with ChannelScaling(model, scales):
+    with ChannelScaling(model, scales, site):
         ref = model(ids, use_cache=False).logits.float()
     loaded = peft.PeftModel.from_pretrained(model, str(folder))
     try:

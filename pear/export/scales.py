@@ -1,10 +1,11 @@
-"""Per-layer input-channel scales of the attention output projection: the common currency of
-the exporters.
+"""Per-layer channel scales: the common currency of the exporters.
 
 Head h of a layer owns input channels ``h*D .. (h+1)*D - 1`` of the output projection
 (families.Arch.head_weight), so scaling head h by alpha is scaling those D channels by alpha.
-A GGUF tensor or a PEFT IA3 vector stores exactly such a per-channel vector; a per-head
-coefficient is the special case where the vector is constant over each head's block.
+Query-side scales (site "query") act on the same channels of the query projection's *output*
+(head h's query rows, families.Arch.query_rows). A GGUF tensor or a PEFT IA3 vector stores
+exactly such a per-channel vector; a per-head coefficient is the special case where the vector
+is constant over each head's block.
 """
 
 from __future__ import annotations
@@ -68,21 +69,24 @@ def scales_json(scales: Mapping[int, torch.Tensor], arch: Arch) -> dict:
 
 
 class ChannelScaling:
-    """Reference function for any scales: forward pre-hooks multiply the output projection's
-    input by the layer's vector. ``with ChannelScaling(model, scales): logits = model(ids)``."""
+    """Reference function for any scales: hooks multiply the output projection's input (site
+    "output") or the query projection's output (site "query", bias included) by the layer's
+    vector. ``with ChannelScaling(model, scales): logits = model(ids)``."""
 
-    def __init__(self, model: nn.Module, scales: Mapping[int, torch.Tensor]):
+    def __init__(self, model: nn.Module, scales: Mapping[int, torch.Tensor], site: str = "output"):
         self.arch = resolve(model)
         self.scales = check_channel_scales(self.arch, scales)
+        self.projs, self.site = self.arch.site_projs(site), site
         self._handles: list = []
 
     def __enter__(self) -> "ChannelScaling":
         for layer, v in self.scales.items():
-            def pre_hook(module, args, v=v):
-                x = args[0]  # (..., H * D)
-                return ((x.float() * v.to(x.device)).to(x.dtype), *args[1:])
+            def scale(x, v=v):  # (..., H * D)
+                return (x.float() * v.to(x.device)).to(x.dtype)
 
-            self._handles.append(self.arch.out_projs[layer].register_forward_pre_hook(pre_hook))
+            proj = self.projs[layer]
+            self._handles.append(proj.register_forward_hook(lambda m, a, out, f=scale: f(out)) if self.site == "query"
+                                 else proj.register_forward_pre_hook(lambda m, a, f=scale: (f(a[0]), *a[1:])))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,16 +95,17 @@ class ChannelScaling:
         self._handles = []
 
 
-def snapshot_out_projs(model: nn.Module):
-    """Copy every output-projection weight; returns a function that puts them back (the base
-    model again after an in-place fold, exactly, even for a coefficient of 0)."""
-    arch = resolve(model)
-    saved = [p.weight.detach().clone() for p in arch.out_projs]
+def snapshot_site(model: nn.Module, site: str = "output"):
+    """Copy the weights (and biases) of every projection where scales of `site` fold; returns a
+    function that puts them back (the base model again after an in-place fold, exactly, even for
+    a coefficient of 0)."""
+    params = [p for proj in resolve(model).site_projs(site) for p in proj.parameters()]
+    saved = [p.detach().clone() for p in params]
 
     @torch.no_grad()
     def restore() -> None:
-        for p, w in zip(arch.out_projs, saved):
-            p.weight.copy_(w)
+        for p, w in zip(params, saved):
+            p.copy_(w)
 
     return restore
 
