@@ -106,13 +106,27 @@ def tiny_folder(tmp_path):
     return make
 
 
+def _adapter_and_fold(base_dir, adapter, hf):
+    """The base, the adapter on the base and the folded HF folder: logits on one input (base,
+    adapter, folded), and the state dicts of merge_and_unload() and of the folded folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    folded = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = _ids(128, 1)
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits.float() for m in
+                  (base, PeftModel.from_pretrained(copy.deepcopy(base), adapter), folded)]
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), adapter).merge_and_unload().state_dict()
+    return logits, merged, folded.state_dict(), base.state_dict()
+
+
 @pytest.mark.parametrize("granularity", ["head", "channel"])
 @pytest.mark.parametrize("mt,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("gemma", torch.float32),
                                       ("llama", torch.bfloat16)])
 def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_folder, mt, dtype, granularity, capsys):
-    from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     base_dir = tiny_folder(mt, dtype)
     before = {p.name: p.read_bytes() for p in base_dir.iterdir()}
@@ -134,18 +148,10 @@ def test_peft_adapter_equals_fold_and_merge_equals_pear_fold(tmp_path, tiny_fold
     if granularity == "channel":
         layers = json.loads((tmp_path / "ad" / "pear.json").read_text())["channel_scales"]["layers"]
         assert all("channels" in r for r in layers)
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = _ids(128, 1)
-    with torch.no_grad():
-        ref = folded(ids).logits.float()
-        got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")(input_ids=ids).logits.float()
-        off = base(ids).logits.float()
+    (off, got, ref), merged, want, _ = _adapter_and_fold(base_dir, tmp_path / "ad", tmp_path / "hf")
     tol = 1e-5 if dtype == torch.float32 else 3e-2 * max(1.0, float(ref.abs().max()))
     assert float((got - ref).abs().max()) <= tol
     assert float((off - ref).abs().max()) > 3 * tol  # the adapter does something
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").merge_and_unload().state_dict()
-    want = folded.state_dict()
     assert set(merged) == set(want)
     for k in want:  # merge_and_unload() is `pear fold`, weight for weight
         assert merged[k].dtype == want[k].dtype and torch.equal(merged[k], want[k]), k
@@ -157,9 +163,6 @@ def test_query_side_peft_adapter_equals_query_fold(tmp_path, tiny_folder, mt, gr
     """Query-side scales as an IA3 adapter: IA3 on the query projection (not feed-forward) scales its
     output, bias included, so the adapter's logits are the query-folded model's, and
     merge_and_unload() writes the same weights as `pear fold` (rows and bias of the query projection)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base_dir = tiny_folder(mt)
     D = resolve(tiny_model(mt)).head_dim
     given = COEFS if granularity == "head" else _channel_coefs(D)
@@ -175,20 +178,11 @@ def test_query_side_peft_adapter_equals_query_fold(tmp_path, tiny_folder, mt, gr
     assert json.loads((tmp_path / "ad" / "pear.json").read_text())["site"] == "query"
     card = (tmp_path / "ad" / "README.md").read_text()
     assert "have their queries" in card and "one scale per output channel of the query projection" in card
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = _ids(128, 1)
-    with torch.no_grad():
-        ref = folded(ids).logits.float()
-        got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")(input_ids=ids).logits.float()
-        off = base(ids).logits.float()
+    (off, got, ref), merged, want, base = _adapter_and_fold(base_dir, tmp_path / "ad", tmp_path / "hf")
     assert float((got - ref).abs().max()) <= 1e-5 < float((off - ref).abs().max())
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").merge_and_unload().state_dict()
-    want = folded.state_dict()
     for k in want:  # only the query projections differ from the base, and as `pear fold` wrote them
         torch.testing.assert_close(merged[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
-    assert {k for k in want if not torch.equal(want[k], base.state_dict()[k])} <= \
-        {k for k in want if "q_proj" in k}
+    assert {k for k in want if not torch.equal(want[k], base[k])} <= {k for k in want if "q_proj" in k}
 
 
 def test_fold_on_some_layers_only(tmp_path, tiny_folder, capsys):
