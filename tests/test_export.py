@@ -277,6 +277,28 @@ def test_gguf_tensor_keeps_type_and_untouched_blocks_and_scales_the_head(qtype):
     np.testing.assert_allclose(new_w[:, 64:], 0.5 * old_w[:, 64:], atol=2e-3 * np.abs(old_w).max())
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0", "F16", "F32"])
+def test_gguf_query_rows_scaled_per_channel_keep_type_and_integers(qtype):
+    """Query-side scales scale a tensor's rows (axis "out"): each quantisation block lies in one row,
+    so even one scale per row keeps the type, the bytes of unscaled rows, and the integers."""
+    from gguf import quants
+
+    t = _quantised(qtype, out=128, n_in=64)
+    v = torch.ones(128)
+    v[64:] = torch.linspace(0.3, 1.7, 64)  # head 1 of 2, one scale per channel (row)
+    new, written, how = gguf_file.scale_tensor(t, v, "out")
+    assert written == t.tensor_type and how == "repacked" and new.shape == t.data.shape
+    old_w, new_w = quants.dequantize(t.data, t.tensor_type), quants.dequantize(new, written)
+    assert np.array_equal(new[:64], t.data[:64])  # head 0's rows: the same bytes
+    np.testing.assert_allclose(new_w[64:], v.numpy()[64:, None] * old_w[64:], atol=2e-3 * np.abs(old_w).max())
+    bias = SimpleNamespace(name="blk.0.attn_q.bias", tensor_type=quants.GGMLQuantizationType.F32,
+                           data=np.arange(128, dtype=np.float32))
+    new_b, _, _ = gguf_file.scale_tensor(bias, v, "out")
+    np.testing.assert_allclose(new_b, v.numpy() * np.arange(128), rtol=1e-6)
+    with pytest.raises(PearError, match="does not match 100 rows"):
+        gguf_file.scale_tensor(t, torch.ones(100), "out")
+
+
 def test_gguf_tensor_with_per_channel_scales_is_requantised_to_q8_0_unless_blocks_are_scaled_whole():
     from gguf import GGMLQuantizationType as T, quants
 
@@ -399,6 +421,21 @@ def test_gguf_real_default_model_only_attention_outputs_change(tmp_path, smollm2
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 
+def _fold_gguf_per_channel(tmp_path, model, layers, site="output"):
+    """`pear fold --format gguf` of the default model with one scale in [0.6, 1.4) per channel on every
+    head of `layers` at `site`: (the coefficients, the coefficients file, the written GGUF path)."""
+    arch = resolve(model)
+    g = torch.Generator().manual_seed(0)
+    coefs = {(l, h): (0.6 + 0.8 * torch.rand(arch.head_dim, generator=g)).tolist()
+             for l in layers for h in range(arch.n_heads)}
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(coefficients_json(coefs, site=site)))
+    assert main(["fold", "--model", "smollm2-135m", "--coefficients", str(c), "--format", "gguf",
+                 "--out", str(tmp_path / "g")]) == 0
+    (path,) = (tmp_path / "g").glob("*.pear.gguf")
+    return coefs, c, path
+
+
 @pytest.mark.real
 def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, capsys):
     """`pear fold --format gguf` with one scale per channel (as `pear fit --scales channels` writes
@@ -410,14 +447,8 @@ def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, cap
 
     arch = resolve(smollm2.model)
     D, layers = arch.head_dim, (16, 24, 29)
-    g = torch.Generator().manual_seed(0)
-    coefs = {(l, h): (0.6 + 0.8 * torch.rand(D, generator=g)).tolist() for l in layers for h in range(arch.n_heads)}
-    c = tmp_path / "c.json"
-    c.write_text(json.dumps(coefficients_json(coefs)))
-    assert main(["fold", "--model", "smollm2-135m", "--coefficients", str(c), "--format", "gguf",
-                 "--out", str(tmp_path / "g")]) == 0
+    coefs, _, path = _fold_gguf_per_channel(tmp_path, smollm2.model, layers)
     assert "(Q4_1->Q8_0)" in capsys.readouterr().out
-    (path,) = (tmp_path / "g").glob("*.pear.gguf")
     a, b = gguf.GGUFReader(str(Path(smollm2.spec.path) / smollm2.spec.gguf_file)), gguf.GGUFReader(str(path))
     changed = {f"blk.{l}.attn_output.weight" for l in layers}
     assert json.loads(b.fields["pear.attn_output_types"].contents()) == \
@@ -446,3 +477,42 @@ def test_gguf_real_default_model_per_channel_coefficients(tmp_path, smollm2, cap
     for l, w in folded_w.items():  # orientation, channel for channel: within one Q8_0 step
         t = tb[f"blk.{l}.attn_output.weight"]
         assert np.abs(gguf.quants.dequantize(t.data, t.tensor_type) - w).max() <= np.abs(w).max() / 127
+
+
+@pytest.mark.real
+def test_gguf_real_default_model_query_side_scales(tmp_path, smollm2, capsys, monkeypatch):
+    """`pear fold --format gguf` of query-side scales, one per channel, on every head of three layers:
+    only those layers' attn_q tensors change, in their own type (each block lies in one row), and the
+    stored rows are the folded query projection's in llama.cpp's interleaved order (SmolLM2 is a
+    "llama" GGUF); without that permutation the file's logits miss and nothing is written."""
+    import gguf
+
+    from pear.export.scales import snapshot_site
+
+    arch = resolve(smollm2.model)
+    D, layers = arch.head_dim, (2, 16, 29)
+    coefs, c, path = _fold_gguf_per_channel(tmp_path, smollm2.model, layers, site="query")
+    assert "3 query (weight and bias) tensors re-weighted (Q4_1->Q4_1)" in capsys.readouterr().out
+    a, b = gguf.GGUFReader(str(Path(smollm2.spec.path) / smollm2.spec.gguf_file)), gguf.GGUFReader(str(path))
+    changed = {f"blk.{l}.attn_q.weight" for l in layers}
+    assert set(json.loads(b.fields["pear.attn_q_types"].contents())) == changed
+    assert json.loads((tmp_path / "g" / "pear.json").read_text())["site"] == "query"
+    tb = {t.name: t for t in b.tensors}
+    for t in a.tensors:
+        same = t.tensor_type == tb[t.name].tensor_type and np.array_equal(t.data, tb[t.name].data)
+        assert same != (t.name in changed), t.name
+    restore = snapshot_site(smollm2.model, "query")
+    try:
+        fold(smollm2.model, coefs, site="query")
+        folded_w = {l: arch.q_projs[l].weight.detach().numpy().copy() for l in layers}
+    finally:
+        restore()
+    H = arch.n_heads
+    for l, w in folded_w.items():  # GGUF row h*D + 2j + a holds HF row h*D + a*D/2 + j
+        t = tb[f"blk.{l}.attn_q.weight"]
+        stored = gguf.quants.dequantize(t.data, t.tensor_type).reshape(H, D // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        assert np.abs(stored - w).max() <= 2e-3 * np.abs(w).max()
+    monkeypatch.setattr(gguf_file, "PERMUTED_QUERY", set())
+    assert main(["fold", "--model", "smollm2-135m", "--coefficients", str(c), "--format", "gguf",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "GGUF verification failed" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -656,12 +656,12 @@ def test_squad_sample_passes_over_an_item_whose_answer_is_in_every_passage(tmp_p
     assert all(len(d) == 3 and all("Paris" not in x for _, x in d) for _, d in got)
 
 
-def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_path, capsys):
+def test_cli_fit_query_channels_then_fold_in_each_format(tmp_path, capsys):
     """--scales query-channels fits scales on the heads' queries: the coefficients file says its site,
     `pear fold` folds them into the query projection (pear.json says so; the output projection is
-    untouched), --format peft writes them as IA3 on the query projection, and --format gguf, which
-    holds output-projection scales, refuses in one line with nothing written. A recipe name may set
-    the scales (RECIPE@scales=...)."""
+    untouched), --format peft writes them as IA3 on the query projection (--format gguf: the real
+    model's test in test_export.py; a folder without a GGUF file is refused in one line, nothing
+    written). A recipe name may set the scales (RECIPE@scales=...)."""
     from pear.recipes import candidate_name, get_recipe
 
     folder, c = _cli_fit_tiny(tmp_path, "query-channels")
@@ -681,8 +681,7 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
     assert not all(torch.equal(folded[n], base[n]) for n in base if "q_proj" in n)
     assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "gguf"),
                  "--format", "gguf"]) == 2
-    assert "query-side scales are saved as a Hugging Face folder (--format hf) or an IA3 adapter" in \
-        capsys.readouterr().err
+    assert "needs a GGUF base model" in capsys.readouterr().err
     assert not (tmp_path / "gguf").exists()
     assert main(["fold", "--model", str(folder), "--coefficients", str(c), "--out", str(tmp_path / "peft"),
                  "--format", "peft"]) == 0
@@ -710,7 +709,7 @@ def test_cli_fit_query_channels_then_fold_and_formats_that_cannot_hold_them(tmp_
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert main(["run", "--model", str(folder), "--scales", "query-heads", "--format", "gguf", "--dtype", "fp32",
                  "--objective", "long-copy", "--out", str(tmp_path / "run-gguf")]) == 2
-    assert "query-side scales are saved as a Hugging Face folder" in capsys.readouterr().err
+    assert "needs a GGUF base model" in capsys.readouterr().err
     assert not (tmp_path / "run-gguf").exists()
     q3 = tmp_path / "tiny-qwen3"  # a query norm after the projection: refused after loading, before discovery
     tiny_model("qwen3").save_pretrained(q3)

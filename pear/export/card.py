@@ -97,7 +97,7 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
         front.append(f"library_name: {LIBRARY[fmt]}")
     front += ["tags:"] + [f"- {t}" for t in ["pear", "attention-reweighting", *TAGS[fmt]]]
     rows = "\n".join(f"| {h['layer']} | {h['head']} | {_coef_text(h['coefficient'])} |" for h in heads)
-    stored = meta.get("gguf", {}).get("attn_output_types")
+    stored = meta.get("gguf", {}).get("attn_output_types") or meta.get("gguf", {}).get("attn_q_types")
     note = ""
     src = meta.get("base_model_file")
     if src:  # the weights are that file's, not the hub checkpoint's
@@ -106,7 +106,8 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
                  f"not the original {base} weights.\n")
     if stored:
         kinds = sorted({f"{s['original']} -> {s['written']}" for s in stored.values()})
-        note = f"\nScaled attention output tensors stored as: {', '.join(kinds)}.\n"
+        note = f"\nScaled {'query' if meta.get('site') == 'query' else 'attention output'} tensors stored as: " \
+               f"{', '.join(kinds)}.\n"
     scaled = "queries" if meta.get("site") == "query" else "output"
     return f"""---
 {chr(10).join(front)}

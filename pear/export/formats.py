@@ -24,26 +24,17 @@ from . import gguf_file, peft_adapter
 from .card import model_card
 from .scales import FORMATS, channel_scales, check_channel_scales, scales_json
 
-NEEDS_GGUF = ("--format gguf writes the base GGUF file with re-weighted attention output tensors, so it needs a "
+NEEDS_GGUF = ("--format gguf writes the base GGUF file with re-weighted attention tensors, so it needs a "
               "GGUF base model (a .gguf file, or a preset such as smollm2-135m). No maintained Hugging Face to "
               "GGUF converter installs from PyPI: convert the folder with llama.cpp's convert_hf_to_gguf.py, then "
               "pass the .gguf as --model")
-
-
-def _output_site_only(fmt: str, site: str) -> None:
-    """The GGUF file holds re-weighted attention output tensors alone (llama.cpp stores the query
-    weights permuted for its rotation, and the scales would have to follow)."""
-    if site != "output":
-        raise PearError(f"--format {fmt} writes scales of the attention output projection; {site}-side scales are "
-                        "saved as a Hugging Face folder (--format hf) or an IA3 adapter (--format peft)")
 
 
 def check_format(fmt: str, spec, site: str = "output") -> None:
     """Refuse an impossible --format before any expensive work."""
     if fmt not in FORMATS:
         raise PearError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
-    if fmt == "gguf":
-        _output_site_only(fmt, site)
+    check_site(site)
     if fmt == "gguf" and not resolve_spec(spec).gguf_file:
         raise PearError(f"{spec}: {NEEDS_GGUF}")
     if fmt == "peft":
@@ -54,12 +45,12 @@ def base_name(loaded: LoadedModel) -> str:
     return HUB_IDS.get(loaded.spec.spec, loaded.spec.spec)
 
 
-def _meta(loaded: LoadedModel, fmt: str, coefs, scales, checks: dict, extra: dict | None) -> dict:
+def _meta(loaded: LoadedModel, fmt: str, coefs, scales, checks: dict, extra: dict | None, site: str) -> dict:
     from .. import __version__
 
     arch = resolve(loaded.model)
     return {"pear_version": __version__, "format": fmt, "base_model": loaded.spec.spec,
-            "base_model_kind": loaded.spec.kind, "model_type": arch.model_type,
+            "base_model_kind": loaded.spec.kind, "model_type": arch.model_type, "site": site,
             "heads": coefficients_json(coefs)["heads"], "channel_scales": scales_json(scales, arch),
             "verification": checks, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
 
@@ -84,11 +75,11 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     """`loaded` is the base GGUF model, already folded (the reference). Writes
     out/<base>.pear.gguf (+ pear.json, README.md); verified against `loaded`'s logits."""
     check_out_dir(out, force)
-    _output_site_only("gguf", site)
     ms = loaded.spec
     if not ms.gguf_file:
         raise PearError(f"{ms.spec}: {NEEDS_GGUF}")
     arch, coefs, scales = _prepare(loaded, coefs, scales)
+    arch.site_projs(check_site(site))  # a site this model cannot scale is refused before anything is written
     extra = _with_fold_check(extra, verification)
     base = Path(ms.path) / ms.gguf_file
     digest = gguf_file.sha256(base)
@@ -99,11 +90,11 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
           "pear.coefficients": json.dumps(coefficients_json(coefs)["heads"]),
           "pear.channel_scales": json.dumps(scales_json(scales, arch))}
     with AtomicDir(out, force) as tmp:
-        stored = gguf_file.write_gguf(base, scales, tmp / name, kv)
+        stored = gguf_file.write_gguf(base, scales, tmp / name, kv, site)
         check = gguf_file.verify(tmp / name, loaded.model, verification_input(loaded.model),
                                  gguf_file.tolerance_for(stored))
-        meta = _meta(loaded, "gguf", coefs, scales, {"gguf_vs_folded": check}, extra)
-        meta["gguf"] = {"file": name, "base_file": base.name, "base_sha256": digest, "attn_output_types": stored}
+        meta = _meta(loaded, "gguf", coefs, scales, {"gguf_vs_folded": check}, extra, site)
+        meta["gguf"] = {"file": name, "base_file": base.name, "base_sha256": digest, gguf_file.types_key(site): stored}
         (tmp / "pear.json").write_text(json_text(meta) + "\n")
         (tmp / "README.md").write_text(model_card("gguf", base_name(loaded), meta["heads"], arch, meta,
                                                   meta["verification"], {"gguf": name}))
@@ -122,7 +113,7 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     with AtomicDir(out, force) as tmp:
         peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded), site)
         check = peft_adapter.verify_adapter(loaded.model, scales, tmp, verification_input(loaded.model), site)
-        meta = {**_meta(loaded, "peft", coefs, scales, {"adapter_vs_hooked": check}, extra), "site": site}
+        meta = _meta(loaded, "peft", coefs, scales, {"adapter_vs_hooked": check}, extra, site)
         (tmp / "pear.json").write_text(json_text(meta) + "\n")
         (tmp / "README.md").write_text(model_card("peft", base_name(loaded), meta["heads"], arch, meta,
                                                   meta["verification"]))
@@ -141,10 +132,12 @@ def fold_to_format(args, coefs: Mapping[HeadKey, float], site: str = "output") -
         raise PearError("--format gguf compares the written file with the folded model in fp32; leave --dtype auto")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     if args.format == "gguf":
-        fold_check = verify_fold(loaded.model, check_coefficients(resolve(loaded.model), coefs), args.tolerance)
-        path, v = save_gguf(loaded, coefs, args.out, verification=fold_check, force=args.force)
+        fold_check = verify_fold(loaded.model, check_coefficients(resolve(loaded.model), coefs), args.tolerance,
+                                 site=site)
+        path, v = save_gguf(loaded, coefs, args.out, verification=fold_check, force=args.force, site=site)
         kinds = sorted({f"{s['original']}->{s['written']}" for s in v["stored"].values()})
-        print(f"wrote {path}: {len(v['stored'])} attention output tensors re-weighted ({', '.join(kinds)}); "
+        what = "query (weight and bias)" if site == "query" else "attention output"
+        print(f"wrote {path}: {len(v['stored'])} {what} tensors re-weighted ({', '.join(kinds)}); "
               f"max |GGUF - folded| logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})")
     else:
         path, v = save_peft(loaded, coefs, args.out, force=args.force, site=site)

@@ -20,6 +20,12 @@ Orientation: GGUF stores attn_output as ne = [in, out], i.e. numpy [out, in], th
 torch's Linear weight; llama.cpp permutes q/k for llama, never attn_output. A quantisation
 block runs along the last numpy axis, the input channels. `verify` checks all of it end to
 end: the written file, loaded back with transformers, against the folded model's logits.
+
+Query-side scales (site "query") scale the *rows* of ``blk.N.attn_q.weight`` (and its bias):
+every block lies inside one row, so every block is scaled whole and keeps its type and integers,
+per-channel scales too. For the GGUF architectures in PERMUTED_QUERY, llama.cpp's converter
+stored each head's query rows interleaved for its rotation (rows i and i + D/2 side by side), so
+the scales are permuted the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ REQUANTISABLE = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F32", "F16", "BF16"}
 # which rounds unscaled channels too: Gemma-3-270M Q4_K 5.1e-3, SmolLM2 Q4_1 (forced) 2.6e-3, SmolLM2
 # per-channel scales 1 + 0.1 N(0, 1) on all 270 heads (30 tensors Q4_1 -> Q8_0) 7.4e-3.
 GGUF_TOLERANCE = {"repacked": 2e-3, "Q8_0": 2e-2, "F16": 5e-3}
+
+# GGUF architectures whose query rows llama.cpp's convert_hf_to_gguf.py permutes (LlamaModel.permute)
+# and transformers un-permutes on loading (LlamaTensorProcessor)
+PERMUTED_QUERY = {"llama"}
+
+
+def types_key(site: str) -> str:
+    """The metadata key (after "pear.") and pear.json key saying how the scaled tensors were stored."""
+    return "attn_q_types" if site == "query" else "attn_output_types"
 
 
 def sha256(path: str | Path) -> str:
@@ -72,43 +87,69 @@ def _target_type(qtype, n_in: int, blockwise_constant: bool = True):
     return fallback, fallback.name
 
 
-def scale_tensor(tensor, v: torch.Tensor) -> tuple[np.ndarray, object, str]:
-    """New data for one GGUF attn_output tensor with input channels scaled by `v` (in,).
+def scale_tensor(tensor, v: torch.Tensor, axis: str = "in") -> tuple[np.ndarray, object, str]:
+    """New data for one GGUF tensor with its input channels (`axis` "in": attn_output) or its rows
+    (`axis` "out": attn_q's weight, or its bias) scaled by `v`.
     Returns (data as gguf stores it, its GGML type, "repacked" | "Q8_0" | "F16")."""
     from gguf import GGML_QUANT_SIZES, quants
 
     qtype = tensor.tensor_type
-    w = quants.dequantize(tensor.data, qtype).astype(np.float32)  # (out, in)
+    w = quants.dequantize(tensor.data, qtype).astype(np.float32)  # (out, in), or (out,) for a bias
     scale = v.numpy().astype(np.float32)
-    if w.ndim != 2 or w.shape[1] != scale.size:
-        raise PearError(f"{tensor.name}: shape {tuple(w.shape)} does not match {scale.size} input channels "
-                        "(heads x head_dim); is this GGUF file the same model?")
+    rows = axis == "out"
+    fits = w.shape[0] == scale.size if rows else (w.ndim == 2 and w.shape[1] == scale.size)
+    if not fits:
+        raise PearError(f"{tensor.name}: shape {tuple(w.shape)} does not match {scale.size} "
+                        f"{'rows' if rows else 'input channels'} (heads x head_dim); is this GGUF file the same model?")
     bs = GGML_QUANT_SIZES[qtype][0]  # channels per block (1 for float types)
-    blocks = scale.reshape(-1, bs)  # (in / bs, bs)
-    target, how = _target_type(qtype, w.shape[1], bool((blocks == blocks[:, :1]).all()))
-    new = quants.quantize(w * scale[None, :], target)
+    if rows:  # a block runs along one row's input channels: every block is scaled whole
+        whole, touched = True, scale != 1  # (out,)
+        scaled = w * scale.reshape(-1, *[1] * (w.ndim - 1))
+    else:
+        blocks = scale.reshape(-1, bs)  # (in / bs, bs)
+        whole, touched = bool((blocks == blocks[:, :1]).all()), (blocks != 1).any(axis=1)  # (in / bs,)
+        scaled = w * scale[None, :]
+    target, how = _target_type(qtype, w.shape[-1], whole)
+    new = quants.quantize(scaled, target)
     if how == "repacked" and new.dtype == np.uint8:  # keep the bytes of blocks with no scaled channel
         ts = GGML_QUANT_SIZES[qtype][1]
-        touched = (blocks != 1).any(axis=1)  # (in / bs,)
         old = np.asarray(tensor.data).reshape(w.shape[0], -1, ts)  # (out, blocks, bytes)
-        new = np.where(touched[None, :, None], new.reshape(old.shape), old).reshape(np.asarray(tensor.data).shape)
+        keep = touched[:, None, None] if rows else touched[None, :, None]
+        new = np.where(keep, new.reshape(old.shape), old).reshape(np.asarray(tensor.data).shape)
     return np.ascontiguousarray(new), target, how
 
 
+def _targets(site: str, scales: Mapping[int, torch.Tensor], tensors: Mapping, reader, arch: str) -> dict:
+    """{tensor name: (axis, scales in the file's order)} for `site`'s scales; a missing weight is refused."""
+    out = {}
+    for layer, v in scales.items():
+        if site != "query":
+            out[f"blk.{layer}.attn_output.weight"] = ("in", v)
+            continue
+        if arch in PERMUTED_QUERY:  # HF row h*D + a*D/2 + j is GGUF row h*D + 2j + a
+            n_heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+            v = v.reshape(n_heads, 2, -1).transpose(1, 2).reshape(-1)
+        out[f"blk.{layer}.attn_q.weight"] = ("out", v)
+        if f"blk.{layer}.attn_q.bias" in tensors:
+            out[f"blk.{layer}.attn_q.bias"] = ("out", v)
+    missing = [n for n in out if n not in tensors]
+    if missing:
+        raise PearError(f"GGUF file has no tensor {missing[0]}: cannot place the {site}-side scales")
+    return out
+
+
 def write_gguf(base: str | Path, scales: Mapping[int, torch.Tensor], out: str | Path,
-               metadata: Mapping[str, str]) -> dict:
-    """Write `out`: `base` with the attn_output tensors of `scales`' layers rescaled and
-    `metadata` (str -> str, keys under "pear.") added. Returns what was stored per tensor."""
+               metadata: Mapping[str, str], site: str = "output") -> dict:
+    """Write `out`: `base` with the tensors where `site`'s scales act (attn_output, or attn_q and its
+    bias) rescaled in `scales`' layers and `metadata` (str -> str, keys under "pear.") added.
+    Returns what was stored per tensor."""
     import gguf
 
     base, out = Path(base), Path(out)
     reader = _reader(base)
-    names = {f"blk.{layer}.attn_output.weight": layer for layer in scales}
     tensors = {t.name: t for t in reader.tensors}
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise PearError(f"{base.name} has no tensor {missing[0]}: cannot place the attention output scales")
     arch = reader.fields["general.architecture"].contents()
+    names = _targets(site, scales, tensors, reader, arch)
     writer = gguf.GGUFWriter(str(out), arch, endianess=reader.endianess)
     if "general.alignment" in reader.fields:
         writer.data_alignment = int(reader.fields["general.alignment"].contents())
@@ -119,12 +160,12 @@ def write_gguf(base: str | Path, scales: Mapping[int, torch.Tensor], out: str | 
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
     stored, data = {}, {}
-    for name, layer in names.items():
+    for name, (axis, v) in names.items():
         t = tensors[name]
-        new, qtype, how = scale_tensor(t, scales[layer])
+        new, qtype, how = scale_tensor(t, v, axis)
         data[name] = (new, qtype)
         stored[name] = {"original": t.tensor_type.name, "written": qtype.name, "how": how}
-    for k, v in {**metadata, "pear.attn_output_types": json.dumps(stored)}.items():
+    for k, v in {**metadata, f"pear.{types_key(site)}": json.dumps(stored)}.items():
         writer.add_string(k, v)
     for t in reader.tensors:
         arr, qtype = data.get(t.name, (t.data, t.tensor_type))
