@@ -121,17 +121,16 @@ def scale_tensor(tensor, v: torch.Tensor, axis: str = "in") -> tuple[np.ndarray,
 
 def _targets(site: str, scales: Mapping[int, torch.Tensor], tensors: Mapping, reader, arch: str) -> dict:
     """{tensor name: (axis, scales in the file's order)} for `site`'s scales; a missing weight is refused."""
-    out = {}
-    for layer, v in scales.items():
-        if site != "query":
-            out[f"blk.{layer}.attn_output.weight"] = ("in", v)
-            continue
-        if arch in PERMUTED_QUERY:  # HF row h*D + a*D/2 + j is GGUF row h*D + 2j + a
-            n_heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
-            v = v.reshape(n_heads, 2, -1).transpose(1, 2).reshape(-1)
-        out[f"blk.{layer}.attn_q.weight"] = ("out", v)
-        if f"blk.{layer}.attn_q.bias" in tensors:
-            out[f"blk.{layer}.attn_q.bias"] = ("out", v)
+    if site != "query":
+        out = {f"blk.{layer}.attn_output.weight": ("in", v) for layer, v in scales.items()}
+    else:
+        out, H = {}, int(reader.fields[f"{arch}.attention.head_count"].contents())
+        for layer, v in scales.items():
+            if arch in PERMUTED_QUERY:  # HF row h*D + a*D/2 + j is GGUF row h*D + 2j + a
+                v = v.reshape(H, 2, -1).transpose(1, 2).reshape(-1)
+            out[f"blk.{layer}.attn_q.weight"] = ("out", v)
+            if f"blk.{layer}.attn_q.bias" in tensors:
+                out[f"blk.{layer}.attn_q.bias"] = ("out", v)
     missing = [n for n in out if n not in tensors]
     if missing:
         raise PearError(f"GGUF file has no tensor {missing[0]}: cannot place the {site}-side scales")

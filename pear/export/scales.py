@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import PearError
 from ..families import Arch, resolve
 from ..folding.coefficients import HeadKey, check_coefficients
+from ..folding.scaling import hook_site
 
 FORMATS = ("hf", "gguf", "peft")  # --format of `pear fold` and `pear run`
 
@@ -84,9 +85,7 @@ class ChannelScaling:
             def scale(x, v=v):  # (..., H * D)
                 return (x.float() * v.to(x.device)).to(x.dtype)
 
-            proj = self.projs[layer]
-            self._handles.append(proj.register_forward_hook(lambda m, a, out, f=scale: f(out)) if self.site == "query"
-                                 else proj.register_forward_pre_hook(lambda m, a, f=scale: (f(a[0]), *a[1:])))
+            self._handles.append(hook_site(self.projs[layer], self.site, scale))
         return self
 
     def __exit__(self, *exc) -> None:

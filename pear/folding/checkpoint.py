@@ -96,8 +96,7 @@ def verify_fold(model, coefs: Mapping[HeadKey, float], tolerance: float | None =
     in_fp32 = dtype in FP32_CHECK_TOLERANCE and on_one_device(model)
     dtypes = _dtypes(model)
     arch = resolve(model)
-    arch.site_projs(site)  # refuses a site this model has no projection for, before any work
-    check_coefficients(arch, coefs)
+    check_coefficients(arch, coefs)  # (head_views refuses a site this model cannot scale)
     kept = {k: [w.detach().to("cpu", copy=True) for w, _ in head_views(arch, *k, site)]  # what the fold writes,
             for k in coefs}  # the scaled heads' slices alone, in host memory: a large model's GPU has no room to spare
     ids = (verification_input(model) if input_ids is None else input_ids).to(model.device)

@@ -22,7 +22,7 @@ into the query projection's rows and bias. Two ways to apply the same function:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -33,6 +33,14 @@ from .coefficients import Coefficient, HeadKey, check_coefficients, check_site, 
 
 
 # ---------------------------------------------------------------------------- hooks
+def hook_site(proj: nn.Module, site: str, scale: Callable[[torch.Tensor], torch.Tensor]):
+    """Hook `scale` onto what scales of `site` multiply in `proj` (`Arch.site_projs`): the output
+    projection's input, or the query projection's output (bias included). Returns the handle."""
+    if site == "query":
+        return proj.register_forward_hook(lambda m, args, out: scale(out))
+    return proj.register_forward_pre_hook(lambda m, args: (scale(args[0]), *args[1:]))
+
+
 class HeadScaling(nn.Module):
     """Scale selected heads' outputs through forward pre-hooks on the output projections.
 
@@ -91,13 +99,8 @@ class HeadScaling(nn.Module):
 
     def attach(self) -> "HeadScaling":
         if not self._handles:
-            for layer in self._by_layer:
-                if self.site == "output":  # the output projection's input
-                    hook = self._projs[layer].register_forward_pre_hook(
-                        lambda m, args, l=layer: (self._scaled(l, args[0]), *args[1:]))
-                else:  # the query projection's output
-                    hook = self._projs[layer].register_forward_hook(lambda m, args, out, l=layer: self._scaled(l, out))
-                self._handles.append(hook)
+            self._handles = [hook_site(self._projs[layer], self.site, lambda x, l=layer: self._scaled(l, x))
+                             for layer in self._by_layer]
         return self
 
     def remove(self) -> None:
