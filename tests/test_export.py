@@ -17,7 +17,7 @@ from pear.export.scales import ChannelScaling, channel_scales, check_channel_sca
 from pear.families import resolve
 from pear.folding import HeadScaling, fold
 from pear.folding.coefficients import coefficients_json, summary_value
-from tiny_models import tiny_model
+from tiny_models import tiny_gguf, tiny_model
 
 COEFS = {(0, 1): 0.5, (1, 3): -0.7, (1, 0): 1.3}
 
@@ -514,5 +514,43 @@ def test_gguf_real_default_model_query_side_scales(tmp_path, smollm2, capsys, mo
         assert np.abs(stored - w).max() <= 2e-3 * np.abs(w).max()
     monkeypatch.setattr(gguf_file, "PERMUTED_QUERY", set())
     assert main(["fold", "--model", "smollm2-135m", "--coefficients", str(c), "--format", "gguf",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "GGUF verification failed" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.real
+def test_gguf_query_side_scales_on_an_unpermuted_file_scale_rows_and_bias(tmp_path, smollm2, capsys, monkeypatch):
+    """Query-side scales on a "qwen2" GGUF (llama.cpp keeps its query rows in transformers' order and
+    stores a query bias): one scale per channel on every head of layer 1 rescales that layer's attn_q
+    rows in their own type (Q8_0) and its bias, row for row, and nothing else; the file's logits are
+    the query-folded model's. Treated as permuted (as "llama" files are), the check refuses and nothing
+    is written."""
+    import gguf
+
+    base = tmp_path / "tiny-qwen2.gguf"
+    arch = resolve(tiny_gguf(base, "qwen2", Path(smollm2.spec.path) / smollm2.spec.gguf_file, initializer_range=0.1))
+    H, D = arch.n_heads, arch.head_dim
+    g = torch.Generator().manual_seed(0)
+    coefs = {(1, h): (0.2 + 1.8 * torch.rand(D, generator=g)).tolist() for h in range(H)}
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(coefficients_json(coefs, site="query")))
+    assert main(["fold", "--model", str(base), "--coefficients", str(c), "--format", "gguf",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert "2 query (weight and bias) tensors re-weighted (F32->F32, Q8_0->Q8_0)" in capsys.readouterr().out
+    (path,) = (tmp_path / "g").glob("*.pear.gguf")
+    a, b = gguf.GGUFReader(str(base)), gguf.GGUFReader(str(path))
+    tb = {t.name: t for t in b.tensors}
+    changed = {"blk.1.attn_q.weight", "blk.1.attn_q.bias"}
+    for t in a.tensors:
+        same = t.tensor_type == tb[t.name].tensor_type and np.array_equal(t.data, tb[t.name].data)
+        assert same != (t.name in changed), t.name
+    v = np.concatenate([coefs[(1, h)] for h in range(H)]).astype(np.float32)  # transformers' row order
+    ta, t2 = {t.name: t for t in a.tensors}["blk.1.attn_q.weight"], tb["blk.1.attn_q.weight"]
+    before, after = (gguf.quants.dequantize(t.data, t.tensor_type) for t in (ta, t2))
+    assert np.abs(after - v[:, None] * before).max() <= 1e-3 * np.abs(after).max()  # d is stored as f16
+    bias = {t.name: t for t in a.tensors}["blk.1.attn_q.bias"]
+    np.testing.assert_allclose(tb["blk.1.attn_q.bias"].data, v * bias.data, rtol=1e-6)
+    monkeypatch.setattr(gguf_file, "PERMUTED_QUERY", {"llama", "qwen2"})
+    assert main(["fold", "--model", str(base), "--coefficients", str(c), "--format", "gguf",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "GGUF verification failed" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -41,9 +41,10 @@ CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
-    """A tiny random model of `model_type`; biases randomised too, so 'bias untouched' is tested."""
-    kw = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **CONFIGS[model_type])
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, vocab: int = VOCAB, **config):
+    """A tiny random model of `model_type` (`config` overrides CONFIGS); biases randomised too, so 'bias
+    untouched' is tested."""
+    kw = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **{**CONFIGS[model_type], **config})
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -61,3 +62,54 @@ def tiny_llama(tokenizer, layers: int = 2, seed: int = 0):
                                max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def tiny_gguf(path, model_type: str, tokenizer_gguf, vocab: int = 4096, quantise=("attn_q.weight",), seed: int = 0,
+              initializer_range: float = 0.02):
+    """Write `tiny_model(model_type)` as a GGUF file at `path`, with the first `vocab` tokens of the
+    GGUF file `tokenizer_gguf`'s BPE vocabulary (and the merges among them: ids follow merge order,
+    so common words stay whole), tensors named and laid out as llama.cpp's converter stores this
+    family (no row permutation, as for "qwen2"), the tensors whose names end in one of `quantise` in
+    Q8_0, the rest F32; `initializer_range` above the default sharpens attention, so that scaling
+    queries shows in the logits. Returns the model (fp32, as written before quantisation)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(tokenizer_gguf))
+    model = tiny_model(model_type, seed, vocab=vocab, initializer_range=initializer_range)
+    cfg, arch = model.config, {"qwen2": gguf.MODEL_ARCH.QWEN2}[model_type]
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value, types = field.contents(), field.types
+        if key == "tokenizer.ggml.merges":
+            value = [m for m in value if "".join(m.split(" ")) in kept and set(m.split(" ")) <= kept]
+        elif types[0] == gguf.GGUFValueType.ARRAY:
+            value = value[:vocab]
+        w.add_key_value(key, value, types[0], sub_type=types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    for name, p in model.state_dict().items():
+        g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        data = p.numpy().astype(np.float32)
+        if g.endswith(tuple(quantise)):
+            q = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(g, gguf.quants.quantize(data, q), raw_shape=gguf.quant_shape_to_byte_shape(data.shape, q),
+                         raw_dtype=q)
+        else:
+            w.add_tensor(g, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
