@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from . import gguf_file
+
 RELATION = {"hf": "finetune", "gguf": "finetune", "peft": "adapter"}
 LIBRARY = {"hf": "transformers", "gguf": None, "peft": "peft"}
 TAGS = {"hf": [], "gguf": ["gguf"], "peft": ["ia3"]}
@@ -97,7 +99,8 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
         front.append(f"library_name: {LIBRARY[fmt]}")
     front += ["tags:"] + [f"- {t}" for t in ["pear", "attention-reweighting", *TAGS[fmt]]]
     rows = "\n".join(f"| {h['layer']} | {h['head']} | {_coef_text(h['coefficient'])} |" for h in heads)
-    stored = meta.get("gguf", {}).get("attn_output_types") or meta.get("gguf", {}).get("attn_q_types")
+    site = meta.get("site", "output")
+    stored = meta.get("gguf", {}).get(gguf_file.types_key(site))
     note = ""
     src = meta.get("base_model_file")
     if src:  # the weights are that file's, not the hub checkpoint's
@@ -106,9 +109,8 @@ def model_card(fmt: str, base: str, heads: list[dict], arch, meta: Mapping, chec
                  f"not the original {base} weights.\n")
     if stored:
         kinds = sorted({f"{s['original']} -> {s['written']}" for s in stored.values()})
-        note = f"\nScaled {'query' if meta.get('site') == 'query' else 'attention output'} tensors stored as: " \
-               f"{', '.join(kinds)}.\n"
-    scaled = "queries" if meta.get("site") == "query" else "output"
+        note = f"\nScaled {gguf_file.SCALED_TENSORS[site]} tensors stored as: {', '.join(kinds)}.\n"
+    scaled = "queries" if site == "query" else "output"
     return f"""---
 {chr(10).join(front)}
 ---
@@ -121,7 +123,7 @@ context are found and re-weighted so the model reads its context better).
 
 ## Load
 
-{_load_text(fmt, files or {}, base, meta.get("site", "output"))}
+{_load_text(fmt, files or {}, base, site)}
 
 ## Recipe
 

@@ -62,8 +62,9 @@ def _with_fold_check(extra: dict | None, verification) -> dict:
     return {"fold_verification": verification.as_dict(), **(extra or {})}
 
 
-def _prepare(loaded: LoadedModel, coefs: Mapping[HeadKey, float], scales):
+def _prepare(loaded: LoadedModel, coefs: Mapping[HeadKey, float], scales, site: str):
     arch = resolve(loaded.model)
+    arch.site_projs(check_site(site))  # a site this model cannot scale is refused before anything is written
     coefs = check_coefficients(arch, coefs)
     scales = check_channel_scales(arch, channel_scales(arch, coefs) if scales is None else scales)
     return arch, coefs, scales
@@ -78,8 +79,7 @@ def save_gguf(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     ms = loaded.spec
     if not ms.gguf_file:
         raise PearError(f"{ms.spec}: {NEEDS_GGUF}")
-    arch, coefs, scales = _prepare(loaded, coefs, scales)
-    arch.site_projs(check_site(site))  # a site this model cannot scale is refused before anything is written
+    arch, coefs, scales = _prepare(loaded, coefs, scales, site)
     extra = _with_fold_check(extra, verification)
     base = Path(ms.path) / ms.gguf_file
     digest = gguf_file.sha256(base)
@@ -107,8 +107,7 @@ def save_peft(loaded: LoadedModel, coefs: Mapping[HeadKey, float], out: str | Pa
     """`loaded` is the *unfolded* base model (left as it was). Writes an IA3 adapter folder,
     checked by loading it back with `PeftModel.from_pretrained` against the hooked scales."""
     check_out_dir(out, force)
-    arch, coefs, scales = _prepare(loaded, coefs, scales)
-    arch.site_projs(check_site(site))  # a site this model cannot scale is refused before anything is written
+    arch, coefs, scales = _prepare(loaded, coefs, scales, site)
     extra = _with_fold_check(extra, verification)
     with AtomicDir(out, force) as tmp:
         peft_adapter.write_adapter(loaded.model, scales, tmp, base_name(loaded), site)
@@ -136,8 +135,8 @@ def fold_to_format(args, coefs: Mapping[HeadKey, float], site: str = "output") -
                                  site=site)
         path, v = save_gguf(loaded, coefs, args.out, verification=fold_check, force=args.force, site=site)
         kinds = sorted({f"{s['original']}->{s['written']}" for s in v["stored"].values()})
-        what = "query (weight and bias)" if site == "query" else "attention output"
-        print(f"wrote {path}: {len(v['stored'])} {what} tensors re-weighted ({', '.join(kinds)}); "
+        print(f"wrote {path}: {len(v['stored'])} {gguf_file.SCALED_TENSORS[site]} tensors re-weighted "
+              f"({', '.join(kinds)}); "
               f"max |GGUF - folded| logit diff {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g})")
     else:
         path, v = save_peft(loaded, coefs, args.out, force=args.force, site=site)

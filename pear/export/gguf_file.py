@@ -54,6 +54,9 @@ GGUF_TOLERANCE = {"repacked": 2e-3, "Q8_0": 2e-2, "F16": 5e-3}
 PERMUTED_QUERY = {"llama"}
 
 
+SCALED_TENSORS = {"output": "attention output", "query": "query (weight and bias)"}  # what a site's scales rewrite
+
+
 def types_key(site: str) -> str:
     """The metadata key (after "pear.") and pear.json key saying how the scaled tensors were stored."""
     return "attn_q_types" if site == "query" else "attn_output_types"
